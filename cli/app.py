@@ -1,0 +1,90 @@
+"""The `curator` command. Thin: parse options, call the library, print.
+
+Library modules are imported inside the commands so that `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from curator.cli import docs, ingest
+from curator.cli.common import WorkspaceOption, console, err_console
+
+app = typer.Typer(
+    name="curator",
+    help="Rank pretraining documents by their influence on a model's reasoning, and build curated "
+         "mixtures from the ranking.\n\nStart with `curator init DIR`, then `curator ingest PATH --source NAME` "
+         "and `curator sources`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Folder to make into a workspace (created if missing).")]
+    = Path("."),
+) -> None:
+    """Create a workspace: a DuckDB catalog (curator.duckdb) and folders for artifacts.
+
+    Running it on an existing workspace is safe: it adds missing folders and
+    migrates an older catalog to the current schema.
+    """
+    from curator.workspace import Workspace
+
+    ws, created = Workspace.init(directory)
+    verb = "Created" if created else "Workspace is ready at"
+    console.print(f"{verb} [bold]{ws.root}[/] (catalog {ws.catalog_path.name}).")
+    if created:
+        console.print(f"Next: curator ingest PATH --source NAME -w {ws.root}")
+
+
+@app.command()
+def demo(
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Run the main job on a corpus every machine with Python has.
+
+    Ingests the standard library's modules (code) and the installed packages'
+    Markdown descriptions (markdown) into a workspace (default ./demo-workspace),
+    then prints the corpus composition.
+    """
+    from rich.progress import Progress
+
+    from curator.demo import build_demo_corpus
+    from curator.ingest import IngestOptions
+    from curator.ingest import ingest as run_ingest
+    from curator.workspace import Workspace
+
+    ws, _ = Workspace.init(workspace or Path("demo-workspace"))
+    console.print(f"Workspace: [bold]{ws.root}[/]")
+    for source in build_demo_corpus(ws.root / "demo-corpus"):
+        options = IngestOptions(source=source.name, kind=source.kind, glob=source.glob)
+        with Progress(*ingest.PROGRESS_COLUMNS, console=err_console, transient=True) as bar:
+            summary = run_ingest(ws, source.paths, options, ingest.RichProgress(bar))
+        ingest.print_summary(summary)
+    console.print()
+    ingest.sources(workspace=ws.root)
+
+
+app.command("ingest", no_args_is_help=True)(ingest.ingest)
+app.command("sources")(ingest.sources)
+app.add_typer(docs.app, name="docs")
+
+
+def main() -> None:
+    from curator.errors import CuratorError
+
+    try:
+        app()
+    except CuratorError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]: nothing from an unfinished ingest was kept.")
+        sys.exit(130)

@@ -1,0 +1,150 @@
+"""The DuckDB catalog: opening, locking, migrations and recovery.
+
+DuckDB allows one writing process at a time. Commands that only read open the
+catalog read-only; a catalog held by another writer is a clear
+:class:`CatalogLockedError`, never a hang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+
+from curator.errors import CatalogLockedError, SchemaError, WorkspaceError
+from curator.schema import MIGRATIONS, Migration
+from curator.workspace import Workspace
+
+
+class Catalog:
+    """A connection to a workspace's catalog. Use as a context manager."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, path: Path, write: bool):
+        self.con = con
+        self.path = path
+        self.write = write
+
+    # -- opening ---------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        workspace: Workspace,
+        *,
+        write: bool = False,
+        migrations: Sequence[Migration] = MIGRATIONS,
+    ) -> "Catalog":
+        path = workspace.catalog_path
+        if not write and not path.exists():
+            raise WorkspaceError(f"no catalog at {path}; create it with `curator init {workspace.root}`")
+        try:
+            con = duckdb.connect(str(path), read_only=not write)
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise CatalogLockedError(
+                    f"the catalog {path} is in use by another curator process that is writing to it "
+                    f"(DuckDB allows one writer at a time). Wait for it to finish and try again.\n"
+                    f"  DuckDB said: {str(exc).splitlines()[0]}"
+                ) from None
+            raise WorkspaceError(f"cannot open the catalog {path}: {exc}") from None
+        catalog = cls(con, path, write)
+        try:
+            if write:
+                catalog._migrate(migrations)
+                catalog._discard_incomplete_batches()
+            else:
+                catalog._check_version(migrations[-1].version)
+        except BaseException:
+            con.close()
+            raise
+        return catalog
+
+    def sql(self, query: str, params: list | None = None) -> list[tuple]:
+        """Run one statement and fetch its whole result (DuckDB refuses new work
+        on a connection while a result is left unread)."""
+        return self.con.execute(query, params or []).fetchall()
+
+    def one(self, query: str, params: list | None = None) -> tuple | None:
+        rows = self.sql(query, params)
+        return rows[0] if rows else None
+
+    def frame(self, query: str, params: list | None = None):
+        """A query's result as a polars DataFrame."""
+        import polars as pl
+
+        cursor = self.con.execute(query, params or [])
+        names = [d[0] for d in cursor.description]
+        return pl.DataFrame(cursor.fetchall(), schema=names, orient="row", infer_schema_length=None)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- schema ----------------------------------------------------------------
+    def schema_version(self) -> int:
+        exists = self.one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+        )[0]
+        if not exists:
+            return 0
+        return self.one("SELECT coalesce(max(version), 0) FROM schema_version")[0]
+
+    def _check_version(self, latest: int) -> None:
+        version = self.schema_version()
+        if version > latest:
+            raise SchemaError(
+                f"the catalog {self.path} has schema version {version}, newer than this curator "
+                f"understands ({latest}); upgrade curator."
+            )
+        if version < latest:
+            raise SchemaError(
+                f"the catalog {self.path} has schema version {version} and needs migrating to "
+                f"{latest}; run any writing command (e.g. `curator init {self.path.parent}`)."
+            )
+
+    def _migrate(self, migrations: Sequence[Migration]) -> None:
+        latest = migrations[-1].version
+        version = self.schema_version()
+        if version > latest:
+            self._check_version(latest)
+        pending = [m for m in migrations if m.version > version]
+        if not pending:
+            return
+        self.sql("BEGIN")
+        try:
+            self.sql(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                " version INTEGER PRIMARY KEY, description VARCHAR,"
+                " applied_at TIMESTAMP DEFAULT current_timestamp)"
+            )
+            for migration in pending:
+                self.sql(migration.sql)
+                self.sql(
+                    "INSERT INTO schema_version (version, description) VALUES (?, ?)",
+                    [migration.version, migration.description],
+                )
+            self.sql("COMMIT")
+        except BaseException:
+            self.sql("ROLLBACK")
+            raise
+
+    # -- recovery --------------------------------------------------------------
+    def _discard_incomplete_batches(self) -> None:
+        """Delete what an ingest that never completed left behind.
+
+        Only one process writes at a time, so a batch still marked 'running' when
+        a writer opens the catalog belongs to a process that died.
+        """
+        self.sql("BEGIN")
+        self.sql(
+            "DELETE FROM document_rows WHERE batch_id IN "
+            "(SELECT id FROM ingest_batches WHERE status <> 'complete')"
+        )
+        self.sql("DELETE FROM ingest_batches WHERE status <> 'complete'")
+        self.sql("COMMIT")
+

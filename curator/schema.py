@@ -1,0 +1,85 @@
+"""The catalog's schema, as an ordered list of migrations.
+
+Migration N takes a catalog at schema version N-1 to version N. A catalog
+records its version in ``schema_version``; opening it for writing applies the
+missing migrations in one transaction. Never edit a migration that has shipped:
+add a new one.
+
+Documents live in ``document_rows``; every reader uses the ``documents`` view,
+which shows only rows of *complete* ingest batches. An ingest commits its rows
+in chunks (bounded memory), but they stay invisible until the batch is marked
+complete, and the rows of a batch that never completed (a killed process) are
+deleted the next time the catalog is opened for writing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "sources, documents, ingest batches, token counts",
+        """
+        CREATE TABLE sources (
+            name        VARCHAR PRIMARY KEY,
+            kind        VARCHAR NOT NULL,      -- default kind of the source's documents
+            created_at  TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        CREATE TABLE ingest_batches (
+            id            INTEGER PRIMARY KEY,
+            source        VARCHAR NOT NULL,
+            status        VARCHAR NOT NULL,    -- running | complete
+            fingerprint   VARCHAR NOT NULL,    -- of the inputs (paths, sizes, mtimes) and options
+            inputs        JSON NOT NULL,       -- the paths as given
+            options       JSON NOT NULL,
+            started_at    TIMESTAMP NOT NULL,
+            finished_at   TIMESTAMP,
+            records_read  BIGINT,
+            inserted      BIGINT,
+            duplicates    BIGINT,
+            skipped       BIGINT,
+            bytes_read    BIGINT,
+            problems      JSON                 -- the first skipped records: origin + reason
+        );
+
+        CREATE TABLE document_rows (
+            id            BIGINT PRIMARY KEY,
+            source        VARCHAR NOT NULL,
+            kind          VARCHAR NOT NULL,
+            external_id   VARCHAR,             -- the record's own id, when it has one
+            origin        VARCHAR NOT NULL,    -- where it was read: file:line, file#row, path
+            text          VARCHAR NOT NULL,
+            chars         BIGINT NOT NULL,
+            bytes         BIGINT NOT NULL,     -- UTF-8 size of text
+            content_hash  VARCHAR NOT NULL,    -- blake2b-128 of the normalised text
+            metadata      JSON,
+            batch_id      INTEGER NOT NULL
+        );
+
+        CREATE VIEW documents AS
+            SELECT d.* FROM document_rows d
+            JOIN ingest_batches b ON b.id = d.batch_id
+            WHERE b.status = 'complete';
+
+        -- Token counts depend on the tokenizer, so they are keyed by it.
+        CREATE TABLE token_counts (
+            doc_id      BIGINT NOT NULL,
+            tokenizer   VARCHAR NOT NULL,
+            tokens      BIGINT NOT NULL,
+            PRIMARY KEY (doc_id, tokenizer)
+        );
+        """,
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
