@@ -26,6 +26,54 @@ def open_decompressed(path: Path) -> tuple[io.BufferedIOBase, io.BufferedIOBase,
     if magic.startswith(GZIP_MAGIC):
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw, "gzip"
     if magic.startswith(ZSTD_MAGIC):
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20), raw, "zstd"
+        return io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 20), raw, "zstd"
     return raw, raw, None
+
+
+class TruncatedStream(OSError):
+    pass
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Decompresses consecutive zstd frames, and raises if the input ends inside one.
+
+    zstandard's own stream reader returns a truncated frame's data and then simply
+    stops, which would make a cut-off file look complete.
+    """
+
+    def __init__(self, raw: io.BufferedIOBase, read_size: int = 1 << 20):
+        self._raw = raw
+        self._read_size = read_size
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            data = self._raw.read(self._read_size)
+            if not data:
+                if self._in_frame:
+                    raise TruncatedStream("the input ends inside a zstd frame (truncated file)")
+                return 0
+            self._pending = self._decompress(data)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            self._in_frame = True
+            out.append(self._frame.decompress(data))
+            if not self._frame.eof:
+                break
+            # The frame ended; anything after it starts the next frame.
+            data = self._frame.unused_data
+            self._frame = self._decompressor.decompressobj()
+            self._in_frame = False
+        return b"".join(out)
