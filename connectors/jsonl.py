@@ -7,8 +7,9 @@ records and are passed over.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
+
+import orjson
 
 from curator.connectors.compression import DECOMPRESSION_ERRORS, open_decompressed
 from curator.connectors.fields import to_document
@@ -53,12 +54,13 @@ def read_jsonl(
 
 def _parse_line(line: bytes, origin: str, settings: ReadSettings) -> RawDocument | BadRecord:
     try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return BadRecord(origin, "not valid UTF-8", f"byte 0x{line[exc.start]:02x} at column {exc.start + 1}")
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        # orjson rejects bytes that are not UTF-8 too; name that problem precisely.
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return BadRecord(origin, "not valid UTF-8", f"byte 0x{line[bad.start]:02x} at column {bad.start + 1}")
         return BadRecord(origin, "malformed JSON", f"{exc.msg} at column {exc.colno}")
     if not isinstance(record, dict):
         return BadRecord(origin, "not a JSON object", f"the line holds a {type(record).__name__}")

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
+import threading
 import time
 import unicodedata
 from collections import Counter
@@ -25,6 +27,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal, Protocol
 
+import orjson
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
@@ -180,22 +183,33 @@ def _load_batch(
     chunk = _Chunk()
     records = 0
     settings = ReadSettings(text_field=options.text_field, id_field=options.id_field)
-    for item in read_inputs(files, settings, counter):
-        records += 1
-        if isinstance(item, BadRecord):
-            note(item)
-        else:
-            kind = options.kind or item.kind or default_kind
-            bad = chunk.add(item, kind)
-            if bad:
-                note(bad)
-            if len(chunk) >= options.chunk_docs or chunk.text_bytes >= options.chunk_bytes:
-                next_id = _flush(catalog, chunk, batch_id, options.source, next_id, summary)
-        if progress and records % 1000 == 0:
-            progress.update(records, counter.done)
-    next_id = _flush(catalog, chunk, batch_id, options.source, next_id, summary)
+    writer = _ChunkWriter(catalog, batch_id, options.source, next_id)
+    try:
+        for item in read_inputs(files, settings, counter):
+            records += 1
+            if isinstance(item, BadRecord):
+                note(item)
+            else:
+                kind = options.kind or item.kind or default_kind
+                bad = chunk.add(item, kind)
+                if bad:
+                    note(bad)
+                if len(chunk) >= options.chunk_docs or chunk.text_bytes >= options.chunk_bytes:
+                    writer.submit(chunk)
+            if progress and records % 1000 == 0:
+                progress.update(records, counter.done)
+        writer.submit(chunk)
+    except BaseException:
+        # The connection must be idle before the batch is discarded; the first
+        # failure is the one to report.
+        writer.close(raise_error=False)
+        raise
+    writer.close()
     if progress:
         progress.update(records, counter.done)
+
+    summary.inserted = writer.inserted
+    summary.duplicates = writer.duplicates
 
     summary.records_read = records
     summary.bytes_read = counter.done
@@ -261,19 +275,60 @@ FROM (
 """
 
 
-def _flush(catalog: Catalog, chunk: _Chunk, batch_id: int, source: str, next_id: int,
-           summary: IngestSummary) -> int:
-    if not len(chunk):
-        return next_id
-    catalog.con.register("staging", chunk.to_arrow())
-    try:
-        inserted = catalog.one(_INSERT_NEW, [next_id, source, batch_id])[0]
-    finally:
-        catalog.con.unregister("staging")
-    summary.inserted += inserted
-    summary.duplicates += len(chunk) - inserted
-    chunk.clear()
-    return next_id + inserted
+class _ChunkWriter:
+    """Inserts chunks on a background thread, so that DuckDB's work (which
+    releases the GIL) overlaps the parsing of the next chunk. At most one chunk
+    waits in the queue, which keeps memory bounded."""
+
+    def __init__(self, catalog: Catalog, batch_id: int, source: str, next_id: int):
+        self.catalog, self.batch_id, self.source, self.next_id = catalog, batch_id, source, next_id
+        self.inserted = self.duplicates = 0
+        self.error: BaseException | None = None
+        self.queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=1)
+        self.thread = threading.Thread(target=self._run, name="curator-ingest-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, chunk: _Chunk) -> None:
+        if len(chunk):
+            table = chunk.to_arrow()
+            chunk.clear()
+            while True:
+                self._raise_if_failed()
+                try:
+                    self.queue.put(table, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
+
+    def close(self, raise_error: bool = True) -> None:
+        """Wait for every submitted chunk to be written; re-raise a writer failure."""
+        self.queue.put(None)
+        self.thread.join()
+        if raise_error:
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (table := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain: the main thread will see the error
+            try:
+                self._insert(table)
+            except BaseException as exc:  # handed to the main thread
+                self.error = exc
+
+    def _insert(self, table: pa.Table) -> None:
+        self.catalog.con.register("staging", table)
+        try:
+            inserted = self.catalog.one(_INSERT_NEW, [self.next_id, self.source, self.batch_id])[0]
+        finally:
+            self.catalog.con.unregister("staging")
+        self.inserted += inserted
+        self.duplicates += table.num_rows - inserted
+        self.next_id += inserted
 
 
 def _complete(catalog: Catalog, batch_id: int, summary: IngestSummary, options: IngestOptions) -> None:
@@ -309,6 +364,6 @@ def _metadata_json(metadata: dict | None) -> str | None:
     if not metadata:
         return None
     try:
-        return json.dumps(metadata, ensure_ascii=False, default=str).encode("utf-8").decode("utf-8")
-    except UnicodeEncodeError:
+        return orjson.dumps(metadata, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # e.g. a lone surrogate in a string from Parquet: escape it
         return json.dumps(metadata, ensure_ascii=True, default=str)

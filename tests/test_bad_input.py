@@ -23,7 +23,7 @@ def bad_jsonl(path):
         b'{"text": "   "}\n',                   # 7 blank
         b'["a", "list"]\n',                     # 8 not an object
         b'\n',                                  # 9 blank line: not a record
-        b'{"text": "\\ud800 lone surrogate"}\n',  # 10 invalid Unicode
+        b'{"text": "\\ud800 lone surrogate"}\n',  # 10 a lone surrogate escape is not valid JSON text
         b'{"text": "good two"}\r\n',            # 11 CRLF line ending is fine
     ]
     path.write_bytes(b"".join(lines))
@@ -35,14 +35,14 @@ def test_each_bad_record_is_counted_and_located(ws, tmp_path):
     summary = run_ingest(ws, [path])
     assert (summary.records_read, summary.inserted, summary.skipped) == (10, 2, 8)
     assert summary.problem_counts == {
-        "malformed JSON": 1, "not valid UTF-8": 1, "missing text field": 2, "text field not a string": 1,
-        "empty text": 1, "not a JSON object": 1, "invalid Unicode": 1,
+        "malformed JSON": 2, "not valid UTF-8": 1, "missing text field": 2, "text field not a string": 1,
+        "empty text": 1, "not a JSON object": 1,
     }
     located = {(p.origin, p.problem) for p in summary.problems}
     assert located == {
         (f"{path}:2", "malformed JSON"), (f"{path}:3", "not valid UTF-8"), (f"{path}:4", "missing text field"),
         (f"{path}:5", "text field not a string"), (f"{path}:6", "missing text field"),
-        (f"{path}:7", "empty text"), (f"{path}:8", "not a JSON object"), (f"{path}:10", "invalid Unicode"),
+        (f"{path}:7", "empty text"), (f"{path}:8", "not a JSON object"), (f"{path}:10", "malformed JSON"),
     }
     details = {p.origin: p.detail for p in summary.problems}
     assert details[f"{path}:3"] == "byte 0xe9 at column 14"
@@ -50,7 +50,7 @@ def test_each_bad_record_is_counted_and_located(ws, tmp_path):
     assert catalog_rows(ws, "SELECT text FROM documents ORDER BY id") == [("good one",), ("good two",)]
     # The batch keeps the problems for later inspection.
     assert catalog_rows(ws, "SELECT skipped, problems->'$.counts'->>'malformed JSON' FROM ingest_batches") == [
-        (8, "1")]
+        (8, "2")]
 
 
 def test_missing_id_field_when_one_is_asked_for(ws, tmp_path):
