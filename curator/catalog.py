@@ -7,6 +7,7 @@ catalog read-only; a catalog held by another writer is a clear
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,12 @@ import duckdb
 from curator.errors import CatalogLockedError, SchemaError, WorkspaceError
 from curator.schema import MIGRATIONS, Migration
 from curator.workspace import Workspace
+
+
+# DuckDB caches up to 80% of RAM by default; a catalog connection gets a fixed
+# cap instead, so an ingest of any size stays within it (DuckDB evicts or spills).
+MEMORY_LIMIT_ENV = "CURATOR_DUCKDB_MEMORY"
+DEFAULT_MEMORY_LIMIT = "2GB"
 
 
 class Catalog:
@@ -38,7 +45,8 @@ class Catalog:
         if not write and not path.exists():
             raise WorkspaceError(f"no catalog at {path}; create it with `curator init {workspace.root}`")
         try:
-            con = duckdb.connect(str(path), read_only=not write)
+            con = duckdb.connect(str(path), read_only=not write, config={
+                "memory_limit": os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT)})
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():
                 raise CatalogLockedError(
