@@ -15,7 +15,7 @@ from rich.table import Table
 
 # Piped output is not cut to 80 columns: tables there are read by tools or in wide logs.
 console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 WorkspaceOption = Annotated[
     Path | None,

@@ -52,10 +52,12 @@ def write_package_descriptions(out: Path) -> int:
             continue
         seen.add(name.lower())
         rows.append({"id": name, "text": text, "version": meta["Version"], "summary": meta.get("Summary")})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for row in sorted(rows, key=lambda r: r["id"].lower()):
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    content = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in sorted(rows, key=lambda r: r["id"].lower()))
+    # Rewriting identical content would change the file's mtime, and a second
+    # demo run would then read it again instead of recognising it as unchanged.
+    if not out.is_file() or out.read_text(encoding="utf-8") != content:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(content, encoding="utf-8")
     return len(rows)
 
 
