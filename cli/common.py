@@ -60,7 +60,7 @@ def print_frame(frame, fmt: OutputFormat, title: str | None = None, formats: dic
                          no_wrap=True,
                          footer=_cell((footer or {}).get(name), formats.get(name)))
     for row in frame.iter_rows():
-        table.add_row(*(_cell(value, formats.get(name)) for name, value in zip(frame.columns, row)))
+        table.add_row(*(_cell(value, formats.get(name)) for name, value in zip(frame.columns, row, strict=True)))
     console.print(table)
 
 

@@ -28,7 +28,7 @@ _COLUMNS = "id, source, kind, external_id, origin, chars, bytes, content_hash, b
 
 
 def _to_document(row: tuple) -> Document:
-    record = dict(zip([c.strip() for c in _COLUMNS.split(",")], row))
+    record = dict(zip([c.strip() for c in _COLUMNS.split(",")], row, strict=True))
     if isinstance(record["metadata"], str):
         record["metadata"] = json.loads(record["metadata"])
     return Document(**record)
