@@ -35,8 +35,8 @@ def documents_from_batches(
     row = 0
     for batch in batches:
         for record in batch.to_pylist():
-            yield_value = to_document(record, f"{origin_prefix}#row {row}", settings)
-            if extra_metadata and isinstance(yield_value, RawDocument):
-                yield_value.metadata = {**(yield_value.metadata or {}), **extra_metadata}
+            item = to_document(record, f"{origin_prefix}#row {row}", settings)
+            if extra_metadata and isinstance(item, RawDocument):
+                item.metadata = {**(item.metadata or {}), **extra_metadata}
             row += 1
-            yield yield_value
+            yield item

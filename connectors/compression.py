@@ -47,22 +47,23 @@ class _ZstdFrames(io.RawIOBase):
         self._decompressor = zstandard.ZstdDecompressor()
         self._frame = self._decompressor.decompressobj()
         self._in_frame = False
-        self._pending = b""
+        self._pending = b""      # decompressed bytes not yet handed out, from _offset on
+        self._offset = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self._pending:
+        while self._offset >= len(self._pending):
             data = self._raw.read(self._read_size)
             if not data:
                 if self._in_frame:
                     raise TruncatedStream("the input ends inside a zstd frame (truncated file)")
                 return 0
-            self._pending = self._decompress(data)
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
+            self._pending, self._offset = self._decompress(data), 0
+        n = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:n] = memoryview(self._pending)[self._offset:self._offset + n]
+        self._offset += n
         return n
 
     def _decompress(self, data: bytes) -> bytes:

@@ -210,7 +210,6 @@ def _load_batch(
 
     summary.inserted = writer.inserted
     summary.duplicates = writer.duplicates
-
     summary.records_read = records
     summary.bytes_read = counter.done
     summary.skipped = sum(problems.values())
@@ -222,13 +221,15 @@ def _load_batch(
 class _Chunk:
     """Documents waiting to be written, as columns."""
 
-    COLUMNS = ("kind", "external_id", "origin", "text", "chars", "bytes", "content_hash", "metadata")
+    SCHEMA = pa.schema([("kind", pa.string()), ("external_id", pa.string()), ("origin", pa.string()),
+                        ("text", pa.string()), ("chars", pa.int64()), ("bytes", pa.int64()),
+                        ("content_hash", pa.string()), ("metadata", pa.string())])
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
-        self.columns: dict[str, list] = {name: [] for name in self.COLUMNS}
+        self.columns: dict[str, list] = {name: [] for name in self.SCHEMA.names}
         self.text_bytes = 0
 
     def __len__(self) -> int:
@@ -253,11 +254,8 @@ class _Chunk:
         return None
 
     def to_arrow(self) -> pa.Table:
-        table = {"seq": pa.array(range(len(self)), pa.int64())}
-        table.update({name: pa.array(values) for name, values in self.columns.items()})
-        table["metadata"] = pa.array(self.columns["metadata"], pa.string())
-        table["external_id"] = pa.array(self.columns["external_id"], pa.string())
-        return pa.table(table)
+        table = pa.table(self.columns, schema=self.SCHEMA)
+        return table.append_column("seq", pa.array(range(len(self)), pa.int64()))
 
 
 # Rows whose hash is already in the catalog (this batch's earlier chunks
