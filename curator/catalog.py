@@ -17,7 +17,6 @@ from curator.errors import CatalogLockedError, SchemaError, WorkspaceError
 from curator.schema import MIGRATIONS, Migration
 from curator.workspace import Workspace
 
-
 # DuckDB caches up to 80% of RAM by default; a catalog connection gets a fixed
 # cap instead, so an ingest of any size stays within it (DuckDB evicts or spills).
 MEMORY_LIMIT_ENV = "CURATOR_DUCKDB_MEMORY"
@@ -40,7 +39,7 @@ class Catalog:
         *,
         write: bool = False,
         migrations: Sequence[Migration] = MIGRATIONS,
-    ) -> "Catalog":
+    ) -> Catalog:
         path = workspace.catalog_path
         if not write and not path.exists():
             raise WorkspaceError(f"no catalog at {path}; create it with `curator init {workspace.root}`")
@@ -87,7 +86,7 @@ class Catalog:
     def close(self) -> None:
         self.con.close()
 
-    def __enter__(self) -> "Catalog":
+    def __enter__(self) -> Catalog:
         return self
 
     def __exit__(self, *exc) -> None:

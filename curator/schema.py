@@ -80,6 +80,58 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        2,
+        "models, EK-FAC factors, queries, runs",
+        """
+        -- A model is known by a hash of its config and weights, so the same weights
+        -- loaded from a GGUF file or a saved directory are one model.
+        CREATE TABLE models (
+            id            VARCHAR PRIMARY KEY, -- blake2b of config + weights
+            name          VARCHAR NOT NULL,    -- as the user gave it (short name, path)
+            format        VARCHAR NOT NULL,    -- hf | gguf
+            location      VARCHAR NOT NULL,    -- resolved directory or file
+            tokenizer_id  VARCHAR NOT NULL,    -- blake2b of vocabulary + special tokens
+            info          JSON NOT NULL,       -- architecture, sizes, vocabulary
+            added_at      TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        CREATE TABLE factors (
+            id            VARCHAR PRIMARY KEY,
+            model_id      VARCHAR NOT NULL,
+            tokenizer_id  VARCHAR NOT NULL,
+            path          VARCHAR NOT NULL,    -- safetensors file, relative to the workspace
+            modules       JSON NOT NULL,       -- tracked module names, in order
+            settings      JSON NOT NULL,       -- the FitConfig
+            stats         JSON NOT NULL,       -- sequences, tokens, documents, timings
+            created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        CREATE TABLE queries (
+            id            VARCHAR PRIMARY KEY,
+            task          VARCHAR NOT NULL,
+            prompt        VARCHAR NOT NULL,
+            completion    VARCHAR NOT NULL,
+            answer        VARCHAR,
+            query_set     VARCHAR NOT NULL,    -- the generation or import it came from
+            metadata      JSON,
+            added_at      TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        CREATE TABLE runs (
+            id            VARCHAR PRIMARY KEY,
+            kind          VARCHAR NOT NULL,    -- score
+            method        VARCHAR NOT NULL,    -- exact | sketch
+            model_id      VARCHAR NOT NULL,
+            factors_id    VARCHAR,
+            query_ids     JSON NOT NULL,
+            settings      JSON NOT NULL,
+            out_path      VARCHAR NOT NULL,
+            stats         JSON NOT NULL,       -- documents, windows, tokens, per-query losses, timings
+            finished_at   TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        """,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

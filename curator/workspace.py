@@ -43,7 +43,7 @@ class Workspace:
         return path
 
     @classmethod
-    def init(cls, root: str | os.PathLike) -> tuple["Workspace", bool]:
+    def init(cls, root: str | os.PathLike) -> tuple[Workspace, bool]:
         """Create a workspace (or complete an existing one). Returns it and
         whether the catalog was created just now."""
         from curator.catalog import Catalog
@@ -61,7 +61,7 @@ class Workspace:
         return ws, created
 
     @classmethod
-    def locate(cls, option: str | os.PathLike | None = None) -> "Workspace":
+    def locate(cls, option: str | os.PathLike | None = None) -> Workspace:
         """The workspace named by the option, the environment or the current directory."""
         if option is not None:
             root, origin = Path(option), "--workspace"

@@ -3,11 +3,11 @@ leaving the catalog exactly as it was."""
 
 from __future__ import annotations
 
-import zstandard
 import pytest
+import zstandard
+from helpers import catalog_rows, run_ingest, snapshot, write_jsonl
 
 from curator.errors import BadInputError
-from helpers import catalog_rows, run_ingest, snapshot, write_jsonl
 
 GOOD = b'{"text": "good one"}\n'
 

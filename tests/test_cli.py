@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import write_jsonl
 
 # The console script installed beside the interpreter running the tests (a venv

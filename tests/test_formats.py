@@ -7,7 +7,6 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import catalog_rows, run_ingest, write_jsonl
 
 RECORDS = [{"id": f"r{i}", "text": f"document number {i}", "lang": "en"} for i in range(5)]

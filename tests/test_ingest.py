@@ -9,10 +9,10 @@ import sys
 import textwrap
 
 import pytest
+from helpers import catalog_rows, run_ingest, snapshot, write_jsonl
 
 from curator.catalog import Catalog
 from curator.ingest import IngestOptions, content_hash, ingest
-from helpers import catalog_rows, run_ingest, snapshot, write_jsonl
 
 
 def test_normalised_hash_ignores_line_endings_outer_space_and_unicode_form():
@@ -137,8 +137,7 @@ def test_python_memory_does_not_grow_with_the_input(tmp_path):
     for lines in (15_000, 60_000):
         path = tmp_path / f"in-{lines}.jsonl"
         with open(path, "w") as f:
-            for i in range(lines):
-                f.write(line % i)
+            f.writelines(line % i for i in range(lines))
         script = textwrap.dedent(f"""
             import tracemalloc
             from curator.ingest import IngestOptions, ingest

@@ -1,0 +1,99 @@
+"""EK-FAC factors on disk: one safetensors file per fit, named in the catalog.
+
+Per tracked layer the file holds the covariances A and S (float64), their
+eigenvalues and eigenvectors (float64), the corrected eigenvalues Λ and the
+damping λ. The file's metadata repeats the fit's identity, so a file moved
+without its catalog row still says what it belongs to.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from curator.catalog import Catalog
+from curator.errors import CuratorError
+from curator.influence import LayerFactors
+from curator.workspace import Workspace
+
+TENSORS = ("a_cov", "s_cov", "a_eigvals", "a_eigvecs", "s_eigvals", "s_eigvecs", "corrected", "damping")
+
+
+class FactorsRecord(BaseModel):
+    id: str
+    model_id: str
+    tokenizer_id: str
+    path: str                 # relative to the workspace
+    modules: list[str]
+    settings: dict
+    stats: dict
+
+
+def save_tensors(path: Path, layers: dict[str, dict[str, torch.Tensor]], metadata: dict) -> None:
+    """Write `path` via `path.part` and a rename, so no half-written file carries the final name."""
+    from safetensors.torch import save_file
+
+    flat = {f"{name}::{key}": tensor.detach().cpu().contiguous()
+            for name, tensors in layers.items() for key, tensor in tensors.items()}
+    part = path.with_name(path.name + ".part")
+    save_file(flat, str(part), metadata={k: json.dumps(v) for k, v in metadata.items()})
+    part.replace(path)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CuratorError(f"the factors file {path} is missing")
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
+        for key in handle.keys():
+            name, field = key.rsplit("::", 1)
+            layers.setdefault(name, {})[field] = handle.get_tensor(key)
+    return layers, metadata
+
+
+def layer_factors(tensors: dict[str, torch.Tensor]) -> LayerFactors:
+    return LayerFactors(q_a=tensors["a_eigvecs"], q_s=tensors["s_eigvecs"],
+                        corrected=tensors["corrected"], damping=float(tensors["damping"]))
+
+
+def record_factors(catalog: Catalog, record: FactorsRecord) -> None:
+    catalog.sql("DELETE FROM factors WHERE id = ?", [record.id])
+    catalog.sql(
+        "INSERT INTO factors (id, model_id, tokenizer_id, path, modules, settings, stats) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [record.id, record.model_id, record.tokenizer_id, record.path, json.dumps(record.modules),
+         json.dumps(record.settings), json.dumps(record.stats)],
+    )
+
+
+def get_factors(catalog: Catalog, factors_id: str | None = None) -> FactorsRecord:
+    """A fit by id (a unique prefix is enough), or the latest one."""
+    if factors_id is None:
+        row = catalog.one("SELECT id, model_id, tokenizer_id, path, modules, settings, stats "
+                          "FROM factors ORDER BY created_at DESC, id LIMIT 1")
+        if row is None:
+            raise CuratorError("the workspace has no fitted factors; run `curator fit --model M` first")
+    else:
+        rows = catalog.sql("SELECT id, model_id, tokenizer_id, path, modules, settings, stats "
+                           "FROM factors WHERE starts_with(id, ?)", [factors_id])
+        if len(rows) != 1:
+            known = [r[0] for r in catalog.sql("SELECT id FROM factors ORDER BY created_at")]
+            what = "no" if not rows else "more than one"
+            raise CuratorError(f"{what} fit matches --factors {factors_id!r} (fits: {', '.join(known) or 'none'})")
+        row = rows[0]
+    return FactorsRecord(id=row[0], model_id=row[1], tokenizer_id=row[2], path=row[3],
+                         modules=json.loads(row[4]), settings=json.loads(row[5]), stats=json.loads(row[6]))
+
+
+def load_layer_factors(ws: Workspace, record: FactorsRecord) -> dict[str, LayerFactors]:
+    layers, _ = load_tensors(ws.root / record.path)
+    missing = [m for m in record.modules if m not in layers]
+    if missing:
+        raise CuratorError(f"the factors file {record.path} lacks layers {missing[:3]}; fit again")
+    return {name: layer_factors(layers[name]) for name in record.modules}

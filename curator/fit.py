@@ -1,0 +1,167 @@
+"""`curator fit`: EK-FAC factors for a model on a sample of the catalog.
+
+Two passes over the fitting sample:
+1. covariances A and S of the tracked layers' inputs and output gradients,
+   then their float64 eigendecompositions;
+2. the eigenvalue correction Λ from per-sequence gradients in those bases.
+Stage 1's sums are kept in ``<id>.covariance.part`` so a killed fit resumes at
+stage 2; the factors file appears under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from curator.catalog import Catalog
+from curator.corpus import document_ids, record_model, store_token_counts
+from curator.errors import CuratorError
+from curator.factors import FactorsRecord, load_tensors, record_factors, save_tensors
+from curator.influence import (
+    damping_value,
+    eigenbasis,
+    rotate,
+    sequence_gradients,
+    token_covariance,
+)
+from curator.models import LoadedModel, load_model, tracked_modules
+from curator.passes import NoProgress, PassProgress, Timer, run_pass
+from curator.workspace import Workspace
+
+
+class FitConfig(BaseModel):
+    """Every knob of a fit; stored with the factors."""
+
+    model: str = Field(description="short name, .gguf file or save_pretrained folder")
+    modules: str = Field("mlp", description="mlp, attn-mlp, or a regex over names inside a block")
+    layers: str = Field("all", description="blocks to track: all, last:N, A-B or A,B,C")
+    fisher: Literal["sampled", "empirical"] = Field(
+        "sampled", description="labels for δ: sampled from the model (true Fisher) or the data's own")
+    max_docs: int | None = Field(None, description="fit on a seeded sample of this many documents")
+    max_seq_len: int = Field(512, ge=2, description="tokens per window")
+    damping: float | None = Field(None, description="λ; None = 0.1 × mean(Λ) per layer")
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    batch_tokens: int = Field(4096, ge=2, description="tokens per forward+backward batch, padding included")
+    seed: int = 0
+
+    def identity(self) -> dict:
+        """The settings that change the factors (device and batch size do not)."""
+        return self.model_dump(exclude={"model", "device", "batch_tokens"})
+
+
+class FitResult(BaseModel):
+    record: FactorsRecord
+    reused: bool = False
+
+
+def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
+        progress: PassProgress | None = None, force: bool = False) -> FitResult:
+    progress = progress or NoProgress()
+    timer = Timer()
+    with timer("load model"):
+        loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype)
+    modules = tracked_modules(loaded.model, config.modules, config.layers)
+    with Catalog.open(ws) as catalog:
+        ids = document_ids(catalog, config.max_docs, config.seed)
+        fit_id = _fit_id(loaded, config, ids)
+        existing = catalog.one("SELECT id FROM factors WHERE id = ?", [fit_id])
+    path = ws.artifact_dir("factors") / f"{fit_id}.safetensors"
+    if existing and path.is_file() and not force:
+        with Catalog.open(ws) as catalog:
+            from curator.factors import get_factors
+            return FitResult(record=get_factors(catalog, fit_id), reused=True)
+
+    counts: dict[int, int] = {}
+    labels = "sampled" if config.fisher == "sampled" else "data"
+    pass_args = dict(max_len=config.max_seq_len, batch_tokens=config.batch_tokens, labels=labels,
+                     progress=progress, counts=counts)
+    covariance_path = path.with_name(f"{fit_id}.covariance.part")
+    stats: dict = {"documents": len(ids)}
+
+    with Catalog.open(ws) as catalog:
+        # Stage 1: covariances (or their saved sums from a run that was killed later).
+        if covariance_path.is_file():
+            sums, meta = load_tensors(covariance_path)
+            stats.update(meta["stats"])
+        else:
+            sums = {name: {"a_cov": 0, "s_cov": 0, "tokens": 0} for name in modules}
+
+            def covariance_callback(batch):
+                mask = batch.attention_mask
+
+                def on_layer(name, a, delta):
+                    sums[name]["a_cov"] = sums[name]["a_cov"] + token_covariance(a, mask)
+                    sums[name]["s_cov"] = sums[name]["s_cov"] + token_covariance(delta, mask)
+                return on_layer
+
+            progress.stage("fit 1/2: covariances", len(ids))
+            with timer("covariances"):
+                seen = run_pass(loaded.model, modules, catalog, loaded.tokenizer, ids, seed=config.seed,
+                                on_batch=covariance_callback, **pass_args)
+            if seen["tokens"] == 0:
+                raise CuratorError("the fitting sample has no document with two or more tokens")
+            for name in modules:
+                sums[name]["tokens"] = torch.tensor(seen["tokens"])
+            stats.update({"sequences": seen["sequences"], "tokens": seen["tokens"]})
+            save_tensors(covariance_path, sums, {"fit_id": fit_id, "stats": stats})
+
+        with timer("eigendecomposition"):
+            layers = {}
+            for name in modules:
+                tokens = int(sums[name]["tokens"])
+                a_vals, a_vecs = eigenbasis(sums[name]["a_cov"], tokens)
+                s_vals, s_vecs = eigenbasis(sums[name]["s_cov"], tokens)
+                layers[name] = {"a_cov": sums[name]["a_cov"] / tokens, "s_cov": sums[name]["s_cov"] / tokens,
+                                "a_eigvals": a_vals, "a_eigvecs": a_vecs,
+                                "s_eigvals": s_vals, "s_eigvecs": s_vecs}
+
+        # Stage 2: the eigenvalue correction Λ_ij = E_n[(Q_Sᵀ G_n Q_A)_ij²].
+        device = loaded.device
+        bases = {name: (t["s_eigvecs"].to(device, torch.float32), t["a_eigvecs"].to(device, torch.float32))
+                 for name, t in layers.items()}
+        corrected_sums = {name: 0 for name in modules}
+
+        def correction_callback(batch):
+            def on_layer(name, a, delta):
+                q_s, q_a = bases[name]
+                rotated = rotate(sequence_gradients(a, delta), q_s, q_a)
+                corrected_sums[name] = corrected_sums[name] + (rotated ** 2).sum(dim=0).double()
+            return on_layer
+
+        progress.stage("fit 2/2: eigenvalue correction", len(ids))
+        with timer("eigenvalue correction"):
+            seen = run_pass(loaded.model, modules, catalog, loaded.tokenizer, ids, seed=config.seed + 1,
+                            on_batch=correction_callback, **pass_args)
+
+    for name in modules:
+        corrected = (corrected_sums[name] / seen["sequences"]).cpu()
+        layers[name]["corrected"] = corrected
+        layers[name]["damping"] = torch.tensor(damping_value(corrected, config.damping), dtype=torch.float64)
+    stats["seconds"] = timer.seconds
+    record = FactorsRecord(
+        id=fit_id, model_id=loaded.info.id, tokenizer_id=loaded.info.tokenizer_id,
+        path=str(path.relative_to(ws.root)), modules=list(modules),
+        settings=config.model_dump(), stats=stats,
+    )
+    save_tensors(path, layers, {"fit_id": fit_id, "model_id": loaded.info.id,
+                                "tokenizer_id": loaded.info.tokenizer_id, "modules": list(modules),
+                                "settings": config.model_dump()})
+    with Catalog.open(ws, write=True) as catalog:
+        catalog.sql("BEGIN")
+        record_model(catalog, loaded.info)
+        record_factors(catalog, record)
+        store_token_counts(catalog, loaded.info.tokenizer_id, counts)
+        catalog.sql("COMMIT")
+    covariance_path.unlink(missing_ok=True)
+    return FitResult(record=record)
+
+
+def _fit_id(loaded: LoadedModel, config: FitConfig, ids: list[int]) -> str:
+    digest = hashlib.blake2b(digest_size=6)
+    digest.update(json.dumps([loaded.info.id, config.identity(), ids], sort_keys=True).encode())
+    return f"fit-{digest.hexdigest()}"

@@ -1,0 +1,149 @@
+"""The influence math: EK-FAC factors, the inverse-Hessian product and scores.
+
+Everything here is a pure function of tensors; hooks, batching and files live
+elsewhere. Notation (../shared/DESIGN.md, "The math"): for a tracked linear
+``s = W a`` (with a bias, ``a`` gets a trailing 1), token t of a sequence has
+input ``a_t`` and output gradient ``δ_t = ∂loss/∂s_t``; the sequence's gradient
+is ``G = Σ_t δ_t a_tᵀ`` (``d_out × d_in``). Losses are sums over tokens.
+
+EK-FAC, per layer:
+  A = E[a aᵀ], S = E[δ δᵀ] over tokens;  A = Q_A diag(λ_A) Q_Aᵀ, S = Q_S diag(λ_S) Q_Sᵀ
+  Λ_ij = E_n[(Q_Sᵀ G_n Q_A)_ij²] over sequences n        (the eigenvalue correction)
+  H⁻¹G ≈ Q_S [(Q_Sᵀ G Q_A) ⊘ (Λ + λ)] Q_Aᵀ,  λ = 0.1 × mean(Λ) by default
+
+Influence of document d on query q:  I(q, d) = ⟨H⁻¹ ∇ℓ(q), ∇L(d)⟩ summed over
+layers. Positive: training on d makes the query's completion more likely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_DAMPING_FACTOR = 0.1   # × mean(Λ), Grosse et al. (2023)
+
+
+# -- per-token statistics --------------------------------------------------------
+
+def with_bias_column(a: torch.Tensor) -> torch.Tensor:
+    """Append the constant input that multiplies a linear layer's bias."""
+    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+
+
+def token_covariance(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_t x_t x_tᵀ over the (masked) tokens of a (B, T, d) batch, in float64."""
+    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    if mask is not None:
+        x = x[mask.reshape(-1).bool()]
+    return (x.T @ x).to(torch.float64)
+
+
+def sequence_gradients(a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """G_n = Σ_t δ_t a_tᵀ for each sequence of a batch: (B, d_out, d_in).
+
+    The same multiply-adds as the weight gradient of an ordinary backward pass,
+    kept per sequence instead of summed over the batch.
+    """
+    return torch.einsum("bto,bti->boi", delta.to(torch.float32), a.to(torch.float32))
+
+
+# -- factors -------------------------------------------------------------------
+
+@dataclass
+class LayerFactors:
+    """One layer's eigenbases, corrected eigenvalues and damping."""
+
+    q_a: torch.Tensor         # (d_in, d_in) eigenvectors of A
+    q_s: torch.Tensor         # (d_out, d_out) eigenvectors of S
+    corrected: torch.Tensor   # (d_out, d_in) Λ
+    damping: float            # λ
+
+    def to(self, device, dtype=torch.float32) -> LayerFactors:
+        return LayerFactors(self.q_a.to(device, dtype), self.q_s.to(device, dtype),
+                            self.corrected.to(device, dtype), self.damping)
+
+    @property
+    def denominator(self) -> torch.Tensor:
+        return self.corrected + self.damping
+
+
+def eigenbasis(covariance_sum: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvectors of a covariance given as a sum over `count` tokens, in float64."""
+    covariance = covariance_sum.to(torch.float64) / max(count, 1)
+    covariance = (covariance + covariance.T) / 2    # remove rounding asymmetry before eigh
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    return eigenvalues, eigenvectors
+
+
+def rotate(g: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
+    """Q_Sᵀ G Q_A, batched over leading dimensions."""
+    return q_s.T @ g @ q_a
+
+
+def damping_value(corrected: torch.Tensor, damping: float | None) -> float:
+    """λ: an absolute value, or (None) 0.1 × the layer's mean corrected eigenvalue."""
+    if damping is None:
+        return float(DEFAULT_DAMPING_FACTOR * corrected.double().mean())
+    return float(damping)
+
+
+def precondition(g: torch.Tensor, factors: LayerFactors) -> torch.Tensor:
+    """H⁻¹G ≈ Q_S [(Q_Sᵀ G Q_A) ⊘ (Λ + λ)] Q_Aᵀ, batched over leading dimensions."""
+    rotated = rotate(g, factors.q_s, factors.q_a) / factors.denominator
+    return factors.q_s @ rotated @ factors.q_a.T
+
+
+# -- queries -------------------------------------------------------------------
+
+@dataclass
+class LowRank:
+    """P ≈ Σ_k u_k v_kᵀ per query: u (Q, d_out, r) carries the singular values, v (Q, d_in, r)."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[-1]
+
+
+def low_rank(p: torch.Tensor, rank: int) -> LowRank:
+    """Truncated SVD of each preconditioned query gradient (Grosse et al.: rank 32 keeps ≈ 0.995)."""
+    u, s, vh = torch.linalg.svd(p.to(torch.float32), full_matrices=False)
+    rank = min(rank, s.shape[-1])
+    return LowRank(u[..., :rank] * s[..., None, :rank], vh[..., :rank, :].transpose(-1, -2))
+
+
+def dense(p: LowRank) -> torch.Tensor:
+    return p.u @ p.v.transpose(-1, -2)
+
+
+# -- scores --------------------------------------------------------------------
+
+def scores_from_gradients(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """⟨P_q, G_n⟩ for every sequence n and query q: (B, Q)."""
+    return g.reshape(g.shape[0], -1) @ p.reshape(p.shape[0], -1).T
+
+
+def scores_from_tokens(a: torch.Tensor, delta: torch.Tensor, p: LowRank) -> torch.Tensor:
+    """⟨Σ_k u_k v_kᵀ, Σ_t δ_t a_tᵀ⟩ = Σ_t Σ_k (δ_tᵀ u_k)(v_kᵀ a_t), without building G: (B, Q)."""
+    n_queries, _, rank = p.u.shape
+    u = p.u.permute(1, 0, 2).reshape(p.u.shape[1], -1)      # (d_out, Q·r)
+    v = p.v.permute(1, 0, 2).reshape(p.v.shape[1], -1)      # (d_in, Q·r)
+    left = delta.to(torch.float32) @ u                       # (B, T, Q·r)
+    right = a.to(torch.float32) @ v
+    return (left * right).sum(dim=1).reshape(-1, n_queries, rank).sum(dim=-1)
+
+
+def token_path_is_cheaper(tokens: int, d_out: int, d_in: int, n_queries: int, rank: int) -> bool:
+    """Per-token low-rank products cost T·(d_in+d_out)·Q·r; building G costs T·d_in·d_out + Q·r·(d_in·d_out)."""
+    token_path = tokens * (d_in + d_out) * n_queries * rank
+    gradient_path = tokens * d_in * d_out + n_queries * rank * d_in * d_out
+    return token_path < gradient_path
+
+
+def scores_low_rank_from_gradients(g: torch.Tensor, p: LowRank) -> torch.Tensor:
+    """Σ_k u_kᵀ G v_k for each sequence and query: (B, Q)."""
+    gv = torch.einsum("boi,qir->bqor", g, p.v)
+    return torch.einsum("bqor,qor->bq", gv, p.u)

@@ -1,0 +1,295 @@
+"""`curator score --method exact`: the influence of every document on every query.
+
+1. Each query's gradient is preconditioned once, P_q = H⁻¹∇ℓ(q) per layer
+   (optionally kept as a rank-r SVD, which bounds memory).
+2. One pass over the documents scores the whole query batch: per layer and
+   window, ⟨P_q, G_d⟩, by building G_d = Σ_t δ_t a_tᵀ or, with low-rank queries
+   when it is cheaper, by Σ_t Σ_k (δ_tᵀu_k)(v_kᵀa_t). A document's score is the
+   sum over its windows.
+Queries are processed in batches sized to a memory budget, one document pass
+per batch. Finished chunks of documents are written to ``<out>.part/``, so a
+killed run resumes; the final Parquet appears under its name only when whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from curator.catalog import Catalog
+from curator.corpus import document_ids, read_texts, record_model, store_token_counts
+from curator.errors import CuratorError
+from curator.factors import FactorsRecord, get_factors, load_layer_factors
+from curator.influence import (
+    LayerFactors,
+    LowRank,
+    low_rank,
+    precondition,
+    scores_from_gradients,
+    scores_from_tokens,
+    scores_low_rank_from_gradients,
+    sequence_gradients,
+    token_path_is_cheaper,
+)
+from curator.lm import backward_layers
+from curator.models import LoadedModel, load_model, tracked_modules
+from curator.passes import NoProgress, PassProgress, Timer
+from curator.queries import Query, select_queries
+from curator.tokens import batches, pad_token_id, tokenize_documents, tokenize_query
+from curator.workspace import Workspace
+
+SCORE_SCHEMA_COLUMNS = ("query_id", "doc_id", "score", "score_per_nat")
+
+
+class ScoreConfig(BaseModel):
+    """Every knob of a scoring run; stored with the run."""
+
+    queries: str = Field("all", description="query selector: all, tasks, query sets or ids")
+    method: Literal["exact"] = "exact"
+    factors: str | None = Field(None, description="fit id (or unique prefix); default: the latest fit")
+    model: str | None = Field(None, description="default: the model the factors were fitted on")
+    modules: str | None = Field(None, description="must equal the fit's module set when given")
+    query_rank: int | None = Field(None, ge=1, description="keep each P_q as a rank-r SVD per layer")
+    query_memory_mb: int = Field(2048, ge=1, description="budget for preconditioned queries per pass")
+    max_docs: int | None = Field(None, description="score a seeded sample of documents instead of all")
+    max_seq_len: int | None = Field(None, description="default: the fit's window length")
+    chat_template: Literal["auto", "none"] = "auto"
+    batch_tokens: int = Field(4096, ge=2)
+    chunk_docs: int = Field(512, ge=1, description="documents per resumable output chunk")
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+
+
+class ScoreResult(BaseModel):
+    run_id: str
+    out_path: str
+    stats: dict
+    reused: bool = False
+
+
+def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded: LoadedModel | None = None,
+          progress: PassProgress | None = None, force: bool = False) -> ScoreResult:
+    progress = progress or NoProgress()
+    timer = Timer()
+    with Catalog.open(ws) as catalog:
+        record = get_factors(catalog, config.factors)
+        queries = select_queries(catalog, config.queries)
+        ids = document_ids(catalog, config.max_docs, config.seed)
+        location = catalog.one("SELECT location FROM models WHERE id = ?", [record.model_id])
+    with timer("load model"):
+        if loaded is None:
+            model_name = config.model or (location[0] if location else record.settings["model"])
+            loaded = load_model(model_name, device=config.device, dtype=config.dtype)
+    modules = check_compatible(loaded, record, config.modules)
+    max_len = config.max_seq_len or record.settings["max_seq_len"]
+
+    run_id = _run_id(record, queries, ids, config, max_len)
+    out = Path(out) if out else ws.artifact_dir("scores") / f"{run_id}.parquet"
+    with Catalog.open(ws) as catalog:
+        done = catalog.one("SELECT out_path, stats FROM runs WHERE id = ?", [run_id])
+    if done and Path(done[0]) == out.resolve() and out.is_file() and not force:
+        return ScoreResult(run_id=run_id, out_path=done[0], stats=json.loads(done[1]), reused=True)
+
+    with timer("load factors"):
+        factors = {name: f.to(loaded.device) for name, f in load_layer_factors(ws, record).items()}
+    chunks_dir = _resumable_dir(out, run_id)
+    per_query = _bytes_per_query(factors, config.query_rank)
+    batch_size = max(1, config.query_memory_mb * 2**20 // per_query)
+    query_batches = [queries[i:i + batch_size] for i in range(0, len(queries), batch_size)]
+    losses: dict[str, float] = {}
+    counts: dict[int, int] = {}
+    totals = {"windows": 0, "tokens": 0}
+    with Catalog.open(ws) as catalog:
+        for number, query_batch in enumerate(query_batches):
+            with timer("query gradients"):
+                prepared, batch_losses = prepare_queries(loaded, modules, factors, query_batch, max_len,
+                                                         config.chat_template, config.query_rank,
+                                                         config.batch_tokens)
+            losses.update(batch_losses)
+            progress.stage(f"score {number + 1}/{len(query_batches)}: {len(query_batch)} queries", len(ids))
+            with timer("document pass"):
+                _document_pass(loaded, modules, prepared, query_batch, batch_losses, catalog, ids, max_len,
+                               config, chunks_dir, number, progress, counts, totals)
+    with timer("write"):
+        _concatenate(chunks_dir, out)
+    stats = {"documents": len(ids), "queries": len(queries), "query_batches": len(query_batches),
+             "query_losses": losses, **totals, "seconds": timer.seconds}
+    stats["docs_per_second"] = round(len(ids) / max(timer.seconds.get("document pass", 0), 1e-9), 2)
+    with Catalog.open(ws, write=True) as catalog:
+        catalog.sql("BEGIN")
+        record_model(catalog, loaded.info)
+        catalog.sql("DELETE FROM runs WHERE id = ?", [run_id])
+        catalog.sql(
+            "INSERT INTO runs (id, kind, method, model_id, factors_id, query_ids, settings, out_path, stats) "
+            "VALUES (?, 'score', ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, config.method, loaded.info.id, record.id, json.dumps([q.id for q in queries]),
+             config.model_dump_json(), str(out.resolve()), json.dumps(stats)])
+        store_token_counts(catalog, loaded.info.tokenizer_id, counts)
+        catalog.sql("COMMIT")
+    shutil.rmtree(chunks_dir, ignore_errors=True)
+    return ScoreResult(run_id=run_id, out_path=str(out.resolve()), stats=stats)
+
+
+def check_compatible(loaded: LoadedModel, record: FactorsRecord, modules: str | None) -> dict:
+    """The tracked modules, after refusing factors fitted for another model, tokenizer or module set."""
+    fitted_on = f"{record.settings.get('model')} (model id {record.model_id[:12]})"
+    if loaded.info.id != record.model_id:
+        raise CuratorError(
+            f"the factors {record.id} were fitted for {fitted_on}, but the model given is "
+            f"{loaded.info.name} (model id {loaded.info.id[:12]}): its config or weights differ. "
+            f"Fit factors for this model with `curator fit --model {loaded.info.name}`.")
+    if loaded.info.tokenizer_id != record.tokenizer_id:
+        raise CuratorError(
+            f"the factors {record.id} were fitted with another tokenizer (id {record.tokenizer_id[:12]}) than "
+            f"{loaded.info.name}'s (id {loaded.info.tokenizer_id[:12]}); token ids would not mean the same.")
+    chosen = tracked_modules(loaded.model, modules or record.settings["modules"], record.settings["layers"])
+    if list(chosen) != record.modules:
+        missing = sorted(set(record.modules) - set(chosen))
+        extra = sorted(set(chosen) - set(record.modules))
+        raise CuratorError(
+            f"the factors {record.id} cover the modules {record.settings['modules']!r} of layers "
+            f"{record.settings['layers']!r} ({len(record.modules)} layers); --modules {modules!r} selects "
+            f"{len(chosen)}. Not fitted: {extra[:3]}; fitted but not selected: {missing[:3]}.")
+    return chosen
+
+
+def prepare_queries(loaded: LoadedModel, modules: dict, factors: dict[str, LayerFactors], queries: list[Query],
+                    max_len: int, chat_template: str, rank: int | None, batch_tokens: int
+                    ) -> tuple[dict[str, torch.Tensor | LowRank], dict[str, float]]:
+    """P_q = H⁻¹∇ℓ(q) per layer, stacked over queries (dense, or rank-r factors), and ℓ(q) in nats."""
+    # A query is one sequence however long the document windows are; the model's context bounds it.
+    context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or max_len)
+    windows = [tokenize_query(loaded.tokenizer, i, q.prompt, q.completion, context, chat_template, q.id)
+               for i, q in enumerate(queries)]
+    parts: dict[str, list] = {name: [None] * len(queries) for name in modules}
+    losses: dict[str, float] = {}
+
+    for batch in batches(windows, batch_tokens, pad_token_id(loaded.tokenizer), loaded.device):
+        owners = batch.owners.tolist()
+
+        def on_layer(name, a, delta, owners=owners):
+            preconditioned = precondition(sequence_gradients(a, delta), factors[name])
+            if rank is not None:
+                compressed = low_rank(preconditioned, rank)
+                for row, owner in enumerate(owners):
+                    parts[name][owner] = (compressed.u[row], compressed.v[row])
+            else:
+                for row, owner in enumerate(owners):
+                    parts[name][owner] = preconditioned[row]
+
+        batch_losses = backward_layers(loaded.model, modules, batch, on_layer, labels="data")
+        for owner, loss in zip(owners, batch_losses.tolist(), strict=True):
+            losses[queries[owner].id] = loss
+    prepared: dict[str, torch.Tensor | LowRank] = {}
+    for name, items in parts.items():
+        if rank is None:
+            prepared[name] = torch.stack(items)
+        else:
+            prepared[name] = LowRank(torch.stack([u for u, _ in items]), torch.stack([v for _, v in items]))
+    return prepared, losses
+
+
+def _document_pass(loaded, modules, prepared, queries, losses, catalog, ids, max_len, config, chunks_dir,
+                   number, progress, counts, totals) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pad = pad_token_id(loaded.tokenizer)
+    per_nat = torch.tensor([losses[q.id] for q in queries], dtype=torch.float64)
+    query_ids = np.array([q.id for q in queries], dtype=object)
+    for chunk_number, start in enumerate(range(0, len(ids), config.chunk_docs)):
+        chunk_ids = ids[start:start + config.chunk_docs]
+        path = chunks_dir / f"q{number:03d}-c{chunk_number:07d}.parquet"
+        if path.is_file():
+            progress.advance(len(chunk_ids), 0)
+            continue
+        rows = [row for part in read_texts(catalog, chunk_ids, chunk=len(chunk_ids)) for row in part]
+        windows, chunk_counts = tokenize_documents(loaded.tokenizer, rows, max_len)
+        counts.update(chunk_counts)
+        position = {doc_id: i for i, doc_id in enumerate(chunk_ids)}
+        totals_chunk = torch.zeros(len(chunk_ids), len(queries), dtype=torch.float64)
+        for batch in batches(windows, config.batch_tokens, pad, loaded.device):
+            batch_scores = torch.zeros(batch.input_ids.shape[0], len(queries), device=loaded.device)
+
+            def on_layer(name, a, delta, batch_scores=batch_scores):
+                batch_scores.add_(layer_scores(a, delta, prepared[name]))
+
+            backward_layers(loaded.model, modules, batch, on_layer, labels="data")
+            rows_of = torch.tensor([position[o] for o in batch.owners.tolist()])
+            totals_chunk.index_add_(0, rows_of, batch_scores.double().cpu())
+            totals["windows"] += batch.input_ids.shape[0]
+            totals["tokens"] += batch.tokens
+            progress.advance(0, batch.tokens)
+        n_docs = len(chunk_ids)
+        # Query-major: all of the chunk's documents for the first query, then the next.
+        table = pa.table({
+            "query_id": pa.array(np.repeat(query_ids, n_docs), pa.string()),
+            "doc_id": pa.array(np.tile(np.asarray(chunk_ids, dtype=np.int64), len(queries))),
+            "score": pa.array(totals_chunk.T.reshape(-1).float().numpy()),
+            "score_per_nat": pa.array((totals_chunk / per_nat).T.reshape(-1).float().numpy()),
+        })
+        part = path.with_name(path.name + ".tmp")
+        pq.write_table(table, part)
+        part.replace(path)
+        progress.advance(len(chunk_ids), 0)
+
+
+def layer_scores(a: torch.Tensor, delta: torch.Tensor, prepared: torch.Tensor | LowRank) -> torch.Tensor:
+    """⟨P_q, G_n⟩ for each window n of the batch and each query q, choosing the cheaper path."""
+    if isinstance(prepared, LowRank):
+        tokens = a.shape[0] * a.shape[1]
+        if token_path_is_cheaper(tokens, delta.shape[-1], a.shape[-1], prepared.u.shape[0], prepared.rank):
+            return scores_from_tokens(a, delta, prepared)
+        return scores_low_rank_from_gradients(sequence_gradients(a, delta), prepared)
+    return scores_from_gradients(sequence_gradients(a, delta), prepared)
+
+
+def _bytes_per_query(factors: dict[str, LayerFactors], rank: int | None) -> int:
+    total = 0
+    for f in factors.values():
+        d_out, d_in = f.corrected.shape
+        total += (d_out + d_in) * rank if rank else d_out * d_in
+    return 4 * total
+
+
+def _run_id(record: FactorsRecord, queries: list[Query], ids: list[int], config: ScoreConfig, max_len: int) -> str:
+    digest = hashlib.blake2b(digest_size=6)
+    identity = config.model_dump(exclude={"device", "batch_tokens", "chunk_docs", "query_memory_mb", "model",
+                                          "factors", "queries"})
+    digest.update(json.dumps([record.id, [q.model_dump() for q in queries], ids, identity, max_len],
+                             sort_keys=True, default=str).encode())
+    return f"score-{digest.hexdigest()}"
+
+
+def _resumable_dir(out: Path, run_id: str) -> Path:
+    """`<out>.part/`, reused only if it belongs to this same run."""
+    directory = out.with_name(out.name + ".part")
+    marker = directory / "RUN"
+    if directory.exists() and (not marker.is_file() or marker.read_text() != run_id):
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker.write_text(run_id)
+    return directory
+
+
+def _concatenate(chunks_dir: Path, out: Path) -> None:
+    import pyarrow.parquet as pq
+
+    files = sorted(chunks_dir.glob("q*-c*.parquet"))
+    if not files:
+        raise CuratorError("scoring produced no output chunks")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(out.name + ".tmp")
+    schema = pq.read_schema(files[0])
+    with pq.ParquetWriter(part, schema.remove_metadata()) as writer:
+        for file in files:
+            writer.write_table(pq.read_table(file).cast(schema.remove_metadata()))
+    part.replace(out)
