@@ -1,0 +1,242 @@
+"""EK-FAC fit and exact scores against brute force on a tiny Llama.
+
+The brute force shares nothing with curator's hooks or einsums: one window at
+a time, no padding, per-token activations from the test's own hooks, sequence
+gradients from autograd's parameter gradients, and the inverse Hessian as an
+explicit matrix built from the factors with Kronecker products.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import run_ingest, write_jsonl
+from tinylm import TRAINING_TEXT, loaded_tiny
+
+from curator.catalog import Catalog
+from curator.factors import get_factors, load_tensors
+from curator.fit import FitConfig, fit
+from curator.influence import LowRank, dense, low_rank, precondition, scores_from_tokens, sequence_gradients
+from curator.queries import Query, store_queries
+from curator.score import ScoreConfig, score
+from curator.workspace import Workspace
+
+MAX_LEN = 12
+DOCS = [TRAINING_TEXT[0], TRAINING_TEXT[1] * 2, "x = 1", TRAINING_TEXT[2], "ab",
+        TRAINING_TEXT[3] + TRAINING_TEXT[5], TRAINING_TEXT[4]]
+QUERIES = [
+    Query(id="q-add", task="arithmetic", prompt="Calculate the answer: (5 + 3) * 2", completion="8 * 2 = 16."),
+    Query(id="q-slope", task="slope", prompt="The slope of the line through (1, 2) and (3, 6)",
+          completion="is (6 - 2) / (3 - 1) = 2."),
+    Query(id="q-fact", task="factual", prompt="The capital of France is", completion="Paris."),
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exact")
+    ws, _ = Workspace.init(root / "ws")
+    write_jsonl(root / "docs.jsonl", [{"text": t} for t in DOCS])
+    run_ingest(ws, [root / "docs.jsonl"])
+    lm = loaded_tiny(bias=True)
+    # A small token budget: several padded batches of unequal windows.
+    record = fit(ws, FitConfig(model="tiny", fisher="empirical", max_seq_len=MAX_LEN, batch_tokens=40),
+                 loaded=lm).record
+    with Catalog.open(ws, write=True) as catalog:
+        store_queries(catalog, QUERIES)
+    result = score(ws, ScoreConfig(batch_tokens=40, chunk_docs=3), loaded=lm)
+    layers, _ = load_tensors(ws.root / record.path)
+    return ws, lm, record, layers, result
+
+
+# -- brute force ---------------------------------------------------------------------
+
+def windows_of(tokenizer, text):
+    ids = tokenizer(text)["input_ids"]
+    return [ids[s:s + MAX_LEN] for s in range(0, max(len(ids) - 1, 0), MAX_LEN - 1)]
+
+
+def brute_pass(lm, modules, ids, first_target=1):
+    """One unpadded sequence: per-token a and δ of each module, and its parameter gradients."""
+    model = lm.model
+    inputs, outputs = {}, {}
+    handles = []
+    for name in modules:
+        module = model.get_submodule(name)
+
+        def hook(mod, args, out, name=name):
+            inputs[name] = args[0].detach()[0]
+            out.retain_grad()
+            outputs[name] = out
+        handles.append(module.register_forward_hook(hook))
+        module.weight.requires_grad_(True)
+        module.bias.requires_grad_(True)
+    try:
+        x = torch.tensor([ids])
+        logits = model(input_ids=x).logits[0, :-1]
+        loss = F.cross_entropy(logits[first_target - 1:], x[0, first_target:], reduction="sum")
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        result = {}
+        for name in modules:
+            module = model.get_submodule(name)
+            a = torch.cat([inputs[name], torch.ones(len(ids), 1)], dim=1).double()
+            delta = outputs[name].grad[0].double()
+            grad = torch.cat([module.weight.grad, module.bias.grad[:, None]], dim=1).double()
+            result[name] = (a, delta, grad)
+        return result, float(loss.detach())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name in modules:
+            model.get_submodule(name).requires_grad_(False)
+
+
+def explicit_inverse_hessian(t):
+    """(H + λI)⁻¹ as a matrix acting on vec(G) (column-major), from the stored factors."""
+    q_a, q_s = t["a_eigvecs"].double(), t["s_eigvecs"].double()
+    basis = torch.kron(q_a, q_s)                      # vec(Q_S X Q_Aᵀ) = (Q_A ⊗ Q_S) vec(X)
+    eig = (t["corrected"].double() + t["damping"].double()).T.reshape(-1)   # column-major vec
+    hessian = basis @ torch.diag(eig) @ basis.T
+    return torch.linalg.inv(hessian)
+
+
+def vec(m):
+    return m.T.reshape(-1)
+
+
+@pytest.fixture(scope="module")
+def brute(setup):
+    ws, lm, record, _, _ = setup
+    sequences = []
+    for doc_id, text in enumerate(DOCS, start=1):
+        for ids in windows_of(lm.tokenizer, text):
+            sequences.append((doc_id, brute_pass(lm, record.modules, ids)[0]))
+    return sequences
+
+
+# -- tests ---------------------------------------------------------------------------
+
+def test_covariances_and_eigenbases_equal_brute_force(setup, brute):
+    _, _, record, layers, _ = setup
+    for name in record.modules:
+        a_cov = sum(a.T @ a for _, seq in brute for a in [seq[name][0]])
+        s_cov = sum(d.T @ d for _, seq in brute for d in [seq[name][1]])
+        tokens = sum(seq[name][0].shape[0] for _, seq in brute)
+        t = layers[name]
+        torch.testing.assert_close(t["a_cov"], a_cov / tokens, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(t["s_cov"], s_cov / tokens, rtol=1e-4, atol=1e-7)
+        for cov, vals, vecs in ((a_cov / tokens, t["a_eigvals"], t["a_eigvecs"]),
+                                (s_cov / tokens, t["s_eigvals"], t["s_eigvecs"])):
+            assert vecs.dtype == torch.float64
+            torch.testing.assert_close(vals, torch.linalg.eigvalsh(cov), rtol=1e-4, atol=1e-8)
+            torch.testing.assert_close(cov @ vecs, vecs * vals, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(vecs.T @ vecs, torch.eye(len(vals), dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+def test_corrected_eigenvalues_and_damping_equal_brute_force(setup, brute):
+    _, _, record, layers, _ = setup
+    assert record.stats["sequences"] == len(brute)
+    for name in record.modules:
+        t = layers[name]
+        q_a, q_s = t["a_eigvecs"], t["s_eigvecs"]
+        expected = sum((q_s.T @ seq[name][2] @ q_a) ** 2 for _, seq in brute) / len(brute)
+        torch.testing.assert_close(t["corrected"], expected, rtol=1e-4, atol=1e-7)
+        assert float(t["damping"]) == pytest.approx(0.1 * float(expected.mean()), rel=1e-4)
+
+
+def test_sequence_gradient_equals_autograd(setup, brute):
+    _, _, record, _, _ = setup
+    for _, seq in brute[:4]:
+        for name in record.modules:
+            a, delta, grad = seq[name]
+            torch.testing.assert_close(sequence_gradients(a[None], delta[None])[0].double(), grad,
+                                       rtol=1e-4, atol=1e-6)
+
+
+def test_preconditioner_equals_explicit_inverse_hessian(setup, brute):
+    _, _, record, layers, _ = setup
+    from curator.factors import layer_factors
+
+    for name in record.modules[:3]:
+        t = layers[name]
+        grad = brute[0][1][name][2]
+        got = precondition(grad, layer_factors(t))
+        expected = explicit_inverse_hessian(t) @ vec(grad)
+        torch.testing.assert_close(vec(got), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_scores_equal_explicit_formula(setup, brute):
+    ws, lm, record, layers, result = setup
+    inverses = {name: explicit_inverse_hessian(layers[name]) for name in record.modules}
+    expected = {}
+    for query in QUERIES:
+        prompt_ids = lm.tokenizer(query.prompt + "\n")["input_ids"]
+        ids = prompt_ids + lm.tokenizer(query.completion, add_special_tokens=False)["input_ids"]
+        grads, loss = brute_pass(lm, record.modules, ids, first_target=len(prompt_ids))
+        assert result.stats["query_losses"][query.id] == pytest.approx(loss, rel=1e-5)
+        preconditioned = {name: inverses[name] @ vec(grads[name][2]) for name in record.modules}
+        for doc_id in range(1, len(DOCS) + 1):
+            total = 0.0
+            for owner, seq in brute:
+                if owner == doc_id:
+                    total += sum(float(preconditioned[n] @ vec(seq[n][2])) for n in record.modules)
+            expected[(query.id, doc_id)] = (total, total / loss)
+    table = pl.read_parquet(result.out_path)
+    assert table.height == len(QUERIES) * len(DOCS)
+    assert table.select(["query_id", "doc_id"]).is_duplicated().sum() == 0
+    got = {(r["query_id"], r["doc_id"]): (r["score"], r["score_per_nat"]) for r in table.to_dicts()}
+    keys = sorted(expected)
+    want = np.array([expected[k][0] for k in keys])
+    have = np.array([got[k][0] for k in keys])
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(have, want, rtol=1e-3, atol=1e-4 * scale)
+    np.testing.assert_allclose([got[k][1] for k in keys], [expected[k][1] for k in keys], rtol=1e-3,
+                               atol=1e-4 * scale / min(result.stats["query_losses"].values()))
+    # The document "ab" is one window of two tokens; a document of one token would score 0.
+    assert any(abs(v) > 0 for v in have)
+
+
+def test_full_rank_queries_give_the_same_scores(setup):
+    ws, lm, _, _, result = setup
+    full = score(ws, ScoreConfig(batch_tokens=40, query_rank=64), loaded=lm)
+    assert full.run_id != result.run_id
+    a = pl.read_parquet(result.out_path).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(full.out_path).sort(["query_id", "doc_id"])
+    scale = float(a["score"].abs().max())
+    np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_low_rank_token_path_equals_gradient_path():
+    torch.manual_seed(0)
+    a, delta = torch.randn(3, 7, 5), torch.randn(3, 7, 4)
+    p = torch.randn(6, 4, 5)
+    exact = sequence_gradients(a, delta).reshape(3, -1) @ p.reshape(6, -1).T
+    full = low_rank(p, 4)
+    torch.testing.assert_close(dense(full), p, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scores_from_tokens(a, delta, full), exact, rtol=1e-4, atol=1e-4)
+    truncated = low_rank(p, 1)
+    assert isinstance(truncated, LowRank) and truncated.rank == 1
+    assert not torch.allclose(scores_from_tokens(a, delta, truncated), exact, atol=1e-3)
+
+
+def test_sampled_fisher_differs_from_empirical_but_shares_A(setup, tmp_path):
+    ws, lm, record, layers, _ = setup
+    sampled = fit(ws, FitConfig(model="tiny", fisher="sampled", max_seq_len=MAX_LEN, batch_tokens=40),
+                  loaded=lm).record
+    assert sampled.id != record.id
+    other, _ = load_tensors(ws.root / sampled.path)
+    name = record.modules[-1]
+    torch.testing.assert_close(other[name]["a_cov"], layers[name]["a_cov"])
+    assert not torch.allclose(other[name]["s_cov"], layers[name]["s_cov"], rtol=1e-2)
+    # Fitting again with the same settings reuses the stored factors.
+    again = fit(ws, FitConfig(model="tiny", fisher="sampled", max_seq_len=MAX_LEN, batch_tokens=40), loaded=lm)
+    assert again.reused and again.record.id == sampled.id
+    with Catalog.open(ws) as catalog:
+        assert get_factors(catalog, sampled.id[:8]).id == sampled.id
+    assert not list(Path(ws.root / "factors").glob("*.part"))
