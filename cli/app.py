@@ -11,17 +11,18 @@ from typing import Annotated
 
 import typer
 
-from curator.cli import docs, ingest
+from curator.cli import docs, fit, ingest, queries, score
 from curator.cli.common import WorkspaceOption, console, err_console
 
 app = typer.Typer(
     name="curator",
     help="Rank pretraining documents by their influence on a model's reasoning, and build curated "
          "mixtures from the ranking.\n\nStart with `curator init DIR`, then `curator ingest PATH --source NAME` "
-         "and `curator sources`.",
+         "and `curator sources`. Then `curator fit --model M`, `curator queries generate --task arithmetic` and "
+         "`curator score`.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 
@@ -75,6 +76,9 @@ def demo(
 app.command("ingest", no_args_is_help=True)(ingest.ingest)
 app.command("sources")(ingest.sources)
 app.add_typer(docs.app, name="docs")
+app.command("fit")(fit.fit)
+app.add_typer(queries.app, name="queries")
+app.command("score")(score.score)
 
 
 def main() -> None:

@@ -5,27 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import write_jsonl
-
-# The console script installed beside the interpreter running the tests (a venv
-# need not be activated); its absence is a packaging failure, not a reason to skip.
-CURATOR = str(Path(sys.executable).with_name("curator"))
-
-
-def curator(*args, cwd=None, env=None, check=True):
-    run_env = {**os.environ, "COLUMNS": "120", **(env or {})}
-    run_env.pop("CURATOR_WORKSPACE", None) if env is None or "CURATOR_WORKSPACE" not in env else None
-    result = subprocess.run([CURATOR, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=run_env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"curator {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
+from helpers import CURATOR, curator, write_jsonl
 
 @pytest.fixture
 def cli_ws(tmp_path):

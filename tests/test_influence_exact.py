@@ -203,8 +203,8 @@ def test_scores_equal_explicit_formula(setup, brute):
 
 
 def test_full_rank_queries_give_the_same_scores(setup):
-    ws, lm, _, _, result = setup
-    full = score(ws, ScoreConfig(batch_tokens=40, query_rank=64), loaded=lm)
+    ws, lm, record, _, result = setup
+    full = score(ws, ScoreConfig(batch_tokens=40, query_rank=64, factors=record.id), loaded=lm)
     assert full.run_id != result.run_id
     a = pl.read_parquet(result.out_path).sort(["query_id", "doc_id"])
     b = pl.read_parquet(full.out_path).sort(["query_id", "doc_id"])
@@ -240,3 +240,50 @@ def test_sampled_fisher_differs_from_empirical_but_shares_A(setup, tmp_path):
     with Catalog.open(ws) as catalog:
         assert get_factors(catalog, sampled.id[:8]).id == sampled.id
     assert not list(Path(ws.root / "factors").glob("*.part"))
+
+
+def test_factors_with_another_tokenizer_are_refused(setup):
+    ws, lm, _, _, _ = setup
+    from tinylm import tiny_llama, tiny_tokenizer
+
+    from curator.errors import CuratorError
+    from curator.models import wrap_model
+
+    same_weights = wrap_model(tiny_llama(bias=True), tiny_tokenizer(vocab_size=300), name="retokenized")
+    assert same_weights.info.id == lm.info.id
+    with pytest.raises(CuratorError, match="fitted with another tokenizer"):
+        score(ws, ScoreConfig(), loaded=same_weights)
+
+
+class StopAfter:
+    """A progress sink that interrupts the run after `chunks` finished chunks."""
+
+    def __init__(self, chunks=None):
+        self.chunks, self.finished = chunks, 0
+
+    def stage(self, description, total_docs):
+        pass
+
+    def advance(self, docs, tokens):
+        if docs:
+            self.finished += 1
+            if self.chunks is not None and self.finished >= self.chunks:
+                raise KeyboardInterrupt
+
+
+def test_a_killed_scoring_run_resumes_from_finished_chunks(setup, tmp_path):
+    ws, lm, record, _, result = setup
+    out = tmp_path / "resumed.parquet"
+    # Name the fit: another test adds a later one, and the default is the latest.
+    config = ScoreConfig(batch_tokens=40, chunk_docs=2, factors=record.id)
+    with pytest.raises(KeyboardInterrupt):
+        score(ws, config, out=out, loaded=lm, progress=StopAfter(chunks=2))
+    assert not out.exists() and len(list((tmp_path / "resumed.parquet.part").glob("*.parquet"))) == 2
+    counter = StopAfter()
+    resumed = score(ws, config, out=out, loaded=lm, progress=counter)
+    assert counter.finished == 4 and not (tmp_path / "resumed.parquet.part").exists()
+    a = pl.read_parquet(result.out_path).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(resumed.out_path).sort(["query_id", "doc_id"])
+    assert a.select(["query_id", "doc_id"]).equals(b.select(["query_id", "doc_id"]))
+    np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
+                               atol=1e-5 * float(a["score"].abs().max()))

@@ -1,0 +1,82 @@
+"""`curator queries generate|add|list`."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from curator.cli.common import OutputFormat, WorkspaceOption, console, print_frame, workspace_from
+
+app = typer.Typer(help="Queries: the prompts and completions whose influence is measured.", no_args_is_help=True)
+
+Task = Enum("Task", {t: t for t in ("arithmetic", "slope", "linear", "factual-control", "reasoning-control")},
+            type=str)
+
+
+@app.command("generate")
+def generate(
+    task: Annotated[Task, typer.Option(help="Which of the paper's formats to generate.", show_default=False)],
+    n: Annotated[int, typer.Option("--n", help="How many queries.")] = 10,
+    seed: Annotated[int, typer.Option(help="The same seed gives the same queries; --n 20 extends --n 10.")] = 0,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Generate queries in the formats of Ruis et al. (2024), with step-by-step completions.
+
+    arithmetic: (a + b) * c or (a - b) * c, operands 0-20; slope: through two points with coordinates 0-100;
+    linear: ax + b = c, coefficients 0-100, positive integer x; reasoning-control: restate a number from the
+    prompt; factual-control: recall a fictional fact stated in the prompt. Ids are TASK-sSEED-NNNN and the
+    query set is TASK-sSEED.
+    """
+    from curator.catalog import Catalog
+    from curator.queries import store_queries
+    from curator.querygen import generate as make
+
+    ws = workspace_from(workspace)
+    queries = make(task.value, n, seed)
+    with Catalog.open(ws, write=True) as catalog:
+        result = store_queries(catalog, queries)
+    console.print(f"Query set [bold]{result.query_set}[/]: {result.added} added, {result.unchanged} already there.")
+    console.print(f"Example: {queries[0].prompt!r} → {queries[0].completion!r}", markup=False, highlight=False)
+
+
+@app.command("add")
+def add(
+    file: Annotated[Path, typer.Argument(help="JSONL with one query per line: id, task, prompt, completion, "
+                                              "answer (answer optional).", show_default=False)],
+    query_set: Annotated[str | None, typer.Option("--set", help="Name of the query set. Default: the file name.",
+                                                  show_default=False)] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Import your own queries. A bad line is an error naming file:line and field, and nothing is added."""
+    from curator.catalog import Catalog
+    from curator.queries import read_query_file, store_queries
+
+    ws = workspace_from(workspace)
+    queries = read_query_file(file, query_set)
+    with Catalog.open(ws, write=True) as catalog:
+        result = store_queries(catalog, queries)
+    console.print(f"Query set [bold]{result.query_set}[/]: {result.added} added, {result.unchanged} already there.")
+
+
+@app.command("list")
+def list_queries(
+    queries: Annotated[str, typer.Option("--queries", "-q", help="Selector: all, or comma-separated tasks, "
+                                                                 "query sets or ids.")] = "all",
+    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table, json or csv.")] = OutputFormat.table,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """The queries in the catalog."""
+    from curator.catalog import Catalog
+    from curator.queries import query_table
+
+    ws = workspace_from(workspace)
+    with Catalog.open(ws) as catalog:
+        frame = query_table(catalog, queries)
+    if output is OutputFormat.table:
+        import polars as pl
+
+        frame = frame.with_columns(pl.col("prompt").str.slice(0, 70))
+    print_frame(frame, output, title=f"{frame.height} queries")

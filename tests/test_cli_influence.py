@@ -1,0 +1,76 @@
+"""fit, queries and score as a user runs them, on a tiny model saved to a folder."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+from helpers import curator, write_jsonl
+from tinylm import TRAINING_TEXT, save_tiny
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    ws = root / "ws"
+    curator("init", ws)
+    write_jsonl(root / "docs.jsonl", [{"text": t * k} for t in TRAINING_TEXT for k in (1, 3)])
+    curator("ingest", root / "docs.jsonl", "--source", "mixed", "-w", ws)
+    model = save_tiny(root / "tiny", seed=2)
+    fitted = curator("fit", "--model", model, "--layers", "last:1", "--max-seq-len", "32", "-w", ws)
+    curator("queries", "generate", "--task", "arithmetic", "--n", "3", "-w", ws)
+    curator("queries", "generate", "--task", "slope", "--n", "2", "--seed", "4", "-w", ws)
+    return root, ws, model, fitted
+
+
+def test_fit_records_factors_and_token_counts(pipeline):
+    root, ws, model, fitted = pipeline
+    assert "Fitted fit-" in fitted.stdout and "3 layers on 12 documents" in fitted.stdout
+    again = curator("fit", "--model", model, "--layers", "last:1", "--max-seq-len", "32", "-w", ws)
+    assert "exist already" in again.stdout
+    sources = json.loads(curator("sources", "-f", "json", "-w", ws).stdout)
+    assert sources[0]["tokens"] > 0
+
+
+def test_queries_generate_add_and_list(pipeline, tmp_path):
+    root, ws, _, _ = pipeline
+    listed = json.loads(curator("queries", "list", "-o", "json", "-w", ws).stdout)
+    assert {q["set"] for q in listed} == {"arithmetic-s0", "slope-s4"} and len(listed) == 5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "task": "factual", "prompt": "p"}\n')
+    result = curator("queries", "add", bad, "-w", ws, check=False)
+    assert result.returncode == 1 and "bad.jsonl:1: field 'completion'" in result.stderr
+    table = curator("queries", "list", "-q", "slope", "-w", ws).stdout
+    assert "slope-s4-0001" in table and "arithmetic" not in table
+
+
+def test_score_writes_one_row_per_pair_and_records_the_run(pipeline):
+    root, ws, _, _ = pipeline
+    out = root / "scores.parquet"
+    result = curator("score", "--queries", "arithmetic,slope-s4", "--out", out, "-w", ws)
+    assert "5 queries × 12 documents" in result.stdout
+    table = pl.read_parquet(out)
+    assert table.columns == ["query_id", "doc_id", "score", "score_per_nat"]
+    assert table.height == 60 and table.select(["query_id", "doc_id"]).is_duplicated().sum() == 0
+    assert not list(root.glob("scores.parquet.*"))
+    again = curator("score", "--queries", "arithmetic,slope-s4", "--out", out, "-w", ws)
+    assert "exists already" in again.stdout
+
+
+def test_score_refuses_factors_of_another_model(pipeline, tmp_path):
+    root, ws, _, _ = pipeline
+    other = save_tiny(tmp_path / "other", seed=9)
+    result = curator("score", "--model", other, "-w", ws, check=False)
+    assert result.returncode == 1
+    assert "were fitted for" in result.stderr and "config or weights differ" in result.stderr
+    result = curator("score", "--modules", "attn-mlp", "-w", ws, check=False)
+    assert result.returncode == 1 and "--modules 'attn-mlp' selects 7" in result.stderr
+
+
+def test_unknown_model_and_missing_queries_are_clear_errors(pipeline):
+    root, ws, _, _ = pipeline
+    result = curator("fit", "--model", root / "nowhere", "-w", ws, check=False)
+    assert result.returncode == 1 and "no model" in result.stderr and "Traceback" not in result.stderr
+    result = curator("score", "--queries", "linear", "-w", ws, check=False)
+    assert result.returncode == 1 and "no query matches 'linear'" in result.stderr
