@@ -79,6 +79,8 @@ app.add_typer(docs.app, name="docs")
 app.command("fit")(fit.fit)
 app.add_typer(queries.app, name="queries")
 app.command("score")(score.score)
+app.command("runs")(score.runs)
+app.command("factors")(score.factors)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from curator.cli.common import WorkspaceOption, console, workspace_from
+from curator.cli.common import OutputFormat, WorkspaceOption, console, print_frame, workspace_from
 from curator.cli.fit import DType
 
 
@@ -74,5 +74,32 @@ def score(
     if result.reused:
         console.print(f"Run [bold]{result.run_id}[/] exists already (use --force to score again): {result.out_path}")
         return
-    console.print(f"Run [bold]{result.run_id}[/]: {stats['queries']} queries × {stats['documents']:,} documents "
-                  f"({stats['tokens']:,} tokens) at {stats['docs_per_second']:,.1f} docs/s → {result.out_path}")
+    console.print(f"Run [bold]{result.run_id}[/] with factors {result.factors_id}: {stats['queries']} queries × "
+                  f"{stats['documents']:,} documents ({stats['tokens']:,} tokens) at "
+                  f"{stats['docs_per_second']:,.1f} docs/s → {result.out_path}")
+
+
+def runs(
+    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table, json or csv.")] = OutputFormat.table,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Scoring runs: model, factors, queries, documents, speed and where the scores are."""
+    from curator.catalog import Catalog
+    from curator.runs import runs_table
+
+    with Catalog.open(workspace_from(workspace)) as catalog:
+        frame = runs_table(catalog)
+    print_frame(frame, output, title=f"{frame.height} scoring runs")
+
+
+def factors(
+    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table, json or csv.")] = OutputFormat.table,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Fitted EK-FAC factors: model, tracked modules and blocks, Fisher, fitting sample."""
+    from curator.catalog import Catalog
+    from curator.runs import factors_table
+
+    with Catalog.open(workspace_from(workspace)) as catalog:
+        frame = factors_table(catalog)
+    print_frame(frame, output, title=f"{frame.height} fits")

@@ -106,6 +106,8 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
             if seen["tokens"] == 0:
                 raise CuratorError("the fitting sample has no document with two or more tokens")
             for name in modules:
+                _require_finite(sums[name]["a_cov"], f"the input covariance of {name}")
+                _require_finite(sums[name]["s_cov"], f"the gradient covariance of {name}")
                 sums[name]["tokens"] = torch.tensor(seen["tokens"])
             stats.update({"sequences": seen["sequences"], "tokens": seen["tokens"]})
             save_tensors(covariance_path, sums, {"fit_id": fit_id, "stats": stats})
@@ -140,6 +142,7 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
 
     for name in modules:
         corrected = (corrected_sums[name] / seen["sequences"]).cpu()
+        _require_finite(corrected, f"the corrected eigenvalues of {name}")
         layers[name]["corrected"] = corrected
         layers[name]["damping"] = torch.tensor(damping_value(corrected, config.damping), dtype=torch.float64)
     stats["seconds"] = timer.seconds
@@ -159,6 +162,13 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
         catalog.sql("COMMIT")
     covariance_path.unlink(missing_ok=True)
     return FitResult(record=record)
+
+
+def _require_finite(tensor: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise CuratorError(
+            f"{what} contains NaN or infinity: the model's activations or gradients overflowed. Try "
+            f"--dtype float32, or check the model's weights; no factors were written.")
 
 
 def _fit_id(loaded: LoadedModel, config: FitConfig, ids: list[int]) -> str:

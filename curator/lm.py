@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from curator.errors import CuratorError
 from curator.influence import with_bias_column
 from curator.tokens import TokenBatch
 
@@ -35,6 +36,11 @@ def sequence_losses(model, batch: TokenBatch, labels: str = "data",
         y = batch.input_ids[:, 1:]
     elif labels == "sampled":
         with torch.no_grad():
+            if not bool(torch.isfinite(logits).all()):
+                bad = sorted(set(batch.owners[~torch.isfinite(logits).all(dim=-1).all(dim=-1)].tolist()))
+                raise CuratorError(
+                    f"the model's predictions contain NaN or infinity (on the sequences of {bad[:5]}): its "
+                    f"weights or activations overflowed. Try --dtype float32, or check the model.")
             probs = torch.softmax(logits.detach(), dim=-1).reshape(-1, logits.shape[-1])
             y = torch.multinomial(probs, 1, generator=generator).reshape(targets.shape)
     else:

@@ -115,21 +115,83 @@ def resolve(name: str) -> ModelLocation:
 
 def load_model(name: str, *, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a causal LM and its tokenizer, check that they fit, and identify both."""
-    import torch
     import transformers
 
     location = resolve(name)
-    kwargs = {"gguf_file": location.gguf_file} if location.gguf_file else {}
     transformers.logging.set_verbosity_error()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(location.directory, **kwargs)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            location.directory, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {location.display}: {first}") from None
+    transformers.utils.logging.disable_progress_bar()   # curator shows its own progress
+    if location.gguf_file:
+        model, tokenizer = _load_gguf(location)
+    else:
+        model, tokenizer = _load_folder(location.directory, location.display)
     return wrap_model(model, tokenizer, name=name, format=location.format,
                       location=location.display, device=device, dtype=dtype)
+
+
+def _load_folder(directory: Path, display: str, **kwargs):
+    import torch
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {display}: {first}") from None
+    return model, tokenizer
+
+
+CACHE_ENV = "CURATOR_CACHE"
+
+
+def gguf_cache_dir(location: ModelLocation) -> Path:
+    """Where the dequantised copy of a GGUF file is kept, keyed by the file's path, size and mtime."""
+    import os
+
+    path = location.directory / location.gguf_file
+    stat = path.stat()
+    key = hashlib.blake2b(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=8)
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "curator")
+    return root / "gguf" / f"{path.stem}-{key.hexdigest()}"
+
+
+def _load_gguf(location: ModelLocation):
+    """Read a GGUF file through transformers once; later loads read a dequantised copy.
+
+    transformers parses and dequantises GGUF in Python (about 45 s for a 135M
+    model on two cores); the copy is an ordinary save_pretrained folder that
+    loads in seconds and holds exactly the same weights, so the model's
+    identity (a hash of config and weights) does not change.
+    """
+    import shutil
+
+    cache = gguf_cache_dir(location)
+    if (cache / "COMPLETE").is_file():
+        return _load_folder(cache, location.display)
+    model, tokenizer = _load_folder(location.directory, location.display, gguf_file=location.gguf_file)
+    try:
+        _write_cache(model, tokenizer, cache)
+    except OSError:
+        shutil.rmtree(cache.with_name(cache.name + ".part"), ignore_errors=True)   # a cache is optional
+    return model, tokenizer
+
+
+def _write_cache(model, tokenizer, cache: Path) -> None:
+    import shutil
+
+    from safetensors.torch import save_model
+
+    part = cache.with_name(cache.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)     # the copy is plain float32 weights
+    (part / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    save_model(model, str(part / "model.safetensors"))      # handles tied embeddings
+    tokenizer.save_pretrained(part)
+    (part / "COMPLETE").write_text("")
+    shutil.rmtree(cache, ignore_errors=True)
+    part.replace(cache)
 
 
 def wrap_model(model, tokenizer, *, name: str, format: str = "hf", location: str = "",

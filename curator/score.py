@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -69,6 +70,7 @@ class ScoreConfig(BaseModel):
 
 class ScoreResult(BaseModel):
     run_id: str
+    factors_id: str
     out_path: str
     stats: dict
     reused: bool = False
@@ -95,7 +97,8 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
     with Catalog.open(ws) as catalog:
         done = catalog.one("SELECT out_path, stats FROM runs WHERE id = ?", [run_id])
     if done and Path(done[0]) == out.resolve() and out.is_file() and not force:
-        return ScoreResult(run_id=run_id, out_path=done[0], stats=json.loads(done[1]), reused=True)
+        return ScoreResult(run_id=run_id, factors_id=record.id, out_path=done[0], stats=json.loads(done[1]),
+                           reused=True)
 
     with timer("load factors"):
         factors = {name: f.to(loaded.device) for name, f in load_layer_factors(ws, record).items()}
@@ -134,7 +137,7 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
         store_token_counts(catalog, loaded.info.tokenizer_id, counts)
         catalog.sql("COMMIT")
     shutil.rmtree(chunks_dir, ignore_errors=True)
-    return ScoreResult(run_id=run_id, out_path=str(out.resolve()), stats=stats)
+    return ScoreResult(run_id=run_id, factors_id=record.id, out_path=str(out.resolve()), stats=stats)
 
 
 def check_compatible(loaded: LoadedModel, record: FactorsRecord, modules: str | None) -> dict:
@@ -186,6 +189,9 @@ def prepare_queries(loaded: LoadedModel, modules: dict, factors: dict[str, Layer
 
         batch_losses = backward_layers(loaded.model, modules, batch, on_layer, labels="data")
         for owner, loss in zip(owners, batch_losses.tolist(), strict=True):
+            if not math.isfinite(loss):
+                raise CuratorError(f"query {queries[owner].id}: the completion's loss is {loss} (the model "
+                                   f"overflowed; try --dtype float32)")
             losses[queries[owner].id] = loss
     prepared: dict[str, torch.Tensor | LowRank] = {}
     for name, items in parts.items():
@@ -228,6 +234,12 @@ def _document_pass(loaded, modules, prepared, queries, losses, catalog, ids, max
             totals["windows"] += batch.input_ids.shape[0]
             totals["tokens"] += batch.tokens
             progress.advance(0, batch.tokens)
+        if not bool(torch.isfinite(totals_chunk).all()):
+            bad_doc, bad_query = torch.nonzero(~torch.isfinite(totals_chunk))[0].tolist()
+            raise CuratorError(
+                f"the score of document {chunk_ids[bad_doc]} on query {queries[bad_query].id} is NaN or "
+                f"infinite (the model overflowed on it; try --dtype float32). Finished chunks are kept in "
+                f"{chunks_dir} and a rerun resumes after them.")
         n_docs = len(chunk_ids)
         # Query-major: all of the chunk's documents for the first query, then the next.
         table = pa.table({

@@ -107,9 +107,14 @@ def pad_batch(windows: Sequence[Window], pad_id: int, device="cpu") -> TokenBatc
     return TokenBatch(input_ids.to(device), attention.to(device), targets.to(device), owners.to(device))
 
 
+# Per-sequence gradients take d_out × d_in floats per row and layer, so many short
+# windows must not share one batch just because they fit the token budget.
+MAX_ROWS = 64
+
+
 def batches(windows: Iterable[Window], batch_tokens: int, pad_id: int, device="cpu",
-            sort: bool = True) -> Iterator[TokenBatch]:
-    """Padded batches of at most `batch_tokens` tokens (padding included).
+            sort: bool = True, max_rows: int = MAX_ROWS) -> Iterator[TokenBatch]:
+    """Padded batches of at most `batch_tokens` tokens (padding included) and `max_rows` rows.
 
     Sorting by length first keeps padding small; a window longer than the
     budget goes in a batch of its own.
@@ -117,8 +122,8 @@ def batches(windows: Iterable[Window], batch_tokens: int, pad_id: int, device="c
     pending = sorted(windows, key=lambda w: len(w.ids)) if sort else list(windows)
     group: list[Window] = []
     for window in pending:
-        width = max([len(window.ids)] + [len(w.ids) for w in group[-1:]])
-        if group and width * (len(group) + 1) > batch_tokens:
+        width = max([len(window.ids)] + [len(w.ids) for w in group])
+        if group and (width * (len(group) + 1) > batch_tokens or len(group) >= max_rows):
             yield pad_batch(group, pad_id, device)
             group = []
         group.append(window)

