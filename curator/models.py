@@ -168,7 +168,17 @@ def _load_gguf(location: ModelLocation):
     cache = gguf_cache_dir(location)
     if (cache / "COMPLETE").is_file():
         return _load_folder(cache, location.display)
-    model, tokenizer = _load_folder(location.directory, location.display, gguf_file=location.gguf_file)
+    # transformers' GGUF conversion draws its own tqdm bar past its logging switch;
+    # curator says what it is doing instead, so the bar is muted for this one call.
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda iterable, **_: iterable
+    try:
+        model, tokenizer = _load_folder(location.directory, location.display, gguf_file=location.gguf_file)
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
     try:
         _write_cache(model, tokenizer, cache)
     except OSError:
