@@ -327,3 +327,22 @@ def tracked_modules(model, modules: str = "mlp", layers: str = "all") -> dict:
     if not chosen:
         raise CuratorError(f"--modules {modules!r} --layers {layers!r} selects no linear layer in the model")
     return chosen
+
+
+def load_tokenizer(name: str):
+    """Only the tokenizer of a model (for export); from the dequantised copy when a GGUF has one."""
+    import transformers
+
+    location = resolve(name)
+    transformers.logging.set_verbosity_error()
+    directory, kwargs = location.directory, {}
+    if location.gguf_file:
+        cache = gguf_cache_dir(location)
+        if (cache / "COMPLETE").is_file():
+            directory = cache
+        else:
+            kwargs = {"gguf_file": location.gguf_file}
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {location.display}: {exc}") from None

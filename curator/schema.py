@@ -132,6 +132,58 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        3,
+        "rankings, mixtures, exports",
+        """
+        CREATE TABLE rankings (
+            name          VARCHAR PRIMARY KEY,
+            run_id        VARCHAR NOT NULL,
+            tasks         JSON NOT NULL,
+            query_ids     JSON NOT NULL,
+            aggregate     VARCHAR NOT NULL,    -- mean-z | mean | max | rank-vote
+            normalize     VARCHAR NOT NULL,    -- per-nat | per-token | raw
+            tokenizer_id  VARCHAR NOT NULL,    -- whose token counts the ranking used
+            documents     BIGINT NOT NULL,
+            created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        CREATE TABLE ranking_scores (
+            ranking       VARCHAR NOT NULL,
+            doc_id        BIGINT NOT NULL,
+            score         DOUBLE NOT NULL,     -- the aggregated reasoning score
+            rank          BIGINT NOT NULL,     -- 1 = most helpful
+            PRIMARY KEY (ranking, doc_id)
+        );
+
+        CREATE TABLE mixtures (
+            name          VARCHAR PRIMARY KEY,
+            ranking       VARCHAR NOT NULL,
+            spec          JSON NOT NULL,       -- the MixSpec
+            documents     BIGINT NOT NULL,
+            tokens        BIGINT NOT NULL,
+            per_source    JSON NOT NULL,       -- source -> documents, tokens, share
+            created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        CREATE TABLE mixture_docs (
+            mixture       VARCHAR NOT NULL,
+            position      BIGINT NOT NULL,     -- order of selection
+            doc_id        BIGINT NOT NULL,
+            tokens        BIGINT NOT NULL,
+            score         DOUBLE NOT NULL,
+            PRIMARY KEY (mixture, doc_id)
+        );
+
+        CREATE TABLE exports (
+            path          VARCHAR PRIMARY KEY,
+            mixture       VARCHAR NOT NULL,
+            format        VARCHAR NOT NULL,
+            manifest      JSON NOT NULL,
+            created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        """,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

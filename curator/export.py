@@ -1,0 +1,187 @@
+"""`curator export`: a mixture as training shards plus a manifest.
+
+Formats:
+  parquet    columns id, text, source, score, metadata (zstd-compressed)
+  jsonl.zst  one JSON object per line with the same fields
+  megatron   tokenized `.bin`/`.idx` pairs (curator/megatron.py), EOS after each document
+Shards roll over at --shard-tokens or --shard-bytes (of text). Everything is
+written into `OUT.part/` and renamed to OUT when the manifest is written, so an
+interrupted export never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from curator import __version__
+from curator.catalog import Catalog
+from curator.errors import CuratorError
+from curator.mix import get_mixture
+from curator.workspace import Workspace
+
+FORMATS = ("parquet", "jsonl.zst", "megatron")
+DEFAULT_SHARD_TOKENS = 100_000_000
+
+
+class ExportSpec(BaseModel):
+    mixture: str
+    format: Literal["parquet", "jsonl.zst", "megatron"] = "parquet"
+    out: Path
+    shard_tokens: int | None = Field(None, gt=0)
+    shard_bytes: int | None = Field(None, gt=0)
+    tokenizer: str | None = Field(None, description="model whose tokenizer writes megatron ids")
+
+
+class ExportResult(BaseModel):
+    out: str
+    manifest: dict
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mixture_rows(catalog: Catalog, name: str, chunk: int = 1000) -> Iterator[dict]:
+    """The mixture's documents in selection order, with text, source, score and metadata."""
+    total = catalog.one("SELECT count(*) FROM mixture_docs WHERE mixture = ?", [name])[0]
+    for start in range(0, total, chunk):
+        rows = catalog.sql(
+            "SELECT m.doc_id, d.text, d.source, m.score, d.metadata, m.tokens FROM mixture_docs m "
+            "JOIN documents d ON d.id = m.doc_id WHERE m.mixture = ? AND m.position >= ? AND m.position < ? "
+            "ORDER BY m.position", [name, start, start + chunk])
+        for doc_id, text, source, score, metadata, tokens in rows:
+            yield {"id": doc_id, "text": text, "source": source, "score": score, "metadata": metadata,
+                   "tokens": tokens}
+
+
+class _ShardWriter:
+    """One open shard of any format; `add` returns bytes written for the document."""
+
+    def __init__(self, directory: Path, index: int, fmt: str, tokenizer=None):
+        self.fmt, self.tokenizer = fmt, tokenizer
+        stem = directory / f"part-{index:05d}"
+        self.documents = self.tokens = self.bytes = 0
+        if fmt == "parquet":
+            self.files = [stem.with_suffix(".parquet")]
+            self.rows: list[dict] = []
+        elif fmt == "jsonl.zst":
+            import zstandard
+
+            self.files = [Path(f"{stem}.jsonl.zst")]
+            self.raw = open(self.files[0], "wb")
+            self.stream = zstandard.ZstdCompressor(level=10).stream_writer(self.raw)
+        else:
+            from curator.megatron import IndexedWriter, token_dtype
+
+            self.files = [stem.with_suffix(".bin"), stem.with_suffix(".idx")]
+            self.writer = IndexedWriter(stem, token_dtype(len(tokenizer)))
+
+    def add(self, row: dict) -> None:
+        self.documents += 1
+        self.bytes += len(row["text"].encode("utf-8"))
+        if self.fmt == "megatron":
+            ids = self.tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+            if self.tokenizer.eos_token_id is not None:
+                ids = [*ids, self.tokenizer.eos_token_id]
+            self.writer.add(ids)
+            self.tokens += len(ids)
+            return
+        self.tokens += row["tokens"]
+        record = {k: row[k] for k in ("id", "text", "source", "score")}
+        record["metadata"] = row["metadata"] if isinstance(row["metadata"], str) or row["metadata"] is None \
+            else json.dumps(row["metadata"])
+        if self.fmt == "parquet":
+            self.rows.append(record)
+        else:
+            self.stream.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def close(self) -> dict:
+        if self.fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = pa.schema([("id", pa.int64()), ("text", pa.string()), ("source", pa.string()),
+                                ("score", pa.float64()), ("metadata", pa.string())])
+            pq.write_table(pa.Table.from_pylist(self.rows, schema=schema), self.files[0], compression="zstd")
+        elif self.fmt == "jsonl.zst":
+            self.stream.close()
+            self.raw.close()
+        else:
+            self.writer.close()
+        return {"files": [f.name for f in self.files], "documents": self.documents, "tokens": self.tokens,
+                "text_bytes": self.bytes, "bytes": sum(f.stat().st_size for f in self.files),
+                "sha256": {f.name: sha256(f) for f in self.files}}
+
+
+def export(ws: Workspace, spec: ExportSpec, *, force: bool = False, progress=None) -> ExportResult:
+    out = spec.out.expanduser().resolve()
+    if out.exists() and not force:
+        raise CuratorError(f"{out} exists; choose another --out or pass --force to replace it")
+    if spec.shard_tokens and spec.shard_bytes:
+        raise CuratorError("give --shard-tokens or --shard-bytes, not both")
+    with Catalog.open(ws) as catalog:
+        mixture = get_mixture(catalog, spec.mixture)
+        tokenizer = None
+        if spec.format == "megatron":
+            from curator.models import load_tokenizer
+
+            name = spec.tokenizer or _ranking_model(catalog, mixture.spec.ranking)
+            tokenizer = load_tokenizer(name)
+        part = out.with_name(out.name + ".part")
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        shards, seen = [], set()
+        writer = None
+        limit_tokens = spec.shard_tokens or (None if spec.shard_bytes else DEFAULT_SHARD_TOKENS)
+        for row in mixture_rows(catalog, spec.mixture):
+            if row["id"] in seen:   # cannot happen (the catalog's key forbids it); checked, not assumed
+                raise CuratorError(f"document {row['id']} appears twice in mixture {spec.mixture}")
+            seen.add(row["id"])
+            if writer is None:
+                writer = _ShardWriter(part, len(shards), spec.format, tokenizer)
+            writer.add(row)
+            if progress:
+                progress(1)
+            full = (limit_tokens and writer.tokens >= limit_tokens) or (
+                spec.shard_bytes and writer.bytes >= spec.shard_bytes)
+            if full:
+                shards.append(writer.close())
+                writer = None
+        if writer is not None:
+            shards.append(writer.close())
+    manifest = {
+        "curator_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "format": spec.format, "mixture": mixture.spec.model_dump(), "mixture_per_source": mixture.per_source,
+        "tokenizer": spec.tokenizer if spec.format == "megatron" else None,
+        "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+        "bytes": sum(s["bytes"] for s in shards), "shards": shards,
+    }
+    (part / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    part.replace(out)
+    with Catalog.open(ws, write=True) as catalog:
+        catalog.sql("DELETE FROM exports WHERE path = ?", [str(out)])
+        catalog.sql("INSERT INTO exports (path, mixture, format, manifest) VALUES (?, ?, ?, ?)",
+                    [str(out), spec.mixture, spec.format, json.dumps(manifest)])
+    return ExportResult(out=str(out), manifest=manifest)
+
+
+def _ranking_model(catalog: Catalog, ranking: str) -> str:
+    row = catalog.one("SELECT m.location FROM rankings r JOIN runs u ON u.id = r.run_id "
+                      "JOIN models m ON m.id = u.model_id WHERE r.name = ?", [ranking])
+    if row is None:
+        raise CuratorError("cannot tell which tokenizer to use; pass --tokenizer MODEL")
+    return row[0]
