@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from curator.cli import docs, fit, ingest, queries, score
+from curator.cli import docs, fit, ingest, mix, queries, score
 from curator.cli.common import WorkspaceOption, console, err_console
 
 app = typer.Typer(
@@ -81,6 +81,11 @@ app.add_typer(queries.app, name="queries")
 app.command("score")(score.score)
 app.command("runs")(score.runs)
 app.command("factors")(score.factors)
+app.command("rank")(mix.rank)
+app.command("mix")(mix.mix)
+app.command("mix-weights")(mix.mix_weights)
+app.command("mixes")(mix.mixes)
+app.command("export")(mix.export)
 
 
 def main() -> None:

@@ -59,6 +59,11 @@ class Catalog:
             if write:
                 catalog._migrate(migrations)
                 catalog._discard_incomplete_batches()
+            elif catalog.schema_version() < migrations[-1].version:
+                # An older catalog: migrate it once (migrations only add), then read.
+                con.close()
+                cls.open(workspace, write=True, migrations=migrations).close()
+                return cls.open(workspace, migrations=migrations)
             else:
                 catalog._check_version(migrations[-1].version)
         except BaseException:

@@ -133,12 +133,12 @@ def export(ws: Workspace, spec: ExportSpec, *, force: bool = False, progress=Non
         raise CuratorError("give --shard-tokens or --shard-bytes, not both")
     with Catalog.open(ws) as catalog:
         mixture = get_mixture(catalog, spec.mixture)
-        tokenizer = None
+        tokenizer = tokenizer_name = None
         if spec.format == "megatron":
             from curator.models import load_tokenizer
 
-            name = spec.tokenizer or _ranking_model(catalog, mixture.spec.ranking)
-            tokenizer = load_tokenizer(name)
+            tokenizer_name = spec.tokenizer or _ranking_model(catalog, mixture.spec.ranking)
+            tokenizer = load_tokenizer(tokenizer_name)
         part = out.with_name(out.name + ".part")
         shutil.rmtree(part, ignore_errors=True)
         part.mkdir(parents=True)
@@ -164,7 +164,7 @@ def export(ws: Workspace, spec: ExportSpec, *, force: bool = False, progress=Non
     manifest = {
         "curator_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "format": spec.format, "mixture": mixture.spec.model_dump(), "mixture_per_source": mixture.per_source,
-        "tokenizer": spec.tokenizer if spec.format == "megatron" else None,
+        "tokenizer": tokenizer_name,
         "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards), "shards": shards,
     }

@@ -312,12 +312,12 @@ def mixture_weights(catalog: Catalog, ranking: str):
         raise CuratorError(f"no ranking named {ranking!r}")
     frame = catalog.frame(
         "SELECT d.source, count(*) AS documents, sum(coalesce(t.tokens, 0)) AS tokens, "
-        "sum(greatest(r.score, 0)) AS positive_influence FROM ranking_scores r "
+        "sum(greatest(r.score, 0)) AS \"positive influence\" FROM ranking_scores r "
         "JOIN documents d ON d.id = r.doc_id LEFT JOIN token_counts t ON t.doc_id = r.doc_id AND t.tokenizer = ? "
         "WHERE r.ranking = ? GROUP BY d.source ORDER BY d.source", [tokenizer[0], ranking])
     frame = frame.with_columns(
         (pl.col("tokens") / pl.col("tokens").sum()).alias("corpus share"),
-        (pl.col("positive_influence") / pl.col("tokens").clip(lower_bound=1)).alias("influence per token"))
+        (pl.col("positive influence") / pl.col("tokens").clip(lower_bound=1)).alias("influence per token"))
     total = frame["influence per token"].sum()
     return frame.with_columns((pl.col("influence per token") / total if total > 0 else
                                pl.col("corpus share")).alias("weight"))

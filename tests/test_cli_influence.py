@@ -78,3 +78,25 @@ def test_unknown_model_and_missing_queries_are_clear_errors(pipeline):
     assert result.returncode == 1 and "no model" in result.stderr and "Traceback" not in result.stderr
     result = curator("score", "--queries", "linear", "-w", ws, check=False)
     assert result.returncode == 1 and "no query matches 'linear'" in result.stderr
+
+
+def test_rank_mix_and_export_from_the_command_line(pipeline):
+    root, ws, _, _ = pipeline
+    curator("score", "--queries", "arithmetic,slope-s4", "-w", ws)
+    ranked = curator("rank", "--tasks", "arithmetic,slope", "--normalize", "per-token", "--name", "r",
+                     "--show", "3", "-w", ws)
+    assert "Top 3" in ranked.stdout and "Bottom 3" in ranked.stdout and "mixed" in ranked.stdout
+    mixed = curator("mix", "m", "--rank", "r", "--budget-tokens", "300", "--strategy", "sample", "--seed", "1",
+                    "-w", ws)
+    assert "Mixture m:" in mixed.stdout and "corpus share" in mixed.stdout
+    assert curator("mix", "show", "m", "-w", ws).stdout.splitlines()[0] == mixed.stdout.splitlines()[0]
+    bad = curator("mix", "m2", "--rank", "r", "--budget-tokens", "300", "--quota", "nowhere=0.5:", "-w", ws,
+                  check=False)
+    assert bad.returncode == 1 and "nowhere" in bad.stderr
+    weights = root / "weights.json"
+    curator("mix-weights", "--rank", "r", "--out", weights, "-w", ws)
+    assert json.loads(weights.read_text())["weights"] == {"mixed": 1.0}
+    exported = curator("export", "m", "--format", "jsonl.zst", "--out", root / "shards", "-w", ws)
+    assert "Exported m as jsonl.zst" in exported.stdout
+    manifest = json.loads((root / "shards" / "manifest.json").read_text())
+    assert manifest["documents"] == json.loads(curator("mixes", "-o", "json", "-w", ws).stdout)[0]["documents"]

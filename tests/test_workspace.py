@@ -69,12 +69,14 @@ def test_a_catalog_from_a_newer_curator_is_refused(tmp_path):
         Catalog.open(ws)
 
 
-def test_reading_an_old_catalog_asks_for_a_migration(tmp_path):
+def test_reading_an_old_catalog_migrates_it_first(tmp_path):
     ws = Workspace(tmp_path)
     Catalog.open(ws, write=True, migrations=MIGRATIONS).close()
     newer = Migration(LATEST_VERSION + 1, "next", "CREATE TABLE nxt (x INTEGER)")
-    with pytest.raises(SchemaError, match="needs migrating"):
-        Catalog.open(ws, migrations=[*MIGRATIONS, newer])
+    with Catalog.open(ws, migrations=[*MIGRATIONS, newer]) as catalog:
+        assert not catalog.write
+        assert catalog.schema_version() == LATEST_VERSION + 1
+        assert catalog.sql("SELECT count(*) FROM nxt") == [(0,)]
 
 
 def test_a_catalog_locked_by_another_writer_is_a_clear_error_not_a_hang(ws):
