@@ -88,6 +88,15 @@ class Catalog:
         names = [d[0] for d in cursor.description]
         return pl.DataFrame(cursor.fetchall(), schema=names, orient="row", infer_schema_length=None)
 
+    def insert_arrow(self, table_name: str, rows, *, replace: bool = False) -> None:
+        """Insert an Arrow table whose columns are named and ordered as the catalog table's."""
+        self.con.register("arrow_rows", rows)
+        try:
+            verb = "INSERT OR REPLACE" if replace else "INSERT"
+            self.sql(f"{verb} INTO {table_name} ({', '.join(rows.column_names)}) SELECT * FROM arrow_rows")
+        finally:
+            self.con.unregister("arrow_rows")
+
     def close(self) -> None:
         self.con.close()
 

@@ -6,7 +6,6 @@ working) and write their records at the end through a short write-open.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 
 from curator.catalog import Catalog
@@ -66,16 +65,4 @@ def store_token_counts(catalog: Catalog, tokenizer_id: str, counts: dict[int, in
         "tokenizer": pa.array([tokenizer_id] * len(counts), pa.string()),
         "tokens": pa.array(list(counts.values()), pa.int64()),
     })
-    catalog.con.register("new_token_counts", table)
-    try:
-        catalog.sql("INSERT OR REPLACE INTO token_counts SELECT doc_id, tokenizer, tokens FROM new_token_counts")
-    finally:
-        catalog.con.unregister("new_token_counts")
-
-
-def cached_token_counts(catalog: Catalog, tokenizer_id: str) -> dict[int, int]:
-    return dict(catalog.sql("SELECT doc_id, tokens FROM token_counts WHERE tokenizer = ?", [tokenizer_id]))
-
-
-def to_json(value) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+    catalog.insert_arrow("token_counts", table, replace=True)

@@ -270,11 +270,7 @@ def mix(ws, spec: MixSpec, *, replace: bool = False) -> MixResult:
         catalog.sql("INSERT INTO mixtures (name, ranking, spec, documents, tokens, per_source) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     [spec.name, spec.ranking, spec.model_dump_json(), len(chosen), total, json.dumps(per_source)])
-        catalog.con.register("new_mixture", table)
-        try:
-            catalog.sql("INSERT INTO mixture_docs SELECT mixture, position, doc_id, tokens, score FROM new_mixture")
-        finally:
-            catalog.con.unregister("new_mixture")
+        catalog.insert_arrow("mixture_docs", table)
         catalog.sql("COMMIT")
     return MixResult(spec=spec, documents=len(chosen), tokens=total, per_source=per_source)
 

@@ -66,7 +66,7 @@ def document_batches(catalog: Catalog, tokenizer, ids: Sequence[int], max_len: i
 def run_pass(model, modules: dict, catalog: Catalog, tokenizer, ids: Sequence[int], *, max_len: int,
              batch_tokens: int, labels: str, seed: int,
              on_batch: Callable[[TokenBatch], Callable[[str, torch.Tensor, torch.Tensor], None]],
-             progress: PassProgress, counts: dict[int, int], after_batch: Callable | None = None) -> dict:
+             progress: PassProgress, counts: dict[int, int]) -> dict:
     """Forward + backward over every document; `on_batch(batch)` gives that batch's layer callback."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -74,9 +74,7 @@ def run_pass(model, modules: dict, catalog: Catalog, tokenizer, ids: Sequence[in
     for done, batch in document_batches(catalog, tokenizer, ids, max_len, batch_tokens, device, counts):
         batch_tokens_seen = 0
         if batch is not None:
-            losses = backward_layers(model, modules, batch, on_batch(batch), labels=labels, generator=generator)
-            if after_batch is not None:
-                after_batch(batch, losses)
+            backward_layers(model, modules, batch, on_batch(batch), labels=labels, generator=generator)
             sequences += batch.input_ids.shape[0]
             batch_tokens_seen = batch.tokens
             tokens += batch_tokens_seen

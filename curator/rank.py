@@ -125,11 +125,7 @@ def rank(ws: Workspace, config: RankConfig, *, replace: bool = False) -> RankRes
              config.normalize, tokenizer_id, ranked.height])
         table = ranked.with_columns(pl.lit(config.name).alias("ranking")).select(
             "ranking", "doc_id", "score", "rank").to_arrow()
-        catalog.con.register("new_ranking", table)
-        try:
-            catalog.sql("INSERT INTO ranking_scores SELECT ranking, doc_id, score, rank FROM new_ranking")
-        finally:
-            catalog.con.unregister("new_ranking")
+        catalog.insert_arrow("ranking_scores", table)
         catalog.sql("COMMIT")
     return RankResult(name=config.name, run_id=run.id, query_ids=queries, documents=ranked.height)
 
