@@ -87,7 +87,7 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
         location = catalog.one("SELECT location FROM models WHERE id = ?", [record.model_id])
     with timer("load model"):
         if loaded is None:
-            model_name = config.model or (location[0] if location else record.settings["model"])
+            model_name = config.model or _fitted_model_name(record, location[0] if location else None)
             loaded = load_model(model_name, device=config.device, dtype=config.dtype)
     modules = check_compatible(loaded, record, config.modules)
     max_len = config.max_seq_len or record.settings["max_seq_len"]
@@ -262,6 +262,17 @@ def layer_scores(a: torch.Tensor, delta: torch.Tensor, prepared: torch.Tensor | 
             return scores_from_tokens(a, delta, prepared)
         return scores_low_rank_from_gradients(sequence_gradients(a, delta), prepared)
     return scores_from_gradients(sequence_gradients(a, delta), prepared)
+
+
+def _fitted_model_name(record: FactorsRecord, location: str | None) -> str:
+    """The name the fit was given (e.g. smollm2-135m) when it still resolves, else where the model was."""
+    from curator.models import ModelLoadError, resolve
+
+    try:
+        resolve(record.settings["model"])
+        return record.settings["model"]
+    except ModelLoadError:
+        return location or record.settings["model"]
 
 
 def _bytes_per_query(factors: dict[str, LayerFactors], rank: int | None) -> int:

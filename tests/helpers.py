@@ -59,3 +59,20 @@ def curator(*args, cwd=None, env=None, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"curator {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def plant_run(ws, tmp_path, scores, losses: dict[str, float], run_id="score-test", tokenizer="tok-test"):
+    """A scored run as `curator score` records it: Parquet, run row, model row."""
+    import polars as pl
+
+    path = tmp_path / f"{run_id}.parquet"
+    scores.with_columns(
+        (pl.col("score") / pl.col("query_id").replace_strict(losses)).alias("score_per_nat")
+    ).write_parquet(path)
+    with Catalog.open(ws, write=True) as catalog:
+        catalog.sql("INSERT OR REPLACE INTO models (id, name, format, location, tokenizer_id, info) "
+                    "VALUES ('m', 'tiny', 'hf', '/nowhere', ?, '{}')", [tokenizer])
+        catalog.sql("INSERT INTO runs (id, kind, method, model_id, factors_id, query_ids, settings, out_path, stats) "
+                    "VALUES (?, 'score', 'exact', 'm', NULL, ?, '{}', ?, ?)",
+                    [run_id, json.dumps(sorted(losses)), str(path), json.dumps({"query_losses": losses})])
+    return path

@@ -10,7 +10,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from helpers import run_ingest, write_jsonl
+from helpers import plant_run, run_ingest, write_jsonl
 
 from curator.catalog import Catalog
 from curator.corpus import store_token_counts
@@ -22,21 +22,6 @@ from curator.rank import RankConfig, aggregate_scores, rank
 
 TOKENIZER = "tok-test"
 SOURCES = {"code": 30, "math": 20, "web": 50}      # documents per source
-
-
-def plant_run(ws, tmp_path, scores: pl.DataFrame, losses: dict[str, float], run_id="score-test"):
-    """A scored run as `curator score` records it: Parquet, run row, model row."""
-    path = tmp_path / f"{run_id}.parquet"
-    scores.with_columns(
-        (pl.col("score") / pl.col("query_id").replace_strict(losses)).alias("score_per_nat")
-    ).write_parquet(path)
-    with Catalog.open(ws, write=True) as catalog:
-        catalog.sql("INSERT OR REPLACE INTO models (id, name, format, location, tokenizer_id, info) "
-                    "VALUES ('m', 'tiny', 'hf', '/nowhere', ?, '{}')", [TOKENIZER])
-        catalog.sql("INSERT INTO runs (id, kind, method, model_id, factors_id, query_ids, settings, out_path, stats) "
-                    "VALUES (?, 'score', 'exact', 'm', NULL, ?, '{}', ?, ?)",
-                    [run_id, json.dumps(sorted(losses)), str(path), json.dumps({"query_losses": losses})])
-    return path
 
 
 @pytest.fixture
@@ -60,7 +45,7 @@ def corpus(ws, tmp_path):
             bonus = 2.0 if source == "code" and not qid.startswith("factual") else 0.0
             rows.append({"query_id": qid, "doc_id": doc_id, "score": scale * (bonus + rng.normal())})
     losses = {q: 10.0 + i for i, q in enumerate(sorted({r["query_id"] for r in rows}))}
-    plant_run(ws, tmp_path, pl.DataFrame(rows), losses)
+    plant_run(ws, tmp_path, pl.DataFrame(rows), losses, tokenizer=TOKENIZER)
     return ws, dict(docs), pl.DataFrame(rows), losses
 
 

@@ -1,0 +1,141 @@
+"""The audit's analyses on constructed score tables whose answers are known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from helpers import curator, plant_run, run_ingest, write_jsonl
+
+from curator import analyses
+from curator.audit import audit, compare
+from curator.catalog import Catalog
+from curator.queries import Query, store_queries
+from curator.report import render
+
+N_DOCS = 1000
+GOLD = range(1, 101)             # ids of the 'gold' source: 10% of the corpus
+
+
+@pytest.fixture
+def planted(ws, tmp_path):
+    """1,000 documents: 100 'gold' (ids 1-100) and 900 'web'. Arithmetic queries rank gold documents
+    first; factual queries follow a planted power law; some documents hold the answer '42'."""
+    docs = [{"text": f"gold doc {i:03d} with 42 inside" if i <= 20 else f"gold doc {i:03d}"} for i in GOLD]
+    docs += [{"text": f"web page {i} mentions 142 and 4.2 but not the answer"} for i in range(101, N_DOCS + 1)]
+    write_jsonl(tmp_path / "gold.jsonl", docs[:100])
+    write_jsonl(tmp_path / "web.jsonl", docs[100:])
+    run_ingest(ws, [tmp_path / "gold.jsonl"], source="gold")
+    run_ingest(ws, [tmp_path / "web.jsonl"], source="web")
+    queries = [Query(id=f"arith-{i}", task="arithmetic", prompt="p", completion="c", answer="42") for i in range(3)]
+    queries += [Query(id=f"fact-{i}", task="factual", prompt="p", completion="c", answer="42") for i in range(2)]
+    with Catalog.open(ws, write=True) as catalog:
+        store_queries(catalog, queries)
+    rng = np.random.default_rng(0)
+    rows = []
+    for q in queries:
+        if q.task == "arithmetic":       # gold first (in random order), then web
+            order = np.concatenate([rng.permutation(100) + 1, rng.permutation(900) + 101])
+            values = np.linspace(10, -10, N_DOCS)
+        else:                            # score = 5 · rank^-0.8 over the top, negative after
+            order = rng.permutation(N_DOCS) + 1
+            values = np.concatenate([5.0 * np.arange(1, 501) ** -0.8, -rng.random(500)])
+        rows += [{"query_id": q.id, "doc_id": int(d), "score": float(v)} for d, v in zip(order, values, strict=True)]
+    scores = pl.DataFrame(rows)
+    plant_run(ws, tmp_path, scores, {q.id: 1.0 for q in queries})
+    return ws, scores
+
+
+def test_a_planted_power_law_recovers_its_slope():
+    row = np.concatenate([3.0 * np.arange(1, 801) ** -1.3, -np.ones(10)])
+    fit = analyses.power_law(np.random.default_rng(1).permutation(row))
+    assert fit["alpha"] == pytest.approx(1.3, abs=1e-9) and fit["se"] < 1e-9 and fit["n"] == 500
+    noisy = 3.0 * np.arange(1, 501) ** -0.7 * np.exp(np.random.default_rng(2).normal(0, 0.1, 500))
+    fit = analyses.power_law(noisy)      # sorting the noisy scores bends the tail a little
+    assert abs(fit["alpha"] - 0.7) < 0.03 and 0 < fit["se"] < 0.05
+
+
+def test_a_planted_source_in_the_top_k_gives_the_expected_ratio(planted):
+    ws, _ = planted
+    ratios = audit(ws)["influence_by_source"]["arithmetic"]
+    assert ratios["corpus_share"] == {"gold": pytest.approx(0.1), "web": pytest.approx(0.9)}
+    assert ratios["top"]["50"]["gold"] == pytest.approx(10.0)      # all of the top 50 are gold
+    assert ratios["top"]["500"]["gold"] == pytest.approx(2.0)      # 100 of 500
+    assert ratios["bottom"]["500"]["gold"] == 0.0
+    assert list(ratios["top"]) == ["50", "500"]          # k = the corpus size would say nothing
+    assert analyses.k_values(30) == [6] and analyses.k_values(50_001) == [50, 500, 5000, 50000]
+
+
+def test_planted_answer_strings_are_counted_exactly(planted):
+    ws, _ = planted
+    occurrence = audit(ws)["answer_occurrence"]
+    # Arithmetic queries' top 500 hold all gold documents, 20 of which contain '42';
+    # '142' and '4.2' in web pages must not count.
+    assert {q: r["contains"] for q, r in occurrence["per_query"].items() if q.startswith("arith")} == {
+        "arith-0": 20, "arith-1": 20, "arith-2": 20}
+    pattern = analyses.answer_pattern("42")
+    assert pattern.search("x = 42.") and not pattern.search("142") and not pattern.search("4.2 and 42.5")
+    assert occurrence["summary"]["reasoning"] == {"queries": 3, "mean_documents_with_answer": 20.0,
+                                                  "queries_with_any": 3}
+
+
+def test_json_numbers_equal_direct_recomputation_from_the_parquet(planted, tmp_path):
+    ws, _ = planted
+    data = json.loads(json.dumps(audit(ws)))
+    with Catalog.open(ws) as catalog:
+        path = catalog.one("SELECT out_path FROM runs")[0]
+        texts = dict(catalog.sql("SELECT id, text FROM documents"))
+        sources = dict(catalog.sql("SELECT id, source FROM documents"))
+    scores = pl.read_parquet(path)
+    wide = scores.pivot(on="doc_id", index="query_id", values="score").sort("query_id")
+    matrix = wide.drop("query_id").to_numpy()
+    np.testing.assert_allclose(np.array(data["correlations"]["matrix"]), np.corrcoef(matrix), atol=1e-12)
+    # Source ratio of the factual task, top 50, recomputed with polars.
+    top = (scores.filter(pl.col("query_id").str.starts_with("fact")).sort("score", descending=True)
+           .group_by("query_id").head(50))
+    gold_share = top.with_columns(pl.col("doc_id").replace_strict(sources).alias("source")).group_by(
+        "query_id").agg((pl.col("source") == "gold").mean())["source"].mean()
+    assert data["influence_by_source"]["factual"]["top"]["50"]["gold"] == pytest.approx(gold_share / 0.1)
+    for query_id, result in data["answer_occurrence"]["per_query"].items():
+        best = scores.filter(pl.col("query_id") == query_id).sort("score", descending=True).head(500)["doc_id"]
+        assert result["contains"] == sum(" 42 " in texts[d] + " " for d in best)
+    for query_id, result in data["concentration"]["per_query"].items():
+        row = np.sort(scores.filter(pl.col("query_id") == query_id)["score"].to_numpy())[::-1]
+        positive = np.clip(row, 0, None)
+        assert result["cumulative"][3] == pytest.approx(positive[:20].sum() / positive.sum())   # top 2%
+    fact = data["concentration"]["per_task"]["factual"]
+    assert fact["alpha_mean"] == pytest.approx(0.8, abs=1e-9)
+
+
+def test_report_renders_every_section_and_a_fresh_catalog_says_what_is_missing(planted, tmp_path):
+    ws, _ = planted
+    page = render(audit(ws))
+    for heading in ("1. Corpus composition", "2. Influence by source", "3. Query-by-query correlation",
+                    "4. Concentration", "5. Answer occurrence"):
+        assert heading in page
+    assert page.count("<svg") >= 4 and "http" not in page.split("<svg")[0]
+    from curator.workspace import Workspace
+
+    fresh, _ = Workspace.init(tmp_path / "fresh")
+    data = audit(fresh)
+    assert data["run"] is None and "answer occurrence" in data["missing"]
+    assert "Needs a scored run" in render(data)
+
+
+def test_compare_equals_numpy_per_query(planted, tmp_path):
+    ws, scores = planted
+    shuffled = scores.with_columns((pl.col("score") + pl.Series(np.random.default_rng(3).normal(
+        0, 1, scores.height))).alias("score"))
+    plant_run(ws, tmp_path, shuffled, {q: 1.0 for q in scores["query_id"].unique()}, run_id="score-other")
+    result = compare(ws, "score-test", "score-other")
+    for query_id, values in result["per_query"].items():
+        a = scores.filter(pl.col("query_id") == query_id).sort("doc_id")["score"].to_numpy()
+        b = shuffled.filter(pl.col("query_id") == query_id).sort("doc_id")["score"].to_numpy()
+        assert values["pearson"] == pytest.approx(np.corrcoef(a, b)[0, 1])
+    out = curator("compare", "score-test", "score-other", "-w", ws.root)
+    assert "mean" in out.stdout and (ws.root / "reports" / "compare-score-test-score-other.svg").is_file()
+    report = tmp_path / "r.html"
+    curator("audit", "--report", report, "--json", tmp_path / "r.json", "-w", ws.root)
+    assert report.read_text().startswith("<!doctype html>")
