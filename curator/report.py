@@ -42,8 +42,13 @@ def _table(header: list[str], rows: list[list]) -> str:
         if isinstance(v, int):
             return f"{v:,}"
         return html.escape(str(v))
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    # Text columns read left-aligned, numbers (and percentages) right-aligned.
+    text = [bool(rows) and isinstance(rows[0][i], str) and not rows[0][i].endswith("%") for i in range(len(header))]
+    align = ["left" if t else "right" for t in text]
+    head = "".join(f"<th style='text-align:{a}'>{html.escape(h)}</th>" for h, a in zip(header, align, strict=True))
+    body = "".join("<tr>" + "".join(f"<td style='text-align:{a}'>{cell(v)}</td>" for v, a in zip(row, align,
+                                                                                                  strict=True))
+                   + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
