@@ -147,3 +147,44 @@ def scores_low_rank_from_gradients(g: torch.Tensor, p: LowRank) -> torch.Tensor:
     """Σ_k u_kᵀ G v_k for each sequence and query: (B, Q)."""
     gv = torch.einsum("boi,qir->bqor", g, p.v)
     return torch.einsum("bqor,qor->bq", gv, p.u)
+
+
+# -- sketches: per-layer projections (DESIGN.md, "Sketches") ------------------------------
+#
+# A layer's sketch of a sequence is Uᵀ G V = Σ_t (Uᵀδ_t)(Vᵀa_t)ᵀ (k × k), streamed per
+# token; a query's is Uᵀ P_q V. With orthonormal U, V: ⟨Uᵀ P V, Uᵀ G V⟩ = ⟨P, UUᵀ G VVᵀ⟩,
+# which equals ⟨P, G⟩ whenever P lies in span(U) ⊗ span(V), as suite queries do at full rank.
+
+def subspace_bases(p: torch.Tensor, k_out: int, k_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (d_out × k_out) and V (d_in × k_in): top singular vectors of the suite's stacked P_q (Q, d_out, d_in)."""
+    n, d_out, d_in = p.shape
+    p = p.to(torch.float64)
+    left = torch.linalg.svd(p.permute(1, 0, 2).reshape(d_out, n * d_in), full_matrices=False)[0]
+    right = torch.linalg.svd(p.reshape(n * d_out, d_in), full_matrices=False)[2].T
+    return left[:, :k_out].float(), right[:, :k_in].float()
+
+
+def eigen_bases(factors: LayerFactors, eigvals_s: torch.Tensor, eigvals_a: torch.Tensor,
+                k_out: int, k_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top eigenvectors of S and A (a baseline that ignores the queries)."""
+    top_s = torch.argsort(eigvals_s, descending=True)[:k_out]
+    top_a = torch.argsort(eigvals_a, descending=True)[:k_in]
+    return factors.q_s[:, top_s].float(), factors.q_a[:, top_a].float()
+
+
+def random_bases(d_out: int, d_in: int, k_out: int, k_in: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormalised Gaussian projections drawn on the CPU, so every device gets the same ones."""
+    u = torch.linalg.qr(torch.randn(d_out, k_out, generator=generator, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(d_in, k_in, generator=generator, dtype=torch.float64))[0]
+    return u.float(), v.float()
+
+
+def sketch_tokens(a: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Σ_t (Uᵀδ_t)(Vᵀa_t)ᵀ for each sequence, without forming G: (B, k_out, k_in)."""
+    return torch.einsum("btk,btl->bkl", delta.to(torch.float32) @ u, a.to(torch.float32) @ v)
+
+
+def sketch_matrix(p: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Uᵀ P V for each of a stack of matrices: (Q, k_out, k_in)."""
+    return u.T @ p.to(torch.float32) @ v

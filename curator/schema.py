@@ -184,6 +184,37 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        4,
+        "sketch stores and their FAISS indexes",
+        """
+        CREATE TABLE sketch_stores (
+            id            VARCHAR PRIMARY KEY,
+            path          VARCHAR NOT NULL,    -- folder of shards + manifest, relative to the workspace
+            factors_id    VARCHAR NOT NULL,
+            method        VARCHAR NOT NULL,    -- query-subspace | eigen | random
+            manifest      JSON NOT NULL,
+            created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        CREATE TABLE sketch_indexes (
+            name          VARCHAR PRIMARY KEY,
+            store_id      VARCHAR NOT NULL,
+            factory       VARCHAR NOT NULL,    -- a FAISS index-factory string
+            path          VARCHAR NOT NULL,
+            rows          BIGINT NOT NULL,
+            created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+
+        -- FAISS row r of an index is document doc_id.
+        CREATE TABLE index_rows (
+            index_name    VARCHAR NOT NULL,
+            row           BIGINT NOT NULL,
+            doc_id        BIGINT NOT NULL,
+            PRIMARY KEY (index_name, row)
+        );
+        """,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

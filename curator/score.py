@@ -52,7 +52,8 @@ class ScoreConfig(BaseModel):
     """Every knob of a scoring run; stored with the run."""
 
     queries: str = Field("all", description="query selector: all, tasks, query sets or ids")
-    method: Literal["exact"] = "exact"
+    method: Literal["exact", "sketch"] = "exact"
+    store: str | None = Field(None, description="sketch store for --method sketch; default: the latest")
     factors: str | None = Field(None, description="fit id (or unique prefix); default: the latest fit")
     model: str | None = Field(None, description="default: the model the factors were fitted on")
     modules: str | None = Field(None, description="must equal the fit's module set when given")
@@ -79,6 +80,10 @@ class ScoreResult(BaseModel):
 def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded: LoadedModel | None = None,
           progress: PassProgress | None = None, force: bool = False) -> ScoreResult:
     progress = progress or NoProgress()
+    if config.method == "sketch":
+        from curator.search import sketch_score
+
+        return sketch_score(ws, config, out=out, loaded=loaded, force=force)
     timer = Timer()
     with Catalog.open(ws) as catalog:
         record = get_factors(catalog, config.factors)
@@ -125,6 +130,13 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
     stats = {"documents": len(ids), "queries": len(queries), "query_batches": len(query_batches),
              "query_losses": losses, **totals, "seconds": timer.seconds}
     stats["docs_per_second"] = round(len(ids) / max(timer.seconds.get("document pass", 0), 1e-9), 2)
+    record_run(ws, run_id, config, loaded, record.id, queries, out, stats, counts)
+    shutil.rmtree(chunks_dir, ignore_errors=True)
+    return ScoreResult(run_id=run_id, factors_id=record.id, out_path=str(out.resolve()), stats=stats)
+
+
+def record_run(ws: Workspace, run_id: str, config: ScoreConfig, loaded: LoadedModel, factors_id: str,
+               queries: list[Query], out: Path, stats: dict, counts: dict[int, int] | None = None) -> None:
     with Catalog.open(ws, write=True) as catalog:
         catalog.sql("BEGIN")
         record_model(catalog, loaded.info)
@@ -132,12 +144,11 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
         catalog.sql(
             "INSERT INTO runs (id, kind, method, model_id, factors_id, query_ids, settings, out_path, stats) "
             "VALUES (?, 'score', ?, ?, ?, ?, ?, ?, ?)",
-            [run_id, config.method, loaded.info.id, record.id, json.dumps([q.id for q in queries]),
+            [run_id, config.method, loaded.info.id, factors_id, json.dumps([q.id for q in queries]),
              config.model_dump_json(), str(out.resolve()), json.dumps(stats)])
-        store_token_counts(catalog, loaded.info.tokenizer_id, counts)
+        if counts:
+            store_token_counts(catalog, loaded.info.tokenizer_id, counts)
         catalog.sql("COMMIT")
-    shutil.rmtree(chunks_dir, ignore_errors=True)
-    return ScoreResult(run_id=run_id, factors_id=record.id, out_path=str(out.resolve()), stats=stats)
 
 
 def check_compatible(loaded: LoadedModel, record: FactorsRecord, modules: str | None) -> dict:

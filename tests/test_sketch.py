@@ -1,0 +1,132 @@
+"""Sketch stores and FAISS search on a tiny model."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+from helpers import run_ingest, write_jsonl
+from tinylm import TRAINING_TEXT, loaded_tiny
+
+from curator.catalog import Catalog
+from curator.fit import FitConfig, fit
+from curator.queries import Query, store_queries
+from curator.score import ScoreConfig, score
+from curator.search import blocked_scores, build_index, open_index, top_and_bottom
+from curator.sketch import SketchConfig, iter_shards, sketch, sketch_queries
+from curator.workspace import Workspace
+
+DOCS = TRAINING_TEXT + [t[::-1] for t in TRAINING_TEXT] + ["x = 1", "y = x * 2", "print(y)", "(3 + 4) * 2 = 14"]
+SUITE = [Query(id=f"s{i}", task="arithmetic", prompt=f"Calculate the answer: ({i} + 3) * 2",
+               completion=f"{i + 3} * 2 = {2 * (i + 3)}.") for i in range(4)]
+HELD_OUT = [Query(id="h0", task="arithmetic", prompt="Calculate the answer: (9 + 1) * 3", completion="10 * 3 = 30.")]
+
+
+class StopAfterShards:
+    def __init__(self, shards=None):
+        self.shards, self.done = shards, 0
+
+    def stage(self, description, total_docs):
+        pass
+
+    def advance(self, docs, tokens):
+        if docs:
+            self.done += 1
+            if self.shards is not None and self.done >= self.shards:
+                raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sketch")
+    ws, _ = Workspace.init(root / "ws")
+    write_jsonl(root / "docs.jsonl", [{"text": t} for t in DOCS])
+    run_ingest(ws, [root / "docs.jsonl"])
+    lm = loaded_tiny(seed=5, bias=True)
+    fit(ws, FitConfig(model="tiny", max_seq_len=24, batch_tokens=96), loaded=lm)
+    with Catalog.open(ws, write=True) as catalog:
+        store_queries(catalog, SUITE + HELD_OUT)
+    exact = score(ws, ScoreConfig(queries="s0,s1,s2,s3,h0", batch_tokens=96), loaded=lm)
+    return ws, lm, exact
+
+
+def test_full_rank_sketch_scores_equal_exact_scores_for_suite_queries(setup):
+    ws, lm, exact = setup
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", rank=64, dtype="float32", shard_docs=5,
+                                    batch_tokens=96), loaded=lm)
+    assert store.complete and store.documents == len(DOCS) and len(store.shards) == 4
+    result = score(ws, ScoreConfig(method="sketch", queries="s0,s1,s2,s3", store=store.id), loaded=lm)
+    a = pl.read_parquet(exact.out_path).filter(pl.col("query_id").str.starts_with("s")).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(result.out_path).sort(["query_id", "doc_id"])
+    assert a.select("query_id", "doc_id").equals(b.select("query_id", "doc_id"))
+    scale = float(a["score"].abs().max())
+    np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-3, atol=1e-4 * scale)
+    np.testing.assert_allclose(b["score_per_nat"].to_numpy(), a["score_per_nat"].to_numpy(), rtol=1e-3,
+                               atol=1e-4 * float(a["score_per_nat"].abs().max()))
+
+
+def test_a_truncated_subspace_is_not_exact_but_keeps_the_ranking_for_suite_queries(setup):
+    ws, lm, exact = setup
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", rank=2, dtype="float32"), loaded=lm)
+    assert all(k == [2, 2] for k in store.ranks.values()) and store.dim == 4 * len(store.ranks)
+    vectors, _ = sketch_queries(ws, store, lm, SUITE)
+    _, approx = blocked_scores(ws, store, vectors)
+    a = pl.read_parquet(exact.out_path).filter(pl.col("query_id") == "s0").sort("doc_id")["score"].to_numpy()
+    assert not np.allclose(approx[:, 0], a, rtol=1e-3)
+    assert np.corrcoef(approx[:, 0], a)[0, 1] > 0.5
+
+
+def test_bases_are_deterministic_and_shared_by_documents_and_queries(setup, tmp_path):
+    ws, lm, _ = setup
+    for method in ("query-subspace", "random", "eigen"):
+        config = SketchConfig(suite="s0,s1", method=method, rank=3, seed=1)
+        first = sketch(ws, config, loaded=lm)
+        vectors = np.concatenate([v for _, v in iter_shards(ws, first)])
+        shutil.rmtree(ws.root / "sketches" / first.id)
+        again = sketch(ws, config, loaded=lm)
+        assert again.id == first.id and again.ranks == first.ranks
+        np.testing.assert_array_equal(np.concatenate([v for _, v in iter_shards(ws, again)]), vectors)
+    a = sketch(ws, SketchConfig(suite="s0,s1", method="random", rank=3, seed=1), loaded=lm)
+    b = sketch(ws, SketchConfig(suite="s0,s1", method="random", rank=3, seed=2), loaded=lm)
+    assert a.id != b.id
+    assert not np.array_equal(next(iter_shards(ws, a))[1], next(iter_shards(ws, b))[1])
+
+
+def test_budget_bytes_spreads_rank_by_query_energy(setup):
+    ws, lm, _ = setup
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", budget_bytes=400, dtype="float16"), loaded=lm)
+    assert store.bytes_per_doc <= 400 and len({tuple(k) for k in store.ranks.values()}) > 1
+
+
+def test_a_killed_sketch_run_resumes_to_the_same_store(setup):
+    ws, lm, _ = setup
+    config = SketchConfig(suite="s0,s1,s2", rank=4, shard_docs=4)
+    with pytest.raises(KeyboardInterrupt):
+        sketch(ws, config, loaded=lm, progress=StopAfterShards(shards=2))
+    counter = StopAfterShards()
+    resumed = sketch(ws, config, loaded=lm, progress=counter)
+    assert resumed.complete and counter.done == 4
+    vectors = [v.copy() for _, v in iter_shards(ws, resumed)]
+    shutil.rmtree(ws.root / "sketches" / resumed.id)
+    fresh = sketch(ws, config, loaded=lm)
+    for got, want in zip([v for _, v in iter_shards(ws, fresh)], vectors, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not list((ws.root / "sketches" / fresh.id).glob("*.part"))
+
+
+def test_flat_search_returns_the_blocked_products_top_and_bottom(setup):
+    ws, lm, _ = setup
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", rank=3, dtype="float32", shard_docs=6), loaded=lm)
+    built = build_index(ws, store, "Flat")
+    assert built["rows"] == len(DOCS)
+    index, doc_ids, store_id = open_index(ws, built["name"])
+    assert store_id == store.id
+    vectors, _ = sketch_queries(ws, store, lm, SUITE + HELD_OUT)
+    ids, products = blocked_scores(ws, store, vectors)
+    for column, found in enumerate(top_and_bottom(index, doc_ids, vectors, top=5, bottom=3)):
+        order = np.argsort(-products[:, column], kind="stable")
+        assert [d for d, _ in found["top"]] == ids[order[:5]].tolist()
+        assert [d for d, _ in found["bottom"]] == ids[order[::-1][:3]].tolist()
+        np.testing.assert_allclose([s for _, s in found["top"]], products[order[:5], column], rtol=1e-5)
