@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from curator.cli import audit, docs, fit, ingest, mix, queries, score
+from curator.cli import audit, docs, fit, ingest, mix, queries, score, sketch
 from curator.cli.common import WorkspaceOption, console, err_console
 
 app = typer.Typer(
@@ -86,6 +86,10 @@ app.command("mix")(mix.mix)
 app.command("mix-weights")(mix.mix_weights)
 app.command("mixes")(mix.mixes)
 app.command("export")(mix.export)
+app.command("sketch")(sketch.sketch)
+app.add_typer(sketch.index_app, name="index")
+app.command("search")(sketch.search)
+app.command("fidelity")(sketch.fidelity)
 app.command("audit")(audit.audit)
 app.command("compare")(audit.compare)
 

@@ -14,6 +14,7 @@ from curator.cli.fit import DType
 
 class Method(str, Enum):
     exact = "exact"
+    sketch = "sketch"
 
 
 class ChatTemplate(str, Enum):
@@ -24,7 +25,11 @@ class ChatTemplate(str, Enum):
 def score(
     queries: Annotated[str, typer.Option("--queries", "-q", help="Selector: all, or comma-separated tasks, "
                                                                  "query sets or query ids.")] = "all",
-    method: Annotated[Method, typer.Option(help="exact: one EK-FAC pass over every document.")] = Method.exact,
+    method: Annotated[Method, typer.Option(help="exact: one EK-FAC pass over every document; sketch: inner "
+                                                "products with a sketch store (`curator sketch`), no model pass "
+                                                "over documents.")] = Method.exact,
+    store: Annotated[str | None, typer.Option(help="Sketch store for --method sketch. Default: the latest.",
+                                              show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(help="Parquet file to write. Default: scores/RUN.parquet in the "
                                                   "workspace.", show_default=False)] = None,
     factors: Annotated[str | None, typer.Option(help="Fit id (a unique prefix is enough). Default: the latest fit.",
@@ -64,7 +69,7 @@ def score(
     from curator.score import score as run_score
 
     ws = workspace_from(workspace)
-    config = ScoreConfig(queries=queries, method=method.value, factors=factors, model=model, modules=modules,
+    config = ScoreConfig(queries=queries, method=method.value, store=store, factors=factors, model=model, modules=modules,
                          query_rank=query_rank, query_memory_mb=query_memory_mb, max_docs=max_docs,
                          max_seq_len=max_seq_len, chat_template=chat_template.value, device=device,
                          dtype=dtype.value, batch_tokens=batch_tokens)

@@ -78,17 +78,21 @@ class ScoreResult(BaseModel):
 
 
 def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded: LoadedModel | None = None,
-          progress: PassProgress | None = None, force: bool = False) -> ScoreResult:
+          progress: PassProgress | None = None, force: bool = False, queries: list[Query] | None = None,
+          doc_ids: list[int] | None = None, record: bool = True) -> ScoreResult:
+    """Score documents against queries. `queries` and `doc_ids`, when given, replace the selector and the
+    document sample (a search re-ranking candidates); `record=False` keeps such a run out of the catalog."""
     progress = progress or NoProgress()
     if config.method == "sketch":
         from curator.search import sketch_score
 
         return sketch_score(ws, config, out=out, loaded=loaded, force=force)
     timer = Timer()
+    record_it = record
     with Catalog.open(ws) as catalog:
         record = get_factors(catalog, config.factors)
-        queries = select_queries(catalog, config.queries)
-        ids = document_ids(catalog, config.max_docs, config.seed)
+        queries = queries if queries is not None else select_queries(catalog, config.queries)
+        ids = sorted(doc_ids) if doc_ids is not None else document_ids(catalog, config.max_docs, config.seed)
         location = catalog.one("SELECT location FROM models WHERE id = ?", [record.model_id])
     with timer("load model"):
         if loaded is None:
@@ -101,7 +105,7 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
     out = Path(out) if out else ws.artifact_dir("scores") / f"{run_id}.parquet"
     with Catalog.open(ws) as catalog:
         done = catalog.one("SELECT out_path, stats FROM runs WHERE id = ?", [run_id])
-    if done and Path(done[0]) == out.resolve() and out.is_file() and not force:
+    if record_it and done and Path(done[0]) == out.resolve() and out.is_file() and not force:
         return ScoreResult(run_id=run_id, factors_id=record.id, out_path=done[0], stats=json.loads(done[1]),
                            reused=True)
 
@@ -130,7 +134,8 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
     stats = {"documents": len(ids), "queries": len(queries), "query_batches": len(query_batches),
              "query_losses": losses, **totals, "seconds": timer.seconds}
     stats["docs_per_second"] = round(len(ids) / max(timer.seconds.get("document pass", 0), 1e-9), 2)
-    record_run(ws, run_id, config, loaded, record.id, queries, out, stats, counts)
+    if record_it:
+        record_run(ws, run_id, config, loaded, record.id, queries, out, stats, counts)
     shutil.rmtree(chunks_dir, ignore_errors=True)
     return ScoreResult(run_id=run_id, factors_id=record.id, out_path=str(out.resolve()), stats=stats)
 

@@ -134,3 +134,27 @@ def sketch_score(ws: Workspace, config, *, out: Path | None = None, loaded=None,
     config = config.model_copy(update={"store": store.id})
     record_run(ws, run_id, config, loaded, store.factors_id, queries, out, stats)
     return ScoreResult(run_id=run_id, factors_id=store.factors_id, out_path=str(out.resolve()), stats=stats)
+
+
+def rerank(ws: Workspace, store: SketchStore, loaded, queries, candidates: list[list[int]],
+           batch_tokens: int = 4096) -> list[list[tuple[int, float]]]:
+    """Exact scores of each query's candidate documents, best first (two-stage search)."""
+    import tempfile
+
+    import polars as pl
+
+    from curator.score import ScoreConfig, score
+
+    config = ScoreConfig(factors=store.factors_id, batch_tokens=batch_tokens, chat_template=store.chat_template,
+                         max_seq_len=store.max_seq_len, device=str(loaded.device))
+    union = sorted({d for c in candidates for d in c})
+    with tempfile.TemporaryDirectory() as tmp:
+        result = score(ws, config, out=Path(tmp) / "rerank.parquet", loaded=loaded, queries=queries,
+                       doc_ids=union, record=False)
+        table = pl.read_parquet(result.out_path)
+    ranked = []
+    for query, docs in zip(queries, candidates, strict=True):
+        mine = table.filter(pl.col("query_id") == query.id).filter(pl.col("doc_id").is_in(docs))
+        ranked.append([(int(d), float(s)) for d, s in mine.sort("score", descending=True)
+                       .select("doc_id", "score").iter_rows()])
+    return ranked

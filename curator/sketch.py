@@ -79,6 +79,7 @@ class SketchStore(BaseModel):
     shards: list[dict] = Field(default_factory=list)
     documents: int = 0
     complete: bool = False
+    fidelity: dict | None = None     # mean agreement with exact scores on held-out queries
 
     @property
     def bytes_per_doc(self) -> int:
@@ -275,3 +276,12 @@ def _write_manifest(directory: Path, store: SketchStore) -> None:
     part = directory / "manifest.json.part"
     part.write_text(store.model_dump_json(indent=2))
     part.replace(directory / "manifest.json")
+
+
+def record_fidelity(ws: Workspace, store: SketchStore, result: dict) -> SketchStore:
+    """Keep a fidelity measurement with the store (manifest and catalog)."""
+    store = store.model_copy(update={"fidelity": {k: result[k] for k in ("queries", "documents", "mean")}})
+    _write_manifest(ws.root / "sketches" / store.id, store)
+    with Catalog.open(ws, write=True) as catalog:
+        catalog.sql("UPDATE sketch_stores SET manifest = ? WHERE id = ?", [store.model_dump_json(), store.id])
+    return store

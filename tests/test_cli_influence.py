@@ -100,3 +100,23 @@ def test_rank_mix_and_export_from_the_command_line(pipeline):
     assert "Exported m as jsonl.zst" in exported.stdout
     manifest = json.loads((root / "shards" / "manifest.json").read_text())
     assert manifest["documents"] == json.loads(curator("mixes", "-o", "json", "-w", ws).stdout)[0]["documents"]
+
+
+def test_sketch_index_search_and_fidelity_from_the_command_line(pipeline):
+    root, ws, _, _ = pipeline
+    sketched = curator("sketch", "--suite", "arithmetic-s0-0000,arithmetic-s0-0001", "--rank", "4",
+                       "--fidelity-sample", "12", "-w", ws)
+    assert "bytes per document" in sketched.stdout and "held-out queries" in sketched.stdout
+    assert "arithmetic-s0-0002" in sketched.stdout          # the held-out query of the suite's task
+    built = curator("index", "build", "-w", ws)
+    assert "12 documents" in built.stdout
+    found = curator("search", "--prompt", "Calculate the answer: (2 + 2) * 3", "--completion", "4 * 3 = 12.",
+                    "--top", "3", "--bottom", "2", "--rerank", "6", "-w", ws)
+    assert "top 3 (exact re-rank of 6)" in found.stdout and "bottom 2" in found.stdout
+    stored = curator("search", "-q", "slope", "--top", "2", "--bottom", "0", "-w", ws)
+    assert "slope-s4-0000" in stored.stdout and "slope-s4-0001" in stored.stdout
+    checked = curator("fidelity", "-q", "slope", "--sample", "12", "-w", ws)
+    assert "spearman" in checked.stdout and "top10_recall_at_5pct" in checked.stdout
+    out = root / "sketch-scores.parquet"
+    curator("score", "--method", "sketch", "--queries", "slope", "--out", out, "-w", ws)
+    assert pl.read_parquet(out).height == 2 * 12

@@ -130,3 +130,17 @@ def test_flat_search_returns_the_blocked_products_top_and_bottom(setup):
         assert [d for d, _ in found["top"]] == ids[order[:5]].tolist()
         assert [d for d, _ in found["bottom"]] == ids[order[::-1][:3]].tolist()
         np.testing.assert_allclose([s for _, s in found["top"]], products[order[:5], column], rtol=1e-5)
+
+
+def test_ranking_agreement_on_known_vectors():
+    from curator.fidelity import ranking_agreement
+
+    exact = np.arange(1000, dtype=float)      # 1% of 1,000 = the top 10
+    same = ranking_agreement(exact, exact * 3 + 1)
+    assert same["pearson"] == pytest.approx(1) and same["spearman"] == pytest.approx(1)
+    assert same["top10_overlap"] == same["top100_overlap"] == same["top10_recall_at_1pct"] == 1.0
+    reversed_ = ranking_agreement(exact, -exact)
+    assert reversed_["spearman"] == pytest.approx(-1) and reversed_["top10_recall_at_5pct"] == 0.0
+    shifted = exact.copy()
+    shifted[990:] = -1          # the exact top 10 fall to the bottom
+    assert ranking_agreement(exact, shifted)["top10_overlap"] == 0.0
