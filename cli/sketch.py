@@ -53,8 +53,8 @@ def sketch(
     """
     from curator.catalog import Catalog
     from curator.cli.passes import PassBar
+    from curator.factors import get_factors, load_model_for
     from curator.fidelity import fidelity
-    from curator.models import load_model
     from curator.queries import select_queries
     from curator.sketch import SketchConfig, record_fidelity
     from curator.sketch import sketch as run_sketch
@@ -69,14 +69,8 @@ def sketch(
         else:
             tasks = ",".join(sorted({q.task for q in suite_queries}))
             held = [q for q in select_queries(catalog, tasks) if q.id not in {s.id for s in suite_queries}]
-        model_row = catalog.one("SELECT m.location FROM factors f JOIN models m ON m.id = f.model_id "
-                                "ORDER BY f.created_at DESC LIMIT 1")
-    from curator.factors import get_factors
-    from curator.score import _fitted_model_name
-
-    with Catalog.open(ws) as catalog:
         record = get_factors(catalog)
-    loaded = load_model(_fitted_model_name(record, model_row[0] if model_row else None), device=device)
+    loaded = load_model_for(ws, record, device=device)
     with PassBar() as bar:
         store = run_sketch(ws, config, loaded=loaded, progress=bar)
     console.print(f"Store [bold]{store.id}[/]: {store.documents:,} documents, {store.dim:,} dimensions, "
@@ -130,10 +124,8 @@ def search(
     import polars as pl
 
     from curator.catalog import Catalog
-    from curator.factors import get_factors
-    from curator.models import load_model
+    from curator.factors import get_factors, load_model_for
     from curator.queries import Query, select_queries
-    from curator.score import _fitted_model_name
     from curator.search import open_index, top_and_bottom
     from curator.search import rerank as run_rerank
     from curator.sketch import load_store, sketch_queries
@@ -149,8 +141,7 @@ def search(
         else:
             raise typer.BadParameter("give --prompt and --completion, or --queries")
         record = get_factors(catalog, store.factors_id)
-        location = catalog.one("SELECT location FROM models WHERE id = ?", [record.model_id])
-    loaded = load_model(_fitted_model_name(record, location[0] if location else None), device=device)
+    loaded = load_model_for(ws, record, device=device)
     vectors, _ = sketch_queries(ws, store, loaded, chosen)
     found = top_and_bottom(faiss_index, doc_ids, vectors, max(top, rerank), bottom)
     if rerank:
@@ -187,11 +178,9 @@ def fidelity(
     """Compare sketch scores with exact EK-FAC scores on sampled documents for queries outside the suite:
     Pearson, Spearman, top-10/100 overlap and the recall of the exact top 10 in the sketch's top 1% and 5%."""
     from curator.catalog import Catalog
-    from curator.factors import get_factors
+    from curator.factors import get_factors, load_model_for
     from curator.fidelity import fidelity as run_fidelity
-    from curator.models import load_model
     from curator.queries import select_queries
-    from curator.score import _fitted_model_name
     from curator.sketch import load_store, record_fidelity
 
     ws = workspace_from(workspace)
@@ -199,8 +188,7 @@ def fidelity(
     with Catalog.open(ws) as catalog:
         chosen = select_queries(catalog, queries)
         record = get_factors(catalog, chosen_store.factors_id)
-        location = catalog.one("SELECT location FROM models WHERE id = ?", [record.model_id])
-    loaded = load_model(_fitted_model_name(record, location[0] if location else None), device=device)
+    loaded = load_model_for(ws, record, device=device)
     result = run_fidelity(ws, chosen_store, loaded, chosen, sample=sample, seed=seed)
     record_fidelity(ws, chosen_store, result)
     _fidelity_table(result, f"{chosen_store.id} ({chosen_store.method}, {chosen_store.bytes_per_doc:,} bytes/doc): "

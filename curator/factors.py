@@ -97,3 +97,20 @@ def load_layer_factors(ws: Workspace, record: FactorsRecord) -> dict[str, LayerF
     if missing:
         raise CuratorError(f"the factors file {record.path} lacks layers {missing[:3]}; fit again")
     return {name: layer_factors(layers[name]) for name in record.modules}
+
+
+def load_model_for(ws: Workspace, record: FactorsRecord, *, model: str | None = None, device: str = "cpu",
+                   dtype: str = "float32"):
+    """The model a fit was made for: `model` if given (checked later against the fit), else the name the fit
+    was given (e.g. smollm2-135m) while it still resolves, else where the model was loaded from."""
+    from curator.models import ModelLoadError, load_model, resolve
+
+    if model is None:
+        try:
+            resolve(record.settings["model"])
+            model = record.settings["model"]
+        except ModelLoadError:
+            with Catalog.open(ws) as catalog:
+                row = catalog.one("SELECT location FROM models WHERE id = ?", [record.model_id])
+            model = row[0] if row else record.settings["model"]
+    return load_model(model, device=device, dtype=dtype)

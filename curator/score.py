@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from curator.catalog import Catalog
 from curator.corpus import document_ids, read_texts, record_model, store_token_counts
 from curator.errors import CuratorError
-from curator.factors import FactorsRecord, get_factors, load_layer_factors
+from curator.factors import FactorsRecord, get_factors, load_layer_factors, load_model_for
 from curator.influence import (
     LayerFactors,
     LowRank,
@@ -39,7 +39,7 @@ from curator.influence import (
     token_path_is_cheaper,
 )
 from curator.lm import backward_layers
-from curator.models import LoadedModel, load_model, tracked_modules
+from curator.models import LoadedModel, tracked_modules
 from curator.passes import NoProgress, PassProgress, Timer
 from curator.queries import Query, select_queries
 from curator.tokens import batches, pad_token_id, tokenize_documents, tokenize_query
@@ -93,11 +93,8 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
         record = get_factors(catalog, config.factors)
         queries = queries if queries is not None else select_queries(catalog, config.queries)
         ids = sorted(doc_ids) if doc_ids is not None else document_ids(catalog, config.max_docs, config.seed)
-        location = catalog.one("SELECT location FROM models WHERE id = ?", [record.model_id])
     with timer("load model"):
-        if loaded is None:
-            model_name = config.model or _fitted_model_name(record, location[0] if location else None)
-            loaded = load_model(model_name, device=config.device, dtype=config.dtype)
+        loaded = loaded or load_model_for(ws, record, model=config.model, device=config.device, dtype=config.dtype)
     modules = check_compatible(loaded, record, config.modules)
     max_len = config.max_seq_len or record.settings["max_seq_len"]
 
@@ -278,17 +275,6 @@ def layer_scores(a: torch.Tensor, delta: torch.Tensor, prepared: torch.Tensor | 
             return scores_from_tokens(a, delta, prepared)
         return scores_low_rank_from_gradients(sequence_gradients(a, delta), prepared)
     return scores_from_gradients(sequence_gradients(a, delta), prepared)
-
-
-def _fitted_model_name(record: FactorsRecord, location: str | None) -> str:
-    """The name the fit was given (e.g. smollm2-135m) when it still resolves, else where the model was."""
-    from curator.models import ModelLoadError, resolve
-
-    try:
-        resolve(record.settings["model"])
-        return record.settings["model"]
-    except ModelLoadError:
-        return location or record.settings["model"]
 
 
 def _bytes_per_query(factors: dict[str, LayerFactors], rank: int | None) -> int:

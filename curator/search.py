@@ -104,10 +104,9 @@ def sketch_score(ws: Workspace, config, *, out: Path | None = None, loaded=None,
     import json
     import time
 
-    from curator.factors import get_factors
-    from curator.models import load_model
+    from curator.factors import get_factors, load_model_for
     from curator.queries import select_queries
-    from curator.score import ScoreResult, _fitted_model_name, record_run
+    from curator.score import ScoreResult, record_run
     from curator.sketch import load_store, sketch_queries
 
     started = time.perf_counter()
@@ -115,13 +114,11 @@ def sketch_score(ws: Workspace, config, *, out: Path | None = None, loaded=None,
     with Catalog.open(ws) as catalog:
         queries = select_queries(catalog, config.queries)
         record = get_factors(catalog, store.factors_id)
-        location = catalog.one("SELECT location FROM models WHERE id = ?", [record.model_id])
     digest = hashlib.blake2b(json.dumps([store.id, [q.model_dump() for q in queries]], sort_keys=True).encode(),
                              digest_size=6)
     run_id = f"score-{digest.hexdigest()}"
     out = Path(out) if out else ws.artifact_dir("scores") / f"{run_id}.parquet"
-    loaded = loaded or load_model(config.model or _fitted_model_name(record, location[0] if location else None),
-                                  device=config.device)
+    loaded = loaded or load_model_for(ws, record, model=config.model, device=config.device)
     vectors, losses = sketch_queries(ws, store, loaded, queries, config.batch_tokens)
     scoring = time.perf_counter()
     doc_ids, scores = blocked_scores(ws, store, vectors)

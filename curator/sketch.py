@@ -30,13 +30,13 @@ from pydantic import BaseModel, Field
 from curator.catalog import Catalog
 from curator.corpus import document_ids, read_texts
 from curator.errors import CuratorError
-from curator.factors import FactorsRecord, get_factors, load_layer_factors, load_tensors
+from curator.factors import FactorsRecord, get_factors, load_layer_factors, load_model_for, load_tensors
 from curator.influence import eigen_bases, random_bases, sketch_matrix, sketch_tokens, subspace_bases
 from curator.lm import backward_layers
-from curator.models import LoadedModel, load_model
+from curator.models import LoadedModel
 from curator.passes import NoProgress, PassProgress
 from curator.queries import Query, select_queries
-from curator.score import _fitted_model_name, check_compatible, prepare_queries
+from curator.score import check_compatible, prepare_queries
 from curator.tokens import batches, pad_token_id, tokenize_documents
 from curator.workspace import Workspace
 
@@ -149,9 +149,7 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
         record = get_factors(catalog, config.factors)
         suite = select_queries(catalog, config.suite)
         ids = document_ids(catalog, config.max_docs, config.seed)
-        location = catalog.one("SELECT location FROM models WHERE id = ?", [record.model_id])
-    loaded = loaded or load_model(config.model or _fitted_model_name(record, location[0] if location else None),
-                                  device=config.device)
+    loaded = loaded or load_model_for(ws, record, model=config.model, device=config.device)
     modules = check_compatible(loaded, record, None)
     max_len = record.settings["max_seq_len"]
     store_id = _store_id(record, suite, config, ids, max_len)
