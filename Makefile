@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-influence clean
 
 # The environment, rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,12 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/ingest_jsonl.py --record docs/benchmarks.md
+	$(BIN)/python benchmarks/search_latency.py --record docs/benchmarks.md
+
+# SmolLM2-135M passes: about an hour on a 2-core CPU; add --device cuda on a GPU.
+bench-influence: $(VENV)/.installed
+	$(BIN)/python benchmarks/influence_smollm2.py --docs 32 --record docs/benchmarks.md
+	$(BIN)/python benchmarks/sketch_fidelity.py --record docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) demo-workspace
