@@ -79,7 +79,7 @@ def sketch(
         result = fidelity(ws, store, loaded, held, sample=fidelity_sample, seed=seed)
         record_fidelity(ws, store, result)
         _fidelity_table(result, f"Fidelity on {result['queries']} held-out queries × {result['documents']} "
-                                f"documents (exact EK-FAC as reference)")
+                                f"documents (reference: exact EK-FAC {result['reference']})")
     else:
         console.print("No held-out queries of the suite's tasks: fidelity not measured (see --holdout).")
 
@@ -192,4 +192,5 @@ def fidelity(
     result = run_fidelity(ws, chosen_store, loaded, chosen, sample=sample, seed=seed)
     record_fidelity(ws, chosen_store, result)
     _fidelity_table(result, f"{chosen_store.id} ({chosen_store.method}, {chosen_store.bytes_per_doc:,} bytes/doc): "
-                            f"{result['queries']} held-out queries × {result['documents']} documents")
+                            f"{result['queries']} held-out queries × {result['documents']} documents "
+                            f"(reference: exact EK-FAC {result['reference']})")

@@ -9,6 +9,7 @@ ranks within its top 1% and 5% (what a two-stage search with re-ranking finds).
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 
 from curator.catalog import Catalog
 from curator.queries import Query
@@ -17,8 +18,6 @@ from curator.workspace import Workspace
 
 def ranking_agreement(exact: np.ndarray, approx: np.ndarray) -> dict:
     """Agreement of two score vectors over the same documents."""
-    import polars as pl
-
     n = len(exact)
     order_exact = np.argsort(-exact, kind="stable")
     order_approx = np.argsort(-approx, kind="stable")
@@ -35,6 +34,36 @@ def ranking_agreement(exact: np.ndarray, approx: np.ndarray) -> dict:
     return out
 
 
+def stored_exact_scores(catalog: Catalog, store, queries: list[Query], doc_ids: list[int]):
+    """Exact scores of these queries and documents from an earlier run, if one matches the store.
+
+    A run matches when it used the store's factors, window length and chat
+    template, kept the preconditioned queries at full rank, and covers every
+    query and document. Reusing it saves a pass over the sample; returns
+    (table, "run ID") or (None, None).
+    """
+    import json
+    from pathlib import Path
+
+    wanted = {q.id for q in queries}
+    rows = catalog.sql("SELECT r.id, r.query_ids, r.settings, r.out_path, f.settings FROM runs r "
+                       "JOIN factors f ON f.id = r.factors_id WHERE r.method = 'exact' AND r.factors_id = ? "
+                       "ORDER BY r.finished_at DESC", [store.factors_id])
+    for run_id, query_ids, settings, out_path, fit_settings in rows:
+        settings, fit_settings = json.loads(settings), json.loads(fit_settings)
+        window = settings.get("max_seq_len") or fit_settings["max_seq_len"]
+        if (window != store.max_seq_len or settings.get("chat_template") != store.chat_template
+                or settings.get("query_rank") is not None or settings.get("dtype", "float32") != "float32"
+                or not wanted <= set(json.loads(query_ids)) or not Path(out_path).is_file()):
+            continue
+        table = (pl.scan_parquet(out_path)
+                 .filter(pl.col("query_id").is_in(sorted(wanted)) & pl.col("doc_id").is_in(doc_ids))
+                 .collect())
+        if table.height == len(wanted) * len(doc_ids):
+            return table, f"run {run_id}"
+    return None, None
+
+
 def fidelity(ws: Workspace, store, loaded, queries: list[Query], sample: int = 1000, seed: int = 0) -> dict:
     from curator.corpus import document_ids
     from curator.score import ScoreConfig, score
@@ -48,16 +77,18 @@ def fidelity(ws: Workspace, store, loaded, queries: list[Query], sample: int = 1
         raise CuratorError("every selected query is in the store's suite; fidelity is measured on others")
     with Catalog.open(ws) as catalog:
         ids = document_ids(catalog, min(sample, store.documents), seed)
-    import tempfile
-    from pathlib import Path
+        table, reference = stored_exact_scores(catalog, store, held_out, ids)
+    if table is None:
+        import tempfile
+        from pathlib import Path
 
-    import polars as pl
-
-    with tempfile.TemporaryDirectory() as tmp:
-        exact = score(ws, ScoreConfig(factors=store.factors_id, chat_template=store.chat_template,
-                                      max_seq_len=store.max_seq_len, device=str(loaded.device)),
-                      out=Path(tmp) / "exact.parquet", loaded=loaded, queries=held_out, doc_ids=ids, record=False)
-        table = pl.read_parquet(exact.out_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            exact = score(ws, ScoreConfig(factors=store.factors_id, chat_template=store.chat_template,
+                                          max_seq_len=store.max_seq_len, device=str(loaded.device)),
+                          out=Path(tmp) / "exact.parquet", loaded=loaded, queries=held_out, doc_ids=ids,
+                          record=False)
+            table = pl.read_parquet(exact.out_path)
+        reference = "scored for this check"
     vectors, _ = sketch_queries(ws, store, loaded, held_out)
     doc_ids, products = blocked_scores(ws, store, vectors)
     position = {int(d): i for i, d in enumerate(doc_ids)}
@@ -69,5 +100,5 @@ def fidelity(ws: Workspace, store, loaded, queries: list[Query], sample: int = 1
                                                 products[rows, column].astype(np.float64))
     keys = next(iter(per_query.values())).keys()
     mean = {k: float(np.mean([v[k] for v in per_query.values()])) for k in keys}
-    return {"store": store.id, "documents": len(ids), "queries": len(held_out),
+    return {"store": store.id, "documents": len(ids), "queries": len(held_out), "reference": reference,
             "bytes_per_doc": store.bytes_per_doc, "dim": store.dim, "per_query": per_query, "mean": mean}

@@ -144,3 +144,25 @@ def test_ranking_agreement_on_known_vectors():
     shifted = exact.copy()
     shifted[990:] = -1          # the exact top 10 fall to the bottom
     assert ranking_agreement(exact, shifted)["top10_overlap"] == 0.0
+
+
+def test_fidelity_reuses_a_stored_exact_run_and_agrees_with_scoring_afresh(setup):
+    from curator.fidelity import fidelity
+
+    ws, lm, exact = setup
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", rank=3, dtype="float32"), loaded=lm)
+    reused = fidelity(ws, store, lm, HELD_OUT, sample=len(DOCS))
+    assert reused["reference"] == f"run {exact.run_id}"
+    # A run at another window length is not the same reference: the check scores afresh.
+    with Catalog.open(ws, write=True) as catalog:
+        catalog.sql("UPDATE runs SET settings = json_merge_patch(settings, '{\"max_seq_len\": 16}') WHERE id = ?",
+                    [exact.run_id])
+    try:
+        fresh = fidelity(ws, store, lm, HELD_OUT, sample=len(DOCS))
+    finally:
+        with Catalog.open(ws, write=True) as catalog:
+            catalog.sql("UPDATE runs SET settings = json_merge_patch(settings, '{\"max_seq_len\": null}') "
+                        "WHERE id = ?", [exact.run_id])
+    assert fresh["reference"] == "scored for this check"
+    for key, value in reused["mean"].items():
+        assert fresh["mean"][key] == pytest.approx(value, abs=1e-6), key
