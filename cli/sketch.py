@@ -9,7 +9,7 @@ import typer
 
 from curator.cli.common import OutputFormat, WorkspaceOption, console, print_frame, workspace_from
 
-Method = Enum("Method", {k: k for k in ("query-subspace", "eigen", "random")}, type=str)
+Method = Enum("Method", {k: k for k in ("query-subspace", "whitened-subspace", "eigen", "random")}, type=str)
 Precision = Enum("Precision", {k: k for k in ("float16", "float32")}, type=str)
 
 index_app = typer.Typer(help="FAISS indexes over sketch stores.", no_args_is_help=True)
@@ -26,8 +26,9 @@ def _fidelity_table(result: dict, title: str) -> None:
 def sketch(
     suite: Annotated[str, typer.Option(help="Queries whose preconditioned gradients span the bases (selector: "
                                             "tasks, query sets or ids).", show_default=False)],
-    method: Annotated[Method, typer.Option(help="query-subspace (default; built from the suite), or the "
-                                                "baselines eigen (top Fisher eigenvectors) and random.")]
+    method: Annotated[Method, typer.Option(help="query-subspace (default; built from the suite), "
+                                                "whitened-subspace (the same, chosen in whitened coordinates), "
+                                                "or the baselines eigen (top Fisher eigenvectors) and random.")]
     = "query-subspace",
     rank: Annotated[int | None, typer.Option(help="k per layer side: a k × k sketch per layer.",
                                              show_default=False)] = None,

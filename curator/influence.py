@@ -157,11 +157,49 @@ def scores_low_rank_from_gradients(g: torch.Tensor, p: LowRank) -> torch.Tensor:
 
 def subspace_bases(p: torch.Tensor, k_out: int, k_in: int) -> tuple[torch.Tensor, torch.Tensor]:
     """U (d_out × k_out) and V (d_in × k_in): top singular vectors of the suite's stacked P_q (Q, d_out, d_in)."""
+    u, v = _top_singular_vectors(p, k_out, k_in)
+    return u.float(), v.float()
+
+
+def _top_singular_vectors(p: torch.Tensor, k_out: int, k_in: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, d_out, d_in = p.shape
     p = p.to(torch.float64)
     left = torch.linalg.svd(p.permute(1, 0, 2).reshape(d_out, n * d_in), full_matrices=False)[0]
     right = torch.linalg.svd(p.reshape(n * d_out, d_in), full_matrices=False)[2].T
-    return left[:, :k_out].float(), right[:, :k_in].float()
+    return left[:, :k_out], right[:, :k_in]
+
+
+def whitening_scales(factors: LayerFactors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive d_s (d_out) and d_a (d_in) with d_s d_aᵀ the best rank-1 fit of √(Λ + λ).
+
+    In the eigenbasis, the symmetric split divides every cell of a gradient by
+    √(Λ + λ). That is not a left and right scaling, so a sketch cannot apply it
+    per token; its rank-1 part can. √(Λ + λ) is positive, so its leading
+    singular vectors can be taken positive (Perron-Frobenius).
+    """
+    root = factors.denominator.to(torch.float64).sqrt()
+    u, s, vh = torch.linalg.svd(root, full_matrices=False)
+    scale = s[0].sqrt()
+    return (u[:, 0].abs() * scale).clamp_min(1e-30), (vh[0].abs() * scale).clamp_min(1e-30)
+
+
+def whitened_subspace_bases(p: torch.Tensor, factors: LayerFactors, k_out: int, k_in: int
+                            ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Query-subspace bases chosen in whitened eigen-coordinates: (U_doc, V_doc), (U_query, V_query).
+
+    With D_S, D_A from `whitening_scales`, a query is M_q = D_S Q_Sᵀ P_q Q_A D_A and a
+    document D_S⁻¹ Q_Sᵀ G Q_A D_A⁻¹; their inner product is ⟨P_q, G⟩ exactly. The
+    subspace (Ũ, Ṽ) comes from the stacked M_q, where no direction is large merely
+    because the curvature is. Documents are sketched with U_doc = Q_S D_S⁻¹ Ũ,
+    V_doc = Q_A D_A⁻¹ Ṽ and queries with U_query = Q_S D_S Ũ, V_query = Q_A D_A Ṽ.
+    """
+    q_s, q_a = factors.q_s.to(torch.float64), factors.q_a.to(torch.float64)
+    d_s, d_a = whitening_scales(factors)
+    m = d_s[:, None] * (q_s.T @ p.to(torch.float64) @ q_a) * d_a[None, :]
+    u, v = _top_singular_vectors(m, k_out, k_in)
+    documents = (q_s @ (u / d_s[:, None]), q_a @ (v / d_a[:, None]))
+    queries = (q_s @ (u * d_s[:, None]), q_a @ (v * d_a[:, None]))
+    return (documents[0].float(), documents[1].float()), (queries[0].float(), queries[1].float())
 
 
 def eigen_bases(factors: LayerFactors, eigvals_s: torch.Tensor, eigvals_a: torch.Tensor,

@@ -4,6 +4,9 @@ Per tracked layer, bases U (d_out × k) and V (d_in × k) are chosen once:
   query-subspace  the top singular vectors of a suite's preconditioned query
                   gradients P_q (DESIGN.md, "Sketches"): exact for suite queries
                   at full rank, and the approach that ranks held-out queries well;
+  whitened-subspace  the same, with the subspace chosen in whitened
+                  eigen-coordinates (a rank-1 fit of √(Λ + λ)); documents and
+                  queries then use different, dual bases;
   eigen, random   baselines that ignore the queries (top Fisher eigenvectors, or
                   seeded Gaussian projections), kept so comparisons reproduce.
 A document's sketch is Σ_t (Uᵀδ_t)(Vᵀa_t)ᵀ per layer, streamed per token with
@@ -31,7 +34,8 @@ from curator.catalog import Catalog
 from curator.corpus import document_ids, read_texts
 from curator.errors import CuratorError
 from curator.factors import FactorsRecord, get_factors, load_layer_factors, load_model_for, load_tensors
-from curator.influence import eigen_bases, random_bases, sketch_matrix, sketch_tokens, subspace_bases
+from curator.influence import (eigen_bases, random_bases, sketch_matrix, sketch_tokens, subspace_bases,
+                               whitened_subspace_bases)
 from curator.lm import backward_layers
 from curator.models import LoadedModel
 from curator.passes import NoProgress, PassProgress
@@ -45,7 +49,7 @@ STORE_VERSION = 1
 
 class SketchConfig(BaseModel):
     suite: str = Field(description="query selector whose preconditioned gradients span the bases")
-    method: Literal["query-subspace", "eigen", "random"] = "query-subspace"
+    method: Literal["query-subspace", "whitened-subspace", "eigen", "random"] = "query-subspace"
     rank: int | None = Field(None, ge=1, description="k per layer (sketch k × k per layer)")
     budget_bytes: int | None = Field(None, ge=1, description="bytes per document, spread over layers")
     dtype: Literal["float16", "float32"] = "float16"
@@ -123,7 +127,7 @@ def build_bases(loaded: LoadedModel, modules: dict, ws: Workspace, record: Facto
     shapes = {name: tuple(p.shape[1:]) for name, p in prepared.items()}
     itemsize = np.dtype(config.dtype).itemsize
     ranks = allocate_ranks(energy, shapes, config.rank, config.budget_bytes, itemsize)
-    bases = {}
+    bases, query_bases = {}, {}
     if config.method == "eigen":
         tensors, _ = load_tensors(ws.root / record.path)
     generator = torch.Generator().manual_seed(config.seed)
@@ -131,13 +135,16 @@ def build_bases(loaded: LoadedModel, modules: dict, ws: Workspace, record: Facto
         k_out, k_in = ranks[name]
         if config.method == "query-subspace":
             u, v = subspace_bases(prepared[name].cpu(), k_out, k_in)
+        elif config.method == "whitened-subspace":
+            (u, v), (uq, vq) = whitened_subspace_bases(prepared[name].cpu(), factors[name].to("cpu"), k_out, k_in)
+            query_bases[name] = (uq.contiguous(), vq.contiguous())
         elif config.method == "eigen":
             t = tensors[name]
             u, v = eigen_bases(factors[name].to("cpu"), t["s_eigvals"], t["a_eigvals"], k_out, k_in)
         else:
             u, v = random_bases(*shapes[name], k_out, k_in, generator)
         bases[name] = (u.contiguous(), v.contiguous())
-    return bases, {"ranks": ranks, "energy": energy}
+    return bases, {"ranks": ranks, "energy": energy, "query_bases": query_bases}
 
 
 def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = None,
@@ -165,8 +172,10 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
         bases, info = build_bases(loaded, modules, ws, record, suite, config, max_len)
-        save_file({f"{n}::{k}": t for n, (u, v) in bases.items() for k, t in (("u", u), ("v", v))},
-                  str(directory / "bases.safetensors"))
+        # Documents are sketched with u, v; queries with uq, vq where a method has its own (else u, v).
+        tensors = {f"{n}::{k}": t for n, (u, v) in bases.items() for k, t in (("u", u), ("v", v))}
+        tensors.update({f"{n}::{k}": t for n, (u, v) in info["query_bases"].items() for k, t in (("uq", u), ("vq", v))})
+        save_file(tensors, str(directory / "bases.safetensors"))
         store = SketchStore(id=store_id, factors_id=record.id, model_id=loaded.info.id,
                             tokenizer_id=loaded.info.tokenizer_id, method=config.method,
                             suite=[q.id for q in suite], modules=list(modules), ranks=info["ranks"],
@@ -239,8 +248,8 @@ def sketch_queries(ws: Workspace, store: SketchStore, loaded: LoadedModel, queri
     factors = {name: f.to(loaded.device) for name, f in load_layer_factors(ws, record).items()}
     prepared, losses = prepare_queries(loaded, modules, factors, queries, store.max_seq_len, store.chat_template,
                                        None, batch_tokens)
-    parts = [sketch_matrix(prepared[name], flat[f"{name}::u"].to(loaded.device),
-                           flat[f"{name}::v"].to(loaded.device)).reshape(len(queries), -1)
+    parts = [sketch_matrix(prepared[name], flat.get(f"{name}::uq", flat[f"{name}::u"]).to(loaded.device),
+                           flat.get(f"{name}::vq", flat[f"{name}::v"]).to(loaded.device)).reshape(len(queries), -1)
              for name in store.modules]
     return torch.cat(parts, dim=1).cpu().numpy(), losses
 

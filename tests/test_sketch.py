@@ -52,9 +52,10 @@ def setup(tmp_path_factory):
     return ws, lm, exact
 
 
-def test_full_rank_sketch_scores_equal_exact_scores_for_suite_queries(setup):
+@pytest.mark.parametrize("method", ["query-subspace", "whitened-subspace"])
+def test_full_rank_sketch_scores_equal_exact_scores_for_suite_queries(setup, method):
     ws, lm, exact = setup
-    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", rank=64, dtype="float32", shard_docs=5,
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", method=method, rank=64, dtype="float32", shard_docs=5,
                                     batch_tokens=96), loaded=lm)
     assert store.complete and store.documents == len(DOCS) and len(store.shards) == 4
     result = score(ws, ScoreConfig(method="sketch", queries="s0,s1,s2,s3", store=store.id), loaded=lm)
