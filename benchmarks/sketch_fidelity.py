@@ -1,14 +1,21 @@
-"""Sketch fidelity against exact EK-FAC on held-out queries, and sketching speed, on SmolLM2-135M.
+"""Sketch fidelity against exact EK-FAC on held-out queries, as a curve over bytes per document, for each
+sketch method and suite size; and the sketching pass against plain training. SmolLM2-135M by default.
 
-    python benchmarks/sketch_fidelity.py [--docs 60] [--layers last:2] [--max-seq-len 128]
-        [--suite-per-task 8] [--held-out-per-task 4] [--ranks 4,16] [--methods query-subspace,eigen,random]
-        [--device cpu] [--record docs/benchmarks.md]
+    python benchmarks/sketch_fidelity.py [--docs-per-source 60] [--max-chars 500] [--layers last:2]
+        [--max-seq-len 128] [--suite-sizes 4,16] [--held-out-per-task 4] [--ranks 4,8,16,32,64]
+        [--methods query-subspace,whitened-subspace,eigen,random] [--device cpu] [--record docs/benchmarks.md]
 
-One fit and one exact scoring pass of the held-out queries over every document
-are the reference. Each (method, rank) then builds a sketch store (one pass
-over the documents) and its scores for the held-out queries are compared with
-the exact ones: mean Spearman and Pearson over documents, top-10 overlap. The
-sketching pass is timed against a plain training forward + backward over the
+The corpus is the demo's (stdlib code, package Markdown, trivia, mpmath docs).
+The reference is one exact EK-FAC scoring pass of the held-out queries (the
+paper's three tasks, seed 1) over every document. Each method and suite size
+(suite queries: seed 0, first N per task) builds one store at the largest rank.
+Every basis is nested (top singular or eigen-vectors, or Gram-Schmidt of a
+fixed Gaussian draw), so the rank-k sketch is the top-left k × k block of each
+layer's and every smaller rank is read from the same store. Reported per point:
+mean over held-out queries of Spearman and Pearson over documents, top-10
+overlap, and the share of the exact top 10 found in the sketch's top 5% (what
+`curator search --rerank` over 5% of the corpus would recover). The sketching
+pass (bases included) is timed against a plain forward + backward over the
 same batches, measured in the same run.
 """
 
@@ -30,101 +37,137 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from influence_smollm2 import baseline_pass, build_model  # noqa: E402
 
 from curator.catalog import Catalog  # noqa: E402
-from curator.demo import stdlib_paths  # noqa: E402
+from curator.corpus import document_ids  # noqa: E402
+from curator.demo import DemoSettings, build_demo_corpus  # noqa: E402
 from curator.fidelity import ranking_agreement  # noqa: E402
 from curator.fit import FitConfig, fit  # noqa: E402
 from curator.ingest import IngestOptions, ingest  # noqa: E402
 from curator.queries import select_queries, store_queries  # noqa: E402
 from curator.querygen import generate  # noqa: E402
 from curator.score import ScoreConfig, score  # noqa: E402
-from curator.search import blocked_scores  # noqa: E402
-from curator.sketch import SketchConfig, sketch, sketch_queries  # noqa: E402
+from curator.sketch import SketchConfig, iter_shards, sketch, sketch_queries  # noqa: E402
 from curator.workspace import Workspace  # noqa: E402
 
 BEGIN, END = "<!-- sketch_fidelity:begin -->", "<!-- sketch_fidelity:end -->"
 TASKS = ("arithmetic", "slope", "linear")
+SUBSPACE = ("query-subspace", "whitened-subspace")
+
+
+def truncation_columns(store, k: int) -> np.ndarray:
+    """Columns of the flattened store vector that make up the rank-k sketch (top-left block per layer)."""
+    columns, offset = [], 0
+    for name in store.modules:
+        k_out, k_in = store.ranks[name]
+        rows = np.arange(min(k, k_out))[:, None]
+        cols = np.arange(min(k, k_in))[None, :]
+        columns.append((offset + rows * k_in + cols).ravel())
+        offset += k_out * k_in
+    return np.concatenate(columns)
+
+
+def measure(exact: pl.DataFrame, held, doc_ids: np.ndarray, products: np.ndarray) -> dict:
+    position = {int(d): i for i, d in enumerate(doc_ids)}
+    agreement = []
+    for column, query in enumerate(held):
+        mine = exact.filter(pl.col("query_id") == query.id).sort("doc_id")
+        rows = [position[int(d)] for d in mine["doc_id"]]
+        agreement.append(ranking_agreement(mine["score"].to_numpy().astype(float),
+                                           products[rows, column].astype(float)))
+    return {key: float(np.mean([a[key] for a in agreement]))
+            for key in ("spearman", "pearson", "top10_overlap", "top10_recall_at_5pct")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--shape", type=Path)
-    parser.add_argument("--docs", type=int, default=60)
-    parser.add_argument("--max-chars", type=int, default=1500)
+    parser.add_argument("--shape", type=Path, help="folder with config + tokenizer; random weights")
+    parser.add_argument("--docs-per-source", type=int, default=60)
+    parser.add_argument("--max-chars", type=int, default=500)
     parser.add_argument("--layers", default="last:2")
     parser.add_argument("--max-seq-len", type=int, default=128)
-    parser.add_argument("--suite-per-task", type=int, default=8)
+    parser.add_argument("--suite-sizes", default="4,16", help="suite queries per task, one store each")
     parser.add_argument("--held-out-per-task", type=int, default=4)
-    parser.add_argument("--ranks", default="4,16")
-    parser.add_argument("--methods", default="query-subspace,eigen,random")
-    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--ranks", default="4,8,16,32,64")
+    parser.add_argument("--methods", default="query-subspace,whitened-subspace,eigen,random")
+    parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--plot", type=Path, help="SVG of the curves")
     parser.add_argument("--record", type=Path)
     args = parser.parse_args()
+    ranks = sorted(int(r) for r in args.ranks.split(","))
+    suite_sizes = sorted(int(s) for s in args.suite_sizes.split(","))
 
     lm = build_model(args)
     with tempfile.TemporaryDirectory() as tmp:
         ws, _ = Workspace.init(Path(tmp) / "ws")
-        ingest(ws, stdlib_paths(), IngestOptions(source="stdlib", kind="code", glob="*.py"))
+        corpus = build_demo_corpus(Path(tmp) / "corpus", DemoSettings(
+            docs_per_source=args.docs_per_source, max_chars=args.max_chars, factual_queries=1))
+        for source in corpus.sources:
+            ingest(ws, source.paths, IngestOptions(source=source.name, kind=source.kind, glob=source.glob))
         with Catalog.open(ws, write=True) as catalog:
-            ids = sorted(r[0] for r in catalog.sql(
-                "SELECT id FROM documents WHERE chars BETWEEN 300 AND ? ORDER BY hash(id, 0), id LIMIT ?",
-                [args.max_chars, args.docs]))
-            catalog.sql("DELETE FROM document_rows WHERE id NOT IN (SELECT unnest(?))", [ids])
+            ids = document_ids(catalog)
             for task in TASKS:     # suite: seed 0; held out: seed 1 (different problems, same formats)
-                store_queries(catalog, generate(task, args.suite_per_task, seed=0))
+                store_queries(catalog, generate(task, suite_sizes[-1], seed=0))
                 store_queries(catalog, generate(task, args.held_out_per_task, seed=1))
-        suite = ",".join(f"{t}-s0" for t in TASKS)
-        held_out = ",".join(f"{t}-s1" for t in TASKS)
+            held = select_queries(catalog, ",".join(f"{t}-s1" for t in TASKS))
+            suite_ids = {task: [q.id for q in select_queries(catalog, f"{task}-s0")] for task in TASKS}
         baseline_s, tokens = baseline_pass(lm, ws, ids, args.max_seq_len, args.batch_tokens, args.device)
         record = fit(ws, FitConfig(model=args.model, layers=args.layers, max_seq_len=args.max_seq_len,
                                    device=args.device, batch_tokens=args.batch_tokens), loaded=lm).record
-        exact = score(ws, ScoreConfig(queries=held_out, device=args.device, batch_tokens=args.batch_tokens),
-                      loaded=lm)
-        table = pl.read_parquet(exact.out_path)
-        with Catalog.open(ws) as catalog:
-            held = select_queries(catalog, held_out)
-        rows = []
+        result = score(ws, ScoreConfig(queries=",".join(q.id for q in held), device=args.device,
+                                       batch_tokens=args.batch_tokens), loaded=lm)
+        exact = pl.read_parquet(result.out_path)
+
+        rows, passes = [], []
         for method in args.methods.split(","):
-            for rank in (int(r) for r in args.ranks.split(",")):
+            for size in (suite_sizes if method in SUBSPACE else suite_sizes[:1]):
+                suite = ",".join(i for task in TASKS for i in suite_ids[task][:size])
                 start = time.perf_counter()
-                store = sketch(ws, SketchConfig(suite=suite, method=method, rank=rank, dtype="float16",
+                store = sketch(ws, SketchConfig(suite=suite, method=method, rank=ranks[-1], dtype="float16",
                                                 device=args.device, batch_tokens=args.batch_tokens), loaded=lm)
                 elapsed = time.perf_counter() - start
-                vectors, _ = sketch_queries(ws, store, lm, held)
-                doc_ids, products = blocked_scores(ws, store, vectors)
-                position = {int(d): i for i, d in enumerate(doc_ids)}
-                agreement = []
-                for column, query in enumerate(held):
-                    mine = table.filter(pl.col("query_id") == query.id).sort("doc_id")
-                    rows_of = [position[int(d)] for d in mine["doc_id"]]
-                    agreement.append(ranking_agreement(mine["score"].to_numpy().astype(float),
-                                                       products[rows_of, column].astype(float)))
-                rows.append({"method": method, "rank": rank, "bytes/doc": store.bytes_per_doc,
-                             "spearman": float(np.mean([a["spearman"] for a in agreement])),
-                             "pearson": float(np.mean([a["pearson"] for a in agreement])),
-                             "top-10 overlap": float(np.mean([a["top10_overlap"] for a in agreement])),
-                             "sketch s (incl. bases)": round(elapsed, 1)})
-                print(rows[-1], flush=True)
+                label = f"{method} (suite {size}/task)" if method in SUBSPACE else method
+                passes.append({"label": label, "seconds": elapsed})
+                queries, _ = sketch_queries(ws, store, lm, held)
+                parts = list(iter_shards(ws, store))
+                doc_ids = np.concatenate([p[0] for p in parts])
+                vectors = np.concatenate([p[1] for p in parts])
+                for k in ranks:
+                    columns = truncation_columns(store, k)
+                    products = vectors[:, columns] @ queries[:, columns].T
+                    rows.append({"method": method, "suite": size if method in SUBSPACE else None, "rank": k,
+                                 "bytes": 2 * len(columns), **measure(exact, held, doc_ids, products)})
+                    print(rows[-1], flush=True)
+
     frame = pl.DataFrame(rows)
     fit_s = record.stats["seconds"]
     lines = [
-        f"Model {lm.info.name}, {len(ids)} stdlib modules ({tokens:,} tokens, windows of {args.max_seq_len}), "
-        f"MLPs of {args.layers} ({len(record.modules)} linears). Suite: {args.suite_per_task} queries per task "
-        f"(seed 0); held out: {args.held_out_per_task} per task (seed 1), arithmetic/slope/linear.",
-        f"Baseline, plain forward+backward of the whole model over the same batches: {baseline_s:.1f} s. "
-        f"Fit passes: {fit_s['covariances']:.1f} s + {fit_s['eigenvalue correction']:.1f} s. Exact scoring "
-        f"document pass: {exact.stats['seconds']['document pass']:.1f} s.",
-        "", "| method | rank | bytes/doc | Spearman | Pearson | top-10 overlap | sketch s (incl. bases) | × baseline |",
+        f"Model {lm.info.name}; the demo corpus, {len(ids)} documents ({tokens:,} tokens, windows of "
+        f"{args.max_seq_len}); MLPs of {args.layers} ({len(record.modules)} linears). Held out: "
+        f"{args.held_out_per_task} queries per task (seed 1) of arithmetic, slope and linear; suites: the "
+        f"first N per task of seed 0. Float16 sketches; rank k is k × k per layer.",
+        "",
+        "| method | suite/task | rank | bytes/doc | Spearman | Pearson | top-10 overlap | exact top-10 in top 5% |",
         "|---|---|---|---|---|---|---|---|",
-        *(f"| {r['method']} | {r['rank']} | {r['bytes/doc']:,} | {r['spearman']:.3f} | {r['pearson']:.3f} | "
-          f"{r['top-10 overlap']:.2f} | {r['sketch s (incl. bases)']} | "
-          f"{r['sketch s (incl. bases)'] / baseline_s:.2f} |" for r in rows),
-        "", f"Machine: {platform.system()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
-            f"device {args.device}, torch {torch.__version__}.",
+        *(f"| {r['method']} | {r['suite'] or '–'} | {r['rank']} | {r['bytes']:,} | {r['spearman']:.3f} | "
+          f"{r['pearson']:.3f} | {r['top10_overlap']:.2f} | {r['top10_recall_at_5pct']:.2f} |"
+          for r in frame.iter_rows(named=True)),
+        "",
+        f"Baseline, a plain forward + backward of the whole model over the same batches: {baseline_s:.1f} s. "
+        f"Fit: {fit_s['covariances']:.1f} s + {fit_s['eigenvalue correction']:.1f} s. Exact scoring of the held-out "
+        f"queries: {result.stats['seconds']['document pass']:.1f} s for the document pass.",
+        "",
+        "| sketch store (rank " + str(ranks[-1]) + ") | seconds, bases included | × baseline |",
+        "|---|---|---|",
+        *(f"| {p['label']} | {p['seconds']:.1f} | {p['seconds'] / baseline_s:.2f} |" for p in passes),
+        "",
+        f"Machine: {platform.system()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"device {args.device}, torch {torch.__version__}.",
     ]
     print("\n".join(lines))
+    if args.plot:
+        plot(frame, args.plot)
     if args.record:
         command = " ".join(["python benchmarks/sketch_fidelity.py", *sys.argv[1:]]).replace(
             f" --record {args.record}", "")
@@ -135,6 +178,32 @@ def main() -> None:
         else:
             text = text.rstrip() + "\n\n## Sketch fidelity and sketching speed: SmolLM2-135M\n\n" + section + "\n"
         args.record.write_text(text)
+
+
+def plot(frame: pl.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("svg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for (method, suite), part in frame.group_by(["method", "suite"], maintain_order=True):
+        label = method + (f", suite {suite}/task" if suite else "")
+        part = part.sort("bytes")
+        axes[0].plot(part["bytes"], part["spearman"], marker="o", label=label)
+        axes[1].plot(part["bytes"], part["top10_recall_at_5pct"], marker="o", label=label)
+    for ax, title in zip(axes, ("mean Spearman vs exact (held-out queries)", "exact top-10 in sketch top 5%"),
+                         strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per document (float16)")
+        ax.set_title(title, fontsize=10)
+        ax.axvline(65536, color="grey", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0].axhline(0.9, color="grey", lw=0.8, ls="--")
+    axes[1].axhline(0.9, color="grey", lw=0.8, ls="--")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Date": None})
 
 
 if __name__ == "__main__":

@@ -210,11 +210,18 @@ def eigen_bases(factors: LayerFactors, eigvals_s: torch.Tensor, eigvals_a: torch
     return factors.q_s[:, top_s].float(), factors.q_a[:, top_a].float()
 
 
-def random_bases(d_out: int, d_in: int, k_out: int, k_in: int,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormalised Gaussian projections drawn on the CPU, so every device gets the same ones."""
-    u = torch.linalg.qr(torch.randn(d_out, k_out, generator=generator, dtype=torch.float64))[0]
-    v = torch.linalg.qr(torch.randn(d_in, k_in, generator=generator, dtype=torch.float64))[0]
+def random_bases(d_out: int, d_in: int, k_out: int, k_in: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormalised Gaussian projections drawn on the CPU, so every device gets the same ones.
+
+    U and V come from separate streams, one vector per call (torch fills larger draws in
+    interleaved blocks), so the first k columns do not depend on how many more are drawn:
+    the bases are nested."""
+    def draw(d: int, k: int, stream: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(2 * seed + stream)
+        return torch.stack([torch.randn(d, generator=generator, dtype=torch.float64) for _ in range(k)], dim=1)
+
+    u = torch.linalg.qr(draw(d_out, k_out, 0))[0]
+    v = torch.linalg.qr(draw(d_in, k_in, 1))[0]
     return u.float(), v.float()
 
 

@@ -130,8 +130,7 @@ def build_bases(loaded: LoadedModel, modules: dict, ws: Workspace, record: Facto
     bases, query_bases = {}, {}
     if config.method == "eigen":
         tensors, _ = load_tensors(ws.root / record.path)
-    generator = torch.Generator().manual_seed(config.seed)
-    for name in modules:
+    for number, name in enumerate(modules):
         k_out, k_in = ranks[name]
         if config.method == "query-subspace":
             u, v = subspace_bases(prepared[name].cpu(), k_out, k_in)
@@ -142,7 +141,8 @@ def build_bases(loaded: LoadedModel, modules: dict, ws: Workspace, record: Facto
             t = tensors[name]
             u, v = eigen_bases(factors[name].to("cpu"), t["s_eigvals"], t["a_eigvals"], k_out, k_in)
         else:
-            u, v = random_bases(*shapes[name], k_out, k_in, generator)
+            # A seed per layer: a layer's draw does not depend on the ranks of the layers before it.
+            u, v = random_bases(*shapes[name], k_out, k_in, seed=config.seed * 1_000_003 + number)
         bases[name] = (u.contiguous(), v.contiguous())
     return bases, {"ranks": ranks, "energy": energy, "query_bases": query_bases}
 

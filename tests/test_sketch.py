@@ -167,3 +167,23 @@ def test_fidelity_reuses_a_stored_exact_run_and_agrees_with_scoring_afresh(setup
     assert fresh["reference"] == "scored for this check"
     for key, value in reused["mean"].items():
         assert fresh["mean"][key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.parametrize("method", ["query-subspace", "whitened-subspace", "eigen", "random"])
+def test_bases_are_nested_so_a_smaller_rank_is_a_block_of_a_larger_store(setup, method):
+    """benchmarks/sketch_fidelity.py reads every rank of its curve from one store; this is why it may."""
+    ws, lm, _ = setup
+    large = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", method=method, rank=6, dtype="float32"), loaded=lm)
+    small = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", method=method, rank=3, dtype="float32"), loaded=lm)
+    columns, offset = [], 0
+    for name in large.modules:
+        k_out, k_in = large.ranks[name]
+        columns.append((offset + np.arange(3)[:, None] * k_in + np.arange(3)[None, :]).ravel())
+        offset += k_out * k_in
+    columns = np.concatenate(columns)
+    big = np.concatenate([v for _, v in iter_shards(ws, large)])
+    little = np.concatenate([v for _, v in iter_shards(ws, small)])
+    q_big, _ = sketch_queries(ws, large, lm, HELD_OUT)
+    q_little, _ = sketch_queries(ws, small, lm, HELD_OUT)
+    np.testing.assert_allclose(big[:, columns] @ q_big[:, columns].T, little @ q_little.T, rtol=1e-3,
+                               atol=1e-5 * float(np.abs(little @ q_little.T).max()))
