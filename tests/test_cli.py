@@ -76,13 +76,3 @@ def test_errors_are_one_clear_line_and_exit_nonzero(cli_ws, tmp_path):
     assert unknown.returncode == 1 and "no source 'nope'" in unknown.stderr
     bad_kind = curator("ingest", tmp_path, "--source", "s", "--kind", "poetry", "-w", cli_ws, check=False)
     assert bad_kind.returncode == 2 and "poetry" in bad_kind.stderr
-
-
-def test_the_demo_ingests_real_code_and_markdown_and_is_idempotent(tmp_path):
-    first = curator("demo", "-w", tmp_path / "demo")
-    assert "stdlib" in first.stdout and "package-docs" in first.stdout and "Corpus composition" in first.stdout
-    rows = {r["source"]: r for r in json.loads(curator("sources", "-f", "json", "-w", tmp_path / "demo").stdout)}
-    assert rows["stdlib"]["kind"] == "code" and rows["stdlib"]["documents"] > 100
-    assert rows["package-docs"]["kind"] == "markdown" and rows["package-docs"]["documents"] > 0
-    second = curator("demo", "-w", tmp_path / "demo")
-    assert second.stdout.count("Nothing to do") == 2
