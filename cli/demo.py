@@ -160,7 +160,8 @@ def _steps(settings, root: Path, corpus, budget=None):
         *(["queries", "generate", "--task", task, "--n", suite, "--seed", "1"] for task in REASONING),
         ["queries", "list", "-q", "trivia"]]
     scored = ",".join([f"{task}-s0" for task in (*REASONING, *CONTROLS)] + ["trivia"])
-    yield "score (exact)", ["score", "--queries", scored, *device, *batch]
+    memory = ["--query-memory-mb", str(settings.query_memory_mb)] if settings.query_memory_mb != 2048 else []
+    yield "score (exact)", ["score", "--queries", scored, *memory, *device, *batch]
     yield "sketch", ["sketch", "--suite", ",".join(f"{t}-s1" for t in REASONING), "--rank",
                      str(settings.sketch_rank), "--holdout", ",".join(f"{t}-s0" for t in REASONING),
                      *device, *batch]

@@ -123,23 +123,34 @@ def answer_pattern(answer: str) -> re.Pattern:
 
 def answer_occurrence(matrix: np.ndarray, query_ids: list[str], doc_ids: np.ndarray, texts: dict[int, str],
                       answers: dict[str, str | None], tasks: dict[str, str], top: int = 500) -> dict:
-    """For each query with an answer: how many of its top documents contain the answer string."""
+    """For each query with an answer: how many of its top documents contain the answer string, and the rank
+    (1 = most helpful) of the best-placed document that contains it, over all documents (None: none does).
+
+    The rank says what the count cannot when the corpus is not much larger than `top`:
+    whether the document holding a fact is the one that drives its answer."""
+    containing = {}
     per_query = {}
     for q, row in zip(query_ids, matrix, strict=True):
         answer = answers.get(q)
         if not answer or not answer.strip():
             continue
-        pattern = answer_pattern(answer)
-        best = doc_ids[np.argsort(-row, kind="stable")[:top]]
-        hits = sum(1 for d in best if pattern.search(texts[int(d)]))
-        per_query[q] = {"task": tasks[q], "answer": answer, "top": int(len(best)), "contains": hits}
+        if answer not in containing:
+            pattern = answer_pattern(answer)
+            containing[answer] = np.array([bool(pattern.search(texts[int(d)])) for d in doc_ids])
+        has = containing[answer][np.argsort(-row, kind="stable")]
+        hits = int(has[:top].sum())
+        first = int(np.argmax(has)) + 1 if has.any() else None
+        per_query[q] = {"task": tasks[q], "answer": answer, "top": int(min(top, len(has))), "contains": hits,
+                        "first_rank": first}
     summary = {}
     for group, members in (("reasoning", [q for q in per_query if per_query[q]["task"] in REASONING_TASKS]),
                            ("factual", [q for q in per_query if per_query[q]["task"] == "factual"])):
         if members:
             counts = [per_query[q]["contains"] for q in members]
+            ranks = [per_query[q]["first_rank"] for q in members if per_query[q]["first_rank"] is not None]
             summary[group] = {"queries": len(members), "mean_documents_with_answer": float(np.mean(counts)),
-                              "queries_with_any": int(sum(c > 0 for c in counts))}
+                              "queries_with_any": int(sum(c > 0 for c in counts)),
+                              "median_first_rank": float(np.median(ranks)) if ranks else None}
     return {"top": top, "per_query": per_query, "summary": summary}
 
 

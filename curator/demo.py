@@ -57,6 +57,7 @@ class DemoSettings(BaseModel):
     sketch_rank: int = Field(16, ge=1, description="k per layer: a k × k sketch per tracked layer")
     device: str = "cpu"
     batch_tokens: int = Field(2048, ge=8)
+    query_memory_mb: int = Field(2048, ge=1, description="memory for preconditioned queries per scoring pass")
     seed: int = 0
 
 
@@ -65,7 +66,9 @@ CPU_DEMO = DemoSettings()
 # every block tracked, more queries and a larger sketch.
 GPU_DEMO = DemoSettings(docs_per_source=2000, max_chars=6000, max_seq_len=512, layers="all", fit_docs=2000,
                         queries_per_task=20, suite_per_task=16, factual_queries=40, sketch_rank=32,
-                        device="cuda", batch_tokens=16384)
+                        device="cuda", batch_tokens=16384,
+                        # Every block's dense P_q is ~320 MB per query: keep the suite in one pass.
+                        query_memory_mb=32768)
 
 
 @dataclass(frozen=True)

@@ -180,15 +180,19 @@ def answer_section(data: dict) -> str:
     if not occ["per_query"]:
         return ("<h2>5. Answer occurrence</h2><p class='note'>No scored query has an answer string to look "
                 "for.</p>")
-    summary = [[g, s["queries"], s["mean_documents_with_answer"], s["queries_with_any"]]
-               for g, s in occ["summary"].items()]
-    rows = [[q, r["task"], r["answer"], r["contains"], r["top"]] for q, r in occ["per_query"].items()]
+    summary = [[g, s["queries"], s["mean_documents_with_answer"], s["queries_with_any"],
+                s.get("median_first_rank")] for g, s in occ["summary"].items()]
+    rows = [[q, r["task"], r["answer"], r["contains"], r["top"], r.get("first_rank")]
+            for q, r in occ["per_query"].items()]
     return (f"<h2>5. Answer occurrence</h2><p class='explain'>How many of each query's top {occ['top']} documents "
             "contain its answer as a whole token (for reasoning queries the final answer; the paper found "
-            "answers in top documents for factual queries far more than for reasoning ones).</p>"
-            + _table(["queries", "count", "mean documents with the answer", "queries with any"], summary)
+            "answers in top documents for factual queries far more than for reasoning ones), and the rank of "
+            "the most helpful document that contains it (1 = the top document).</p>"
+            + _table(["queries", "count", "mean documents with the answer", "queries with any",
+                      "median rank of the first with it"], summary)
             + "<details><summary>Per query</summary>"
-            + _table(["query", "task", "answer", "top documents with it", "of"], rows) + "</details>")
+            + _table(["query", "task", "answer", "top documents with it", "of", "rank of the first with it"], rows)
+            + "</details>")
 
 
 def render(data: dict) -> str:

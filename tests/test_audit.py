@@ -69,7 +69,7 @@ def test_a_planted_source_in_the_top_k_gives_the_expected_ratio(planted):
 
 
 def test_planted_answer_strings_are_counted_exactly(planted):
-    ws, _ = planted
+    ws, scores = planted
     occurrence = audit(ws)["answer_occurrence"]
     # Arithmetic queries' top 500 hold all gold documents, 20 of which contain '42';
     # '142' and '4.2' in web pages must not count.
@@ -77,8 +77,25 @@ def test_planted_answer_strings_are_counted_exactly(planted):
         "arith-0": 20, "arith-1": 20, "arith-2": 20}
     pattern = analyses.answer_pattern("42")
     assert pattern.search("x = 42.") and not pattern.search("142") and not pattern.search("4.2 and 42.5")
+    # The first '42' document is the arithmetic query's best-ranked among gold documents 1-20.
+    for q in ("arith-0", "arith-1", "arith-2"):
+        order = scores.filter(pl.col("query_id") == q).sort("score", descending=True)["doc_id"].to_list()
+        expected = next(rank for rank, d in enumerate(order, start=1) if d <= 20)
+        assert occurrence["per_query"][q]["first_rank"] == expected <= 100
+    median = float(np.median([occurrence["per_query"][f"arith-{i}"]["first_rank"] for i in range(3)]))
     assert occurrence["summary"]["reasoning"] == {"queries": 3, "mean_documents_with_answer": 20.0,
-                                                  "queries_with_any": 3}
+                                                  "queries_with_any": 3, "median_first_rank": median}
+
+
+def test_the_rank_of_the_first_document_with_the_answer_counts_all_documents():
+    matrix = np.array([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 0.0, 0.0, 9.0]])
+    texts = {1: "no", 2: "no", 3: "no", 4: "Paris is here", 5: "no"}
+    result = analyses.answer_occurrence(matrix, ["a", "b", "c"], np.arange(1, 6), texts,
+                                        {"a": "Paris", "b": "Paris", "c": "Rome"}, dict.fromkeys("abc", "factual"),
+                                        top=2)
+    assert [result["per_query"][q]["first_rank"] for q in "abc"] == [4, 2, None]
+    assert [result["per_query"][q]["contains"] for q in "abc"] == [0, 1, 0]
+    assert result["summary"]["factual"]["median_first_rank"] == 3.0
 
 
 def test_json_numbers_equal_direct_recomputation_from_the_parquet(planted, tmp_path):
