@@ -22,9 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from recording import record_section  # noqa: E402
+
 from curator.indexes import faiss_index  # noqa: E402
 
-BEGIN, END = "<!-- search_latency:begin -->", "<!-- search_latency:end -->"
 
 
 def synthetic(n: int, dim: int, seed: int) -> np.ndarray:
@@ -93,16 +94,8 @@ def main() -> None:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     if args.record:
-        command = " ".join(["python benchmarks/search_latency.py", *sys.argv[1:]]).replace(
-            f" --record {args.record}", "")
-        section = "\n".join([BEGIN, f"Measured {time.strftime('%Y-%m-%d')} with `{command}`.", "", "| | |",
-                             "|---|---|", *(f"| {k} | {v} |" for k, v in rows), END])
-        text = args.record.read_text()
-        if BEGIN in text:
-            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n## Sketch search latency (CPU)\n\n" + section + "\n"
-        args.record.write_text(text)
+        record_section(args.record, "search_latency", "Sketch search latency (CPU)",
+                       "search_latency.py", ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from influence_smollm2 import baseline_pass, build_model  # noqa: E402
+from recording import record_section  # noqa: E402
 
 from curator.catalog import Catalog  # noqa: E402
 from curator.corpus import document_ids  # noqa: E402
@@ -48,7 +49,6 @@ from curator.score import ScoreConfig, score  # noqa: E402
 from curator.sketch import SketchConfig, iter_shards, sketch, sketch_queries  # noqa: E402
 from curator.workspace import Workspace  # noqa: E402
 
-BEGIN, END = "<!-- sketch_fidelity:begin -->", "<!-- sketch_fidelity:end -->"
 TASKS = ("arithmetic", "slope", "linear")
 SUBSPACE = ("query-subspace", "whitened-subspace")
 
@@ -169,15 +169,8 @@ def main() -> None:
     if args.plot:
         plot(frame, args.plot)
     if args.record:
-        command = " ".join(["python benchmarks/sketch_fidelity.py", *sys.argv[1:]]).replace(
-            f" --record {args.record}", "")
-        section = "\n".join([BEGIN, f"Measured {time.strftime('%Y-%m-%d')} with `{command}`.", "", *lines, END])
-        text = args.record.read_text()
-        if BEGIN in text:
-            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n## Sketch fidelity and sketching speed: SmolLM2-135M\n\n" + section + "\n"
-        args.record.write_text(text)
+        record_section(args.record, "sketch_fidelity", "Sketch fidelity and sketching speed: SmolLM2-135M",
+                       "sketch_fidelity.py", lines)
 
 
 def plot(frame: pl.DataFrame, path: Path) -> None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from influence_smollm2 import baseline_pass, build_model, synchronize  # noqa: E402
+from recording import record_section  # noqa: E402
 
 from curator.catalog import Catalog  # noqa: E402
 from curator.corpus import document_ids, read_texts  # noqa: E402
@@ -43,7 +44,6 @@ from curator.querygen import generate  # noqa: E402
 from curator.score import ScoreConfig, score  # noqa: E402
 from curator.workspace import Workspace  # noqa: E402
 
-BEGIN, END = "<!-- suite_scoring:begin -->", "<!-- suite_scoring:end -->"
 TASKS = ("arithmetic", "slope", "linear")
 
 
@@ -192,16 +192,8 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if args.record:
-        command = " ".join(["python benchmarks/suite_scoring.py", *sys.argv[1:]]).replace(
-            f" --record {args.record}", "")
-        section = "\n".join([BEGIN, f"Measured {time.strftime('%Y-%m-%d')} with `{command}`.", "", *lines, END])
-        text = args.record.read_text()
-        if BEGIN in text:
-            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = (text.rstrip() + "\n\n## Exact suite scoring against kronfluence: SmolLM2-135M\n\n" + section
-                    + "\n")
-        args.record.write_text(text)
+        record_section(args.record, "suite_scoring", "Exact suite scoring against kronfluence: SmolLM2-135M",
+                       "suite_scoring.py", lines)
 
 
 if __name__ == "__main__":
