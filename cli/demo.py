@@ -69,7 +69,7 @@ def demo(
     The corpus has four kinds of source, all on this machine: standard-library functions (code), installed
     packages' Markdown descriptions (markdown), trivia cards from the red-trivia package (trivia) and mpmath's
     function documentation (math). Queries are the paper's three reasoning tasks, their controls, and factual
-    questions whose answers are in the trivia. The default size finishes in about 15 minutes on a 2-core CPU;
+    questions whose answers are in the trivia. The default size takes about 10 minutes on a 2-core CPU;
     `--gpu` runs the same steps larger. Every step is an ordinary curator command, printed as it runs
     (docs/quickstart.md goes through them one at a time). A second run reuses what the first computed.
     """
