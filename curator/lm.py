@@ -29,11 +29,17 @@ def sequence_losses(model, batch: TokenBatch, labels: str = "data",
     "sampled" draws y_t from the model's predictive distribution, which makes
     the gradient covariance the true Fisher.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    logits = logits[:, :-1].float()
-    targets = batch.target_mask[:, 1:]
+    predicting = _predicting_positions(model, batch)
+    if predicting is None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        predicting = slice(0, batch.input_ids.shape[1] - 1)
+    else:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       logits_to_keep=predicting).logits
+    logits = logits.float()
+    targets = batch.target_mask[:, 1:][:, predicting]
     if labels == "data":
-        y = batch.input_ids[:, 1:]
+        y = batch.input_ids[:, 1:][:, predicting]
     elif labels == "sampled":
         with torch.no_grad():
             if not bool(torch.isfinite(logits).all()):
@@ -47,6 +53,25 @@ def sequence_losses(model, batch: TokenBatch, labels: str = "data",
         raise ValueError(f"labels must be one of {LABELS}")
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
     return (nll.reshape(targets.shape) * targets).sum(dim=1)
+
+
+def _predicting_positions(model, batch: TokenBatch) -> torch.Tensor | None:
+    """The positions whose next token is a target in some row, when that is well short of all of them.
+
+    A query's targets are its completion only, so the vocabulary projection (a fifth of a
+    small model's forward) and its backward are skipped over the prompt. Documents
+    predict every token: None, and the model computes every logit as usual.
+    """
+    wanted = batch.target_mask[:, 1:].any(dim=0)
+    if int(wanted.sum()) > 0.75 * wanted.numel() or not _accepts_logits_to_keep(model):
+        return None
+    return torch.nonzero(wanted).flatten()
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 LayerCallback = Callable[[str, torch.Tensor, torch.Tensor], None]

@@ -30,8 +30,9 @@ from curator.factors import FactorsRecord, get_factors, load_layer_factors, load
 from curator.influence import (
     LayerFactors,
     LowRank,
-    low_rank,
-    precondition,
+    from_eigen_frame,
+    low_rank_from_eigen_frame,
+    preconditioned_eigen_frame,
     scores_from_gradients,
     scores_from_tokens,
     scores_low_rank_from_gradients,
@@ -177,9 +178,15 @@ def check_compatible(loaded: LoadedModel, record: FactorsRecord, modules: str | 
 
 
 def prepare_queries(loaded: LoadedModel, modules: dict, factors: dict[str, LayerFactors], queries: list[Query],
-                    max_len: int, chat_template: str, rank: int | None, batch_tokens: int
-                    ) -> tuple[dict[str, torch.Tensor | LowRank], dict[str, float]]:
-    """P_q = H⁻¹∇ℓ(q) per layer, stacked over queries (dense, or rank-r factors), and ℓ(q) in nats."""
+                    max_len: int, chat_template: str, rank: int | None, batch_tokens: int, *,
+                    eigen_frame: bool = False) -> tuple[dict[str, torch.Tensor | LowRank], dict[str, float]]:
+    """P_q = H⁻¹∇ℓ(q) per layer, stacked over queries, and ℓ(q) in nats.
+
+    As rank-r factors when `rank` is set, else dense; with `eigen_frame`, dense in the
+    eigenbasis, M_q = Q_Sᵀ P_q Q_A, which is what sketch bases and query sketches read.
+    """
+    if eigen_frame and rank is not None:
+        raise ValueError("eigen-frame queries are dense; rank must be None")
     # A query is one sequence however long the document windows are; the model's context bounds it.
     context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or max_len)
     windows = [tokenize_query(loaded.tokenizer, i, q.prompt, q.completion, context, chat_template, q.id)
@@ -191,12 +198,13 @@ def prepare_queries(loaded: LoadedModel, modules: dict, factors: dict[str, Layer
         owners = batch.owners.tolist()
 
         def on_layer(name, a, delta, owners=owners):
-            preconditioned = precondition(sequence_gradients(a, delta), factors[name])
+            m = preconditioned_eigen_frame(a, delta, factors[name])
             if rank is not None:
-                compressed = low_rank(preconditioned, rank)
+                compressed = low_rank_from_eigen_frame(m, factors[name], rank)
                 for row, owner in enumerate(owners):
                     parts[name][owner] = (compressed.u[row], compressed.v[row])
             else:
+                preconditioned = m if eigen_frame else from_eigen_frame(m, factors[name])
                 for row, owner in enumerate(owners):
                     parts[name][owner] = preconditioned[row]
 

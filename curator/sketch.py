@@ -34,7 +34,7 @@ from curator.catalog import Catalog
 from curator.corpus import document_ids, read_texts
 from curator.errors import CuratorError
 from curator.factors import FactorsRecord, get_factors, load_layer_factors, load_model_for, load_tensors
-from curator.influence import (eigen_bases, random_bases, sketch_matrix, sketch_tokens, subspace_bases,
+from curator.influence import (eigen_bases, random_bases, sketch_eigen_frame, sketch_tokens, subspace_bases,
                                whitened_subspace_bases)
 from curator.lm import backward_layers
 from curator.models import LoadedModel
@@ -122,7 +122,7 @@ def build_bases(loaded: LoadedModel, modules: dict, ws: Workspace, record: Facto
                 config: SketchConfig, max_len: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
     factors = {name: f.to(loaded.device) for name, f in load_layer_factors(ws, record).items()}
     prepared, _ = prepare_queries(loaded, modules, factors, suite, max_len, config.chat_template, None,
-                                  config.batch_tokens)
+                                  config.batch_tokens, eigen_frame=True)
     energy = {name: float((p.double() ** 2).sum()) for name, p in prepared.items()}
     shapes = {name: tuple(p.shape[1:]) for name, p in prepared.items()}
     itemsize = np.dtype(config.dtype).itemsize
@@ -133,7 +133,7 @@ def build_bases(loaded: LoadedModel, modules: dict, ws: Workspace, record: Facto
     for number, name in enumerate(modules):
         k_out, k_in = ranks[name]
         if config.method == "query-subspace":
-            u, v = subspace_bases(prepared[name].cpu(), k_out, k_in)
+            u, v = subspace_bases(prepared[name].cpu(), factors[name].to("cpu"), k_out, k_in)
         elif config.method == "whitened-subspace":
             (u, v), (uq, vq) = whitened_subspace_bases(prepared[name].cpu(), factors[name].to("cpu"), k_out, k_in)
             query_bases[name] = (uq.contiguous(), vq.contiguous())
@@ -247,9 +247,10 @@ def sketch_queries(ws: Workspace, store: SketchStore, loaded: LoadedModel, queri
     modules = check_compatible(loaded, record, None)
     factors = {name: f.to(loaded.device) for name, f in load_layer_factors(ws, record).items()}
     prepared, losses = prepare_queries(loaded, modules, factors, queries, store.max_seq_len, store.chat_template,
-                                       None, batch_tokens)
-    parts = [sketch_matrix(prepared[name], flat.get(f"{name}::uq", flat[f"{name}::u"]).to(loaded.device),
-                           flat.get(f"{name}::vq", flat[f"{name}::v"]).to(loaded.device)).reshape(len(queries), -1)
+                                       None, batch_tokens, eigen_frame=True)
+    parts = [sketch_eigen_frame(prepared[name], factors[name],
+                                flat.get(f"{name}::uq", flat[f"{name}::u"]).to(loaded.device),
+                                flat.get(f"{name}::vq", flat[f"{name}::v"]).to(loaded.device)).reshape(len(queries), -1)
              for name in store.modules]
     return torch.cat(parts, dim=1).cpu().numpy(), losses
 

@@ -21,7 +21,21 @@ from tinylm import TRAINING_TEXT, loaded_tiny
 from curator.catalog import Catalog
 from curator.factors import get_factors, load_tensors
 from curator.fit import FitConfig, fit
-from curator.influence import LowRank, dense, low_rank, precondition, scores_from_tokens, sequence_gradients
+from curator.influence import (
+    LayerFactors,
+    LowRank,
+    dense,
+    eigen_frame_gradients,
+    from_eigen_frame,
+    low_rank,
+    low_rank_from_eigen_frame,
+    precondition,
+    preconditioned_eigen_frame,
+    rotate,
+    scores_from_tokens,
+    sequence_gradients,
+    truncated_svd,
+)
 from curator.queries import Query, store_queries
 from curator.score import ScoreConfig, score
 from curator.workspace import Workspace
@@ -223,6 +237,62 @@ def test_low_rank_token_path_equals_gradient_path():
     truncated = low_rank(p, 1)
     assert isinstance(truncated, LowRank) and truncated.rank == 1
     assert not torch.allclose(scores_from_tokens(a, delta, truncated), exact, atol=1e-3)
+
+
+def random_factors(d_out: int, d_in: int, seed: int = 0) -> LayerFactors:
+    generator = torch.Generator().manual_seed(seed)
+    q_s = torch.linalg.qr(torch.randn(d_out, d_out, generator=generator, dtype=torch.float64))[0]
+    q_a = torch.linalg.qr(torch.randn(d_in, d_in, generator=generator, dtype=torch.float64))[0]
+    corrected = torch.rand(d_out, d_in, generator=generator, dtype=torch.float64) ** 4   # a wide spread of Λ
+    return LayerFactors(q_a, q_s, corrected, 0.01).to("cpu")     # float32, as scoring uses them
+
+
+@pytest.mark.parametrize("tokens", [3, 40])   # 3: rotate the tokens; 40: rotate G (cheaper for long sequences)
+def test_eigen_frame_routes_equal_rotating_the_gradient(tokens):
+    factors = random_factors(6, 5)
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(2, tokens, 5, generator=generator, dtype=torch.float64)
+    delta = torch.randn(2, tokens, 6, generator=generator, dtype=torch.float64)
+    g = sequence_gradients(a, delta)
+    torch.testing.assert_close(eigen_frame_gradients(a, delta, factors), rotate(g, factors.q_s, factors.q_a),
+                               rtol=1e-4, atol=1e-4)
+    m = preconditioned_eigen_frame(a, delta, factors)
+    want = precondition(g, factors)
+    torch.testing.assert_close(from_eigen_frame(m, factors), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9)])
+def test_truncated_svd_matches_a_full_svd(shape):
+    generator = torch.Generator().manual_seed(2)
+    spectrum = torch.tensor([10.0, 5.0, 2.0, 1.0], dtype=torch.float64)          # distinct: the vectors are unique up to sign
+    left = torch.linalg.qr(torch.randn(shape[0], 4, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(shape[1], 4, generator=generator, dtype=torch.float64))[0]
+    m = torch.stack([left @ torch.diag(spectrum) @ right.T, left @ torch.diag(spectrum ** 3) @ right.T])
+    for rank in (1, 3, 4, 20):
+        u, v = truncated_svd(m, rank)
+        k = min(rank, *shape)
+        assert u.shape == (2, shape[0], k) and v.shape == (2, shape[1], k)
+        torch.testing.assert_close(v.transpose(-1, -2) @ v, torch.eye(k).expand(2, k, k), atol=1e-5, rtol=0)
+        full = torch.linalg.svd(m, full_matrices=False)
+        best = (full.U[..., :k] * full.S[..., None, :k]) @ full.Vh[..., :k, :]
+        torch.testing.assert_close((u @ v.transpose(-1, -2)).double(), best, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(u.norm(dim=-2).double(), full.S[..., :k], rtol=1e-5, atol=1e-5)
+
+
+def test_low_rank_from_eigen_frame_equals_truncating_the_dense_query():
+    factors = random_factors(12, 7, seed=3)
+    generator = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 5, 7, generator=generator, dtype=torch.float64)
+    delta = torch.randn(3, 5, 12, generator=generator, dtype=torch.float64)
+    m = preconditioned_eigen_frame(a, delta, factors)
+    p = from_eigen_frame(m, factors)
+    scale = float(p.abs().max())
+    for rank in (2, 5, 7):
+        got = low_rank_from_eigen_frame(m, factors, rank)
+        want = low_rank(p, rank)
+        torch.testing.assert_close(dense(got).double(), dense(want).double(), rtol=1e-4, atol=1e-5 * scale)
+    # P has rank ≤ 5 tokens before preconditioning but not after: the cut must lose something.
+    assert not torch.allclose(dense(low_rank_from_eigen_frame(m, factors, 2)), p, atol=1e-2 * scale)
 
 
 def test_sampled_fisher_differs_from_empirical_but_shares_A(setup, tmp_path):
