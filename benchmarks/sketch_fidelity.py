@@ -143,7 +143,8 @@ def main() -> None:
                                                 device=args.device, batch_tokens=args.batch_tokens), loaded=lm)
                 elapsed = time.perf_counter() - start
                 label = f"{method} (suite {size}/task)" if method in SUBSPACE else method
-                passes.append({"label": label, "seconds": elapsed})
+                passes.append({"label": label, "seconds": elapsed, "bases": store.seconds.get("bases", 0.0),
+                               "documents": store.seconds["documents"], "tokens": store.tokens})
                 queries, _ = sketch_queries(ws, store, lm, held)
                 parts = list(iter_shards(ws, store))
                 doc_ids = np.concatenate([p[0] for p in parts])
@@ -173,15 +174,18 @@ def main() -> None:
           f"| {r['top10_recall_at_5pct']:.2f} |"
           for r in frame.iter_rows(named=True)),
         "",
-        (f"Baseline, a plain forward + backward of the whole model over the same batches: {baseline_s:.1f} s. "
+        (f"Baseline, a plain forward + backward of the whole model over the same batches: {baseline_s:.1f} s "
+         f"({tokens / baseline_s:,.0f} tokens/s). "
          if baseline_s else "")
         + f"Fit: {fit_s['covariances']:.1f} s + {fit_s['eigenvalue correction']:.1f} s. Exact scoring of the "
         f"held-out queries: {result.stats['seconds']['document pass']:.1f} s for the document pass.",
         "",
-        "| sketch store (rank " + str(ranks[-1]) + ") | seconds, bases included | × baseline |",
-        "|---|---|---|",
-        *(f"| {p['label']} | {p['seconds']:.1f} | "
-          + (f"{p['seconds'] / baseline_s:.2f}" if baseline_s else "–") + " |" for p in passes),
+        "| sketch store (rank " + str(ranks[-1]) + ") | bases (s) | document pass (s) | tokens/s "
+        "| pass × baseline tokens/s | all × baseline time |",
+        "|---|---|---|---|---|---|",
+        *(f"| {p['label']} | {p['bases']:.1f} | {p['documents']:.1f} | {p['tokens'] / p['documents']:,.0f} | "
+          + (f"{(p['tokens'] / p['documents']) / (tokens / baseline_s):.2f} | {p['seconds'] / baseline_s:.2f}"
+             if baseline_s else "– | –") + " |" for p in passes),
         "",
         f"Machine: {platform.system()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"device {args.device}, torch {torch.__version__}.",

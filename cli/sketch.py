@@ -76,6 +76,9 @@ def sketch(
         store = run_sketch(ws, config, loaded=loaded, progress=bar)
     console.print(f"Store [bold]{store.id}[/]: {store.documents:,} documents, {store.dim:,} dimensions, "
                   f"{store.bytes_per_doc:,} bytes per document ({store.method}, {len(store.suite)} suite queries).")
+    if store.seconds.get("documents"):
+        console.print(f"Bases {store.seconds.get('bases', 0):.1f} s; documents {store.seconds['documents']:.1f} s, "
+                      f"{store.tokens / store.seconds['documents']:,.0f} tokens/s.")
     if held:
         result = fidelity(ws, store, loaded, held, sample=fidelity_sample, seed=seed)
         record_fidelity(ws, store, result)

@@ -38,7 +38,7 @@ from curator.influence import (eigen_bases, random_bases, sketch_eigen_frame, sk
                                whitened_subspace_bases)
 from curator.lm import backward_layers
 from curator.models import LoadedModel
-from curator.passes import NoProgress, PassProgress
+from curator.passes import NoProgress, PassProgress, Timer
 from curator.queries import Query, select_queries
 from curator.score import check_compatible, prepare_queries
 from curator.tokens import batches, pad_token_id, tokenize_documents
@@ -84,6 +84,8 @@ class SketchStore(BaseModel):
     documents: int = 0
     complete: bool = False
     fidelity: dict | None = None     # mean agreement with exact scores on held-out queries
+    seconds: dict[str, float] = Field(default_factory=dict)   # "bases", "documents" (this run's part)
+    tokens: int = 0                  # tokens sketched, padding excluded
 
     @property
     def bytes_per_doc(self) -> int:
@@ -152,6 +154,7 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
     from safetensors.torch import load_file, save_file
 
     progress = progress or NoProgress()
+    timer = Timer()
     with Catalog.open(ws) as catalog:
         record = get_factors(catalog, config.factors)
         suite = select_queries(catalog, config.suite)
@@ -171,7 +174,8 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
     else:
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
-        bases, info = build_bases(loaded, modules, ws, record, suite, config, max_len)
+        with timer("bases"):
+            bases, info = build_bases(loaded, modules, ws, record, suite, config, max_len)
         # Documents are sketched with u, v; queries with uq, vq where a method has its own (else u, v).
         tensors = {f"{n}::{k}": t for n, (u, v) in bases.items() for k, t in (("u", u), ("v", v))}
         tensors.update({f"{n}::{k}": t for n, (u, v) in info["query_bases"].items() for k, t in (("uq", u), ("vq", v))})
@@ -184,20 +188,24 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
         _write_manifest(directory, store)
     device_bases = {n: (u.to(loaded.device), v.to(loaded.device)) for n, (u, v) in bases.items()}
     progress.stage(f"sketch: {store.dim:,} dims, {store.bytes_per_doc:,} bytes/doc", len(ids))
-    shards = []
+    shards, tokens = [], 0
     with Catalog.open(ws) as catalog:
         for number, start in enumerate(range(0, len(ids), config.shard_docs)):
             shard_ids = ids[start:start + config.shard_docs]
             name = f"shard-{number:05d}"
             if not (directory / f"{name}.npy").is_file():
-                vectors = sketch_documents(loaded, modules, device_bases, catalog, shard_ids, max_len,
-                                           config.batch_tokens, progress)
+                with timer("documents"):
+                    vectors, shard_tokens = sketch_documents(loaded, modules, device_bases, catalog, shard_ids,
+                                                             max_len, config.batch_tokens, progress)
+                tokens += shard_tokens
                 _save_array(directory / f"{name}.ids.npy", np.asarray(shard_ids, dtype=np.int64))
                 _save_array(directory / f"{name}.npy", vectors.astype(config.dtype))
             else:
                 progress.advance(len(shard_ids), 0)
             shards.append({"file": f"{name}.npy", "ids": f"{name}.ids.npy", "documents": len(shard_ids)})
-    store = store.model_copy(update={"shards": shards, "documents": len(ids), "complete": True})
+    # A resumed run reports the time and tokens of what it did itself.
+    store = store.model_copy(update={"shards": shards, "documents": len(ids), "complete": True,
+                                     "seconds": timer.seconds, "tokens": tokens})
     _write_manifest(directory, store)
     with Catalog.open(ws, write=True) as catalog:
         catalog.sql("DELETE FROM sketch_stores WHERE id = ?", [store.id])
@@ -207,8 +215,9 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
     return store
 
 
-def sketch_documents(loaded, modules, bases, catalog, ids, max_len, batch_tokens, progress) -> np.ndarray:
-    """(len(ids), dim) float32 sketches, each the sum over the document's windows."""
+def sketch_documents(loaded, modules, bases, catalog, ids, max_len, batch_tokens, progress
+                     ) -> tuple[np.ndarray, int]:
+    """(len(ids), dim) float64 sketches, each the sum over the document's windows, and the tokens sketched."""
     position = {doc_id: i for i, doc_id in enumerate(ids)}
     rows = [row for part in read_texts(catalog, ids, chunk=len(ids)) for row in part]
     windows, _ = tokenize_documents(loaded.tokenizer, rows, max_len)
@@ -218,6 +227,7 @@ def sketch_documents(loaded, modules, bases, catalog, ids, max_len, batch_tokens
         offsets[name] = (start, start + k_out * k_in)
         start += k_out * k_in
     out = torch.zeros(len(ids), start, dtype=torch.float64)
+    tokens = 0
     for batch in batches(windows, batch_tokens, pad_token_id(loaded.tokenizer), loaded.device):
         part = torch.zeros(batch.input_ids.shape[0], start, device=loaded.device)
 
@@ -228,11 +238,12 @@ def sketch_documents(loaded, modules, bases, catalog, ids, max_len, batch_tokens
         backward_layers(loaded.model, modules, batch, on_layer, labels="data")
         out.index_add_(0, torch.tensor([position[o] for o in batch.owners.tolist()]), part.double().cpu())
         progress.advance(0, batch.tokens)
+        tokens += batch.tokens
     progress.advance(len(ids), 0)
     if not bool(torch.isfinite(out).all()):
         bad = ids[int(torch.nonzero(~torch.isfinite(out).all(dim=1))[0, 0])]
         raise CuratorError(f"the sketch of document {bad} is NaN or infinite (the model overflowed on it)")
-    return out.numpy()
+    return out.numpy(), tokens
 
 
 def sketch_queries(ws: Workspace, store: SketchStore, loaded: LoadedModel, queries: list[Query],

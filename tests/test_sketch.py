@@ -115,6 +115,9 @@ def test_a_killed_sketch_run_resumes_to_the_same_store(setup):
     for got, want in zip([v for _, v in iter_shards(ws, fresh)], vectors, strict=True):
         np.testing.assert_array_equal(got, want)
     assert not list((ws.root / "sketches" / fresh.id).glob("*.part"))
+    # Each run records its own work: the resumed one two shards and no bases, the fresh one everything.
+    assert 0 < resumed.tokens < fresh.tokens and "bases" not in resumed.seconds
+    assert fresh.seconds["bases"] > 0 and fresh.seconds["documents"] > 0
 
 
 def test_flat_search_returns_the_blocked_products_top_and_bottom(setup):
