@@ -122,10 +122,15 @@ def from_eigen_frame(m: torch.Tensor, factors: LayerFactors) -> torch.Tensor:
 
 @dataclass
 class LowRank:
-    """P ≈ Σ_k u_k v_kᵀ per query: u (Q, d_out, r) carries the singular values, v (Q, d_in, r)."""
+    """P ≈ Σ_k u_k v_kᵀ per query: u (Q, d_out, r) carries the singular values, v (Q, d_in, r).
+
+    `full`, when set, is the same truncated P multiplied out (Q, d_out, d_in): more memory,
+    and the cheaper way to score long windows against many queries (`scoring_path`).
+    """
 
     u: torch.Tensor
     v: torch.Tensor
+    full: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -187,11 +192,28 @@ def scores_from_tokens(a: torch.Tensor, delta: torch.Tensor, p: LowRank) -> torc
     return (left * right).sum(dim=1).reshape(-1, n_queries, rank).sum(dim=-1)
 
 
-def token_path_is_cheaper(tokens: int, d_out: int, d_in: int, n_queries: int, rank: int) -> bool:
-    """Per-token low-rank products cost T·(d_in+d_out)·Q·r; building G costs T·d_in·d_out + Q·r·(d_in·d_out)."""
-    token_path = tokens * (d_in + d_out) * n_queries * rank
-    gradient_path = tokens * d_in * d_out + n_queries * rank * d_in * d_out
-    return token_path < gradient_path
+def scoring_costs(windows: int, tokens: int, d_out: int, d_in: int, n_queries: int, rank: int
+                  ) -> dict[str, int]:
+    """Multiply-adds for one layer and a batch of `windows` windows of `tokens` tokens, by each route:
+
+    - "tokens": project every token on the rank-r factors, T·(d_in + d_out)·Q·r per window;
+    - "dense": build G per window, then one inner product per query with the multiplied-out P,
+      T·d_out·d_in + Q·d_out·d_in per window;
+    - "factors": build G, then Σ_k u_kᵀ G v_k, T·d_out·d_in + Q·r·d_out·d_in per window.
+    """
+    gradient = tokens * d_out * d_in
+    return {"tokens": windows * tokens * (d_in + d_out) * n_queries * rank,
+            "dense": windows * (gradient + n_queries * d_out * d_in),
+            "factors": windows * (gradient + n_queries * rank * d_out * d_in)}
+
+
+def scoring_path(windows: int, tokens: int, d_out: int, d_in: int, n_queries: int, rank: int,
+                 dense_available: bool) -> str:
+    """The cheapest route of `scoring_costs` ("dense" only when the multiplied-out P is held)."""
+    costs = scoring_costs(windows, tokens, d_out, d_in, n_queries, rank)
+    if not dense_available:
+        del costs["dense"]
+    return min(costs, key=costs.__getitem__)
 
 
 def scores_low_rank_from_gradients(g: torch.Tensor, p: LowRank) -> torch.Tensor:

@@ -30,14 +30,16 @@ from curator.factors import FactorsRecord, get_factors, load_layer_factors, load
 from curator.influence import (
     LayerFactors,
     LowRank,
+    dense,
     from_eigen_frame,
     low_rank_from_eigen_frame,
     preconditioned_eigen_frame,
     scores_from_gradients,
     scores_from_tokens,
     scores_low_rank_from_gradients,
+    scoring_costs,
+    scoring_path,
     sequence_gradients,
-    token_path_is_cheaper,
 )
 from curator.lm import backward_layers
 from curator.models import LoadedModel, tracked_modules
@@ -122,6 +124,8 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
                 prepared, batch_losses = prepare_queries(loaded, modules, factors, query_batch, max_len,
                                                          config.chat_template, config.query_rank,
                                                          config.batch_tokens)
+                if config.query_rank is not None:
+                    prepared = multiply_out_within(prepared, config.query_memory_mb * 2**20, max_len)
             losses.update(batch_losses)
             progress.stage(f"score {number + 1}/{len(query_batches)}: {len(query_batch)} queries", len(ids))
             with timer("document pass"):
@@ -276,13 +280,42 @@ def _document_pass(loaded, modules, prepared, queries, losses, catalog, ids, max
 
 
 def layer_scores(a: torch.Tensor, delta: torch.Tensor, prepared: torch.Tensor | LowRank) -> torch.Tensor:
-    """⟨P_q, G_n⟩ for each window n of the batch and each query q, choosing the cheaper path."""
+    """⟨P_q, G_n⟩ for each window n of the batch and each query q, by the cheapest route."""
     if isinstance(prepared, LowRank):
-        tokens = a.shape[0] * a.shape[1]
-        if token_path_is_cheaper(tokens, delta.shape[-1], a.shape[-1], prepared.u.shape[0], prepared.rank):
+        path = scoring_path(a.shape[0], a.shape[1], delta.shape[-1], a.shape[-1], prepared.u.shape[0],
+                            prepared.rank, prepared.full is not None)
+        if path == "tokens":
             return scores_from_tokens(a, delta, prepared)
+        if path == "dense":
+            return scores_from_gradients(sequence_gradients(a, delta), prepared.full)
         return scores_low_rank_from_gradients(sequence_gradients(a, delta), prepared)
     return scores_from_gradients(sequence_gradients(a, delta), prepared)
+
+
+def multiply_out_within(prepared: dict[str, torch.Tensor | LowRank], budget_bytes: int, window_tokens: int
+                        ) -> dict[str, torch.Tensor | LowRank]:
+    """Add the multiplied-out P to rank-r queries, layer by layer, while it fits in the budget.
+
+    With many queries × rank, building each window's G and taking one inner product
+    per query costs less than projecting every token (`scoring_costs`). Layers that
+    save the most per byte go first; the rest keep the token route.
+    """
+    def saving(p: LowRank) -> float:
+        q, d_out, r = p.u.shape
+        costs = scoring_costs(1, window_tokens, d_out, p.v.shape[1], q, r)
+        return (costs["tokens"] - costs["dense"]) / (q * d_out * p.v.shape[1])
+
+    used = sum(4 * (p.u.numel() + p.v.numel()) if isinstance(p, LowRank) else 4 * p.numel()
+               for p in prepared.values())
+    out = dict(prepared)
+    candidates = [n for n, p in prepared.items() if isinstance(p, LowRank) and saving(p) > 0]
+    for name in sorted(candidates, key=lambda n: -saving(prepared[n])):
+        p = prepared[name]
+        size = 4 * p.u.shape[0] * p.u.shape[1] * p.v.shape[1]
+        if used + size <= budget_bytes:
+            out[name] = LowRank(p.u, p.v, dense(p))
+            used += size
+    return out
 
 
 def _bytes_per_query(factors: dict[str, LayerFactors], rank: int | None) -> int:

@@ -33,11 +33,13 @@ from curator.influence import (
     preconditioned_eigen_frame,
     rotate,
     scores_from_tokens,
+    scores_low_rank_from_gradients,
+    scoring_path,
     sequence_gradients,
     truncated_svd,
 )
 from curator.queries import Query, store_queries
-from curator.score import ScoreConfig, score
+from curator.score import ScoreConfig, layer_scores, multiply_out_within, score
 from curator.workspace import Workspace
 
 MAX_LEN = 12
@@ -237,6 +239,39 @@ def test_low_rank_token_path_equals_gradient_path():
     truncated = low_rank(p, 1)
     assert isinstance(truncated, LowRank) and truncated.rank == 1
     assert not torch.allclose(scores_from_tokens(a, delta, truncated), exact, atol=1e-3)
+    # Every route of layer_scores gives the same scores for the same rank-1 queries.
+    want = sequence_gradients(a, delta).reshape(3, -1) @ dense(truncated).reshape(6, -1).T
+    routes = {"tokens": scores_from_tokens(a, delta, truncated),
+              "factors": scores_low_rank_from_gradients(sequence_gradients(a, delta), truncated),
+              "dense": layer_scores(a, delta, LowRank(truncated.u, truncated.v, dense(truncated)))}
+    for route, got in routes.items():
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=route)
+
+
+def test_scoring_takes_the_cheapest_route():
+    # SmolLM2's MLP up-projection, 100 queries at rank 32.
+    d_out, d_in, queries, rank = 1536, 576, 100, 32
+    # Long windows: multiplying P out wins; without it, per-token projections do.
+    # (Building G and contracting it with every rank-1 factor is never the cheaper way here.)
+    assert scoring_path(16, 128, d_out, d_in, queries, rank, dense_available=True) == "dense"
+    assert scoring_path(16, 128, d_out, d_in, queries, rank, dense_available=False) == "tokens"
+    # A handful of short windows and one query: per-token projections win even when P is held.
+    assert scoring_path(4, 8, d_out, d_in, 1, rank, dense_available=True) == "tokens"
+    # Windows far longer than Q·r · (d_in + d_out) / (d_in · d_out) tokens: the factors route wins.
+    assert scoring_path(1, 10_000, 64, 64, 1, 1, dense_available=False) == "tokens"
+    assert scoring_path(1, 10_000, 8, 8, 4, 4, dense_available=False) == "factors"
+
+
+def test_queries_are_multiplied_out_only_within_the_memory_budget():
+    u, v = torch.randn(10, 30, 4), torch.randn(10, 20, 4)
+    prepared = {"small": LowRank(u, v), "big": LowRank(torch.randn(10, 60, 4), torch.randn(10, 20, 4))}
+    low_rank_bytes = 4 * sum(p.u.numel() + p.v.numel() for p in prepared.values())
+    out = multiply_out_within(prepared, low_rank_bytes + 4 * 10 * 30 * 20, window_tokens=128)
+    assert out["small"].full is not None and out["big"].full is None    # only one fits
+    torch.testing.assert_close(out["small"].full, u @ v.transpose(-1, -2))
+    everything = multiply_out_within(prepared, 2**30, window_tokens=128)
+    assert all(p.full is not None for p in everything.values())
+    assert all(p.full is None for p in multiply_out_within(prepared, 2**30, window_tokens=1).values())
 
 
 def random_factors(d_out: int, d_in: int, seed: int = 0) -> LayerFactors:
