@@ -42,7 +42,9 @@ def score(
         help="Keep each preconditioned query gradient as a rank-K SVD per layer (Grosse et al.: 32 keeps "
              "correlation ≈ 0.995); bounds memory with many queries.", show_default=False)] = None,
     query_memory_mb: Annotated[int, typer.Option(help="Memory for preconditioned queries per document pass; "
-                                                      "more queries take more passes.")] = 2048,
+                                                      "more queries take more passes. With --query-rank, what "
+                                                      "is left holds queries multiplied out, which scores long "
+                                                      "windows faster.")] = 2048,
     max_docs: Annotated[int | None, typer.Option(help="Score a seeded sample of documents. Default: all.",
                                                  show_default=False)] = None,
     max_seq_len: Annotated[int | None, typer.Option(help="Window length. Default: the fit's.",
