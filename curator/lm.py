@@ -9,6 +9,7 @@ passes through these two functions only.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -63,15 +64,17 @@ def _predicting_positions(model, batch: TokenBatch) -> torch.Tensor | None:
     predict every token: None, and the model computes every logit as usual.
     """
     wanted = batch.target_mask[:, 1:].any(dim=0)
-    if int(wanted.sum()) > 0.75 * wanted.numel() or not _accepts_logits_to_keep(model):
+    if int(wanted.sum()) > 0.75 * wanted.numel() or not _accepts_logits_to_keep(type(model)):
         return None
     return torch.nonzero(wanted).flatten()
 
 
-def _accepts_logits_to_keep(model) -> bool:
+@functools.cache
+def _accepts_logits_to_keep(model_class: type) -> bool:
+    """Read once per model class: this runs for every batch."""
     import inspect
 
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 LayerCallback = Callable[[str, torch.Tensor, torch.Tensor], None]
