@@ -94,13 +94,19 @@ def test_preconditioned_step_changes_log_prob_by_lr_times_influence(scored, end)
     assert change / lr == pytest.approx(row["score"], rel=0.05)
 
 
-def test_plain_sgd_step_on_top_document_helps_and_on_bottom_hurts(scored):
+def test_plain_sgd_steps_follow_the_influence_ranking(scored):
+    """Unpreconditioned steps are not what I(q, d) predicts, only what it approximates: one
+    document's sign may differ (which one depends on the Fisher's sampled labels), but the
+    ranking must carry over, and the top document must help."""
+    import numpy as np
+
     ws, record, table, texts = scored
-    changes = {}
-    for end, index in (("top", -1), ("bottom", 0)):
+    changes = []
+    for doc_id in table["doc_id"]:
         lm = loaded_tiny(seed=1, bias=True)
-        grads = document_gradients(lm, record.modules, texts[table.row(index, named=True)["doc_id"]])
         before = completion_log_prob(lm)
-        step(lm, record.modules, grads, 1e-4)
-        changes[end] = completion_log_prob(lm) - before
-    assert changes["top"] > 0 > changes["bottom"], changes
+        step(lm, record.modules, document_gradients(lm, record.modules, texts[doc_id]), 1e-4)
+        changes.append(completion_log_prob(lm) - before)
+    rank_correlation = np.corrcoef(pl.Series(changes).rank().to_numpy(), table["score"].rank().to_numpy())[0, 1]
+    assert changes[-1] > 0 and changes[-1] == max(changes), changes
+    assert rank_correlation > 0.5, (rank_correlation, changes)
