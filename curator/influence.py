@@ -39,13 +39,13 @@ def token_covariance(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     return (x.T @ x).to(torch.float64)
 
 
-def sequence_gradients(a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def sequence_gradients(a: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """G_n = Σ_t δ_t a_tᵀ for each sequence of a batch: (B, d_out, d_in).
 
     The same multiply-adds as the weight gradient of an ordinary backward pass,
     kept per sequence instead of summed over the batch.
     """
-    return torch.einsum("bto,bti->boi", delta.to(torch.float32), a.to(torch.float32))
+    return torch.einsum("bto,bti->boi", delta.to(dtype), a.to(dtype))
 
 
 # -- factors -------------------------------------------------------------------

@@ -125,7 +125,9 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
                                                          config.chat_template, config.query_rank,
                                                          config.batch_tokens)
                 if config.query_rank is not None:
-                    prepared = multiply_out_within(prepared, config.query_memory_mb * 2**20, max_len)
+                    prepared = multiply_out_within(prepared, config.query_memory_mb * 2**20, max_len,
+                                                   loaded.model.dtype)
+                prepared = for_documents(prepared, loaded.model.dtype)
             losses.update(batch_losses)
             progress.stage(f"score {number + 1}/{len(query_batches)}: {len(query_batch)} queries", len(ids))
             with timer("document pass"):
@@ -287,18 +289,43 @@ def layer_scores(a: torch.Tensor, delta: torch.Tensor, prepared: torch.Tensor | 
         if path == "tokens":
             return scores_from_tokens(a, delta, prepared)
         if path == "dense":
-            return scores_from_gradients(sequence_gradients(a, delta), prepared.full)
+            return _dense_scores(a, delta, prepared.full)
         return scores_low_rank_from_gradients(sequence_gradients(a, delta), prepared)
-    return scores_from_gradients(sequence_gradients(a, delta), prepared)
+    return _dense_scores(a, delta, prepared)
 
 
-def multiply_out_within(prepared: dict[str, torch.Tensor | LowRank], budget_bytes: int, window_tokens: int
-                        ) -> dict[str, torch.Tensor | LowRank]:
+def _dense_scores(a: torch.Tensor, delta: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """⟨P_q, G_n⟩ in the dtype P is held in: bfloat16 next to a bfloat16 model (`for_documents`)."""
+    return scores_from_gradients(sequence_gradients(a, delta, p.dtype), p).float()
+
+
+def for_documents(prepared: dict[str, torch.Tensor | LowRank], dtype: torch.dtype
+                  ) -> dict[str, torch.Tensor | LowRank]:
+    """The multiplied-out queries in the dtype the document pass runs in.
+
+    Next to a bfloat16 model, G_n and ⟨P_q, G_n⟩ are formed in bfloat16 (the matrix
+    products accumulate in float32): 3.5x faster on a CPU with bfloat16 units, and
+    half the memory per query. Measured against float32 on SmolLM2 (96 documents x
+    100 queries, docs/influence.md), the scores differ far less than the bfloat16
+    model's own scores differ from float32's. Low-rank factors stay in float32.
+    """
+    out = {}
+    for name, p in prepared.items():
+        if isinstance(p, LowRank):
+            out[name] = p if p.full is None else LowRank(p.u, p.v, p.full.to(dtype))
+        else:
+            out[name] = p.to(dtype)
+    return out
+
+
+def multiply_out_within(prepared: dict[str, torch.Tensor | LowRank], budget_bytes: int, window_tokens: int,
+                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor | LowRank]:
     """Add the multiplied-out P to rank-r queries, layer by layer, while it fits in the budget.
 
     With many queries × rank, building each window's G and taking one inner product
     per query costs less than projecting every token (`scoring_costs`). Layers that
-    save the most per byte go first; the rest keep the token route.
+    save the most per byte go first; the rest keep the token route. `dtype` is the one
+    the document pass will hold them in (`for_documents`).
     """
     def saving(p: LowRank) -> float:
         q, d_out, r = p.u.shape
@@ -311,9 +338,9 @@ def multiply_out_within(prepared: dict[str, torch.Tensor | LowRank], budget_byte
     candidates = [n for n, p in prepared.items() if isinstance(p, LowRank) and saving(p) > 0]
     for name in sorted(candidates, key=lambda n: -saving(prepared[n])):
         p = prepared[name]
-        size = 4 * p.u.shape[0] * p.u.shape[1] * p.v.shape[1]
+        size = dtype.itemsize * p.u.shape[0] * p.u.shape[1] * p.v.shape[1]
         if used + size <= budget_bytes:
-            out[name] = LowRank(p.u, p.v, dense(p))
+            out[name] = LowRank(p.u, p.v, dense(p).to(dtype))
             used += size
     return out
 

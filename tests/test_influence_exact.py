@@ -39,7 +39,7 @@ from curator.influence import (
     truncated_svd,
 )
 from curator.queries import Query, store_queries
-from curator.score import ScoreConfig, layer_scores, multiply_out_within, score
+from curator.score import ScoreConfig, for_documents, layer_scores, multiply_out_within, score
 from curator.workspace import Workspace
 
 MAX_LEN = 12
@@ -272,6 +272,32 @@ def test_queries_are_multiplied_out_only_within_the_memory_budget():
     everything = multiply_out_within(prepared, 2**30, window_tokens=128)
     assert all(p.full is not None for p in everything.values())
     assert all(p.full is None for p in multiply_out_within(prepared, 2**30, window_tokens=1).values())
+    # Held in bfloat16 (next to a bfloat16 model), both fit where float32 fits one.
+    both = low_rank_bytes + 2 * 10 * (30 + 60) * 20
+    assert [p.full is not None for p in multiply_out_within(prepared, both, 128).values()].count(True) == 1
+    halves = multiply_out_within(prepared, both, 128, dtype=torch.bfloat16)
+    assert all(p.full is not None and p.full.dtype == torch.bfloat16 for p in halves.values())
+
+
+def test_bfloat16_document_arithmetic_stays_close_to_float32():
+    """Next to a bfloat16 model, G and ⟨P, G⟩ run in bfloat16 with float32 accumulation."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 50, 64, generator=generator).bfloat16()
+    delta = torch.randn(4, 50, 96, generator=generator).bfloat16()
+    p = LowRank(torch.randn(32, 96, 4, generator=generator), torch.randn(32, 64, 4, generator=generator))
+    p = LowRank(p.u, p.v, dense(p))
+    exact = sequence_gradients(a.double(), delta.double(), torch.float64).reshape(4, -1) @ \
+        dense(p).double().reshape(32, -1).T
+    halves = for_documents({"layer": p}, torch.bfloat16)["layer"]
+    assert scoring_path(4, 50, 96, 64, 32, 4, dense_available=True) == "dense"
+    assert halves.full.dtype == torch.bfloat16 and halves.u.dtype == torch.float32
+    got = layer_scores(a, delta, halves)
+    assert got.dtype == torch.float32
+    error = float((got.double() - exact).abs().max() / exact.abs().max())
+    # Rounded at bfloat16's 8 bits (float32 would be ~1e-7 here, so the bfloat16 route ran), and no worse.
+    assert 1e-4 < error < 1e-2, error
+    torch.testing.assert_close(layer_scores(a, delta, for_documents({"layer": p}, torch.float32)["layer"]).double(),
+                               exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
 
 
 def random_factors(d_out: int, d_in: int, seed: int = 0) -> LayerFactors:
