@@ -168,6 +168,8 @@ def _output_head(model, batch: TokenBatch) -> torch.nn.Linear | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", model) is model:
         return None
+    if any(p.requires_grad for p in head.parameters()):
+        return None     # someone trains the head (a baseline training step): the model's own route
     agrees = _HEAD_CHECKED.get(model)
     if agrees is None:
         sample = TokenBatch(batch.input_ids[:2], batch.attention_mask[:2], batch.target_mask[:2], batch.owners[:2])

@@ -68,6 +68,10 @@ def test_sequence_losses_from_hidden_states_equal_the_models_loss():
     batch = batch_with_padding_and_prompts()
     assert _output_head(model, batch) is model.lm_head
     torch.testing.assert_close(sequence_losses(model, batch), own_losses(model, batch), rtol=1e-5, atol=1e-5)
+    model.requires_grad_(True)      # a training step: the head's weights need their gradient
+    assert _output_head(model, batch) is None
+    sequence_losses(model, batch).sum().backward()
+    assert model.lm_head.weight.grad is not None
 
 
 def test_a_head_that_transforms_its_logits_keeps_the_models_own_route():
