@@ -13,7 +13,8 @@ scores the first N documents for every N of --sizes; the difference between two
 sizes is the cost of documents alone, so the report gives both the end-to-end
 time at each size and the documents/s of a large corpus, where the suite's
 fixed cost no longer counts. kronfluence gets every query in one batch (one pass
-over the documents, its fastest setting). The baseline is a plain training
+over the documents, its fastest setting) and batches padded to their own longest
+row (curator also sorts windows by length before batching). The baseline is a plain training
 forward + backward over curator's document batches, in the same run. The
 Pearson correlation of the two score matrices is printed as a check that the
 same thing was computed.
@@ -61,6 +62,7 @@ def kronfluence_scores(args, docs: list[str], queries, sizes: list[int], tmp: Pa
     import kronfluence
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
 
     lm = build_model(args)
     tokenizer, model = lm.tokenizer, lm.model
@@ -106,10 +108,17 @@ def kronfluence_scores(args, docs: list[str], queries, sizes: list[int], tmp: Pa
         prompt = tokenizer(q.prompt + "\n")["input_ids"]
         query_rows.append((prompt + tokenizer(q.completion, add_special_tokens=False)["input_ids"], len(prompt)))
     query = padded(query_rows)
+    def trimmed(items):
+        """Stack a batch and cut the columns that are padding in every row, as a padding collator does."""
+        batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+        width = int(batch["attention_mask"].sum(dim=1).max())
+        return {key: value[:, :width] for key, value in batch.items()}
+
     task = SummedLoss()
     model = prepare_model(model, task)
     analyzer = Analyzer("bench", model, task, cpu=args.device == "cpu", disable_tqdm=True,
                         output_dir=str(tmp / "kronfluence"))
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=trimmed))
     start = time.perf_counter()
     analyzer.fit_all_factors("ekfac", train, per_device_batch_size=8,
                              factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True))
