@@ -60,7 +60,8 @@ def _losses_from_hidden(model, head: torch.nn.Linear, batch: TokenBatch, labels:
 
 def _losses_from_logits(model, batch: TokenBatch, labels: str,
                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """The loss from the model's own logits: for output heads that are not a plain linear layer."""
+    """The loss from the model's own logits: for a head the hidden-state route does not reproduce
+    (not a plain linear map), for a head being trained, and as the reference of `_output_head`'s check."""
     predicting = _predicting_positions(model, batch)
     if predicting is None:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
