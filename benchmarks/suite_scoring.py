@@ -17,8 +17,9 @@ over the documents, its fastest setting) and batches padded to their own longest
 row (curator also sorts windows by length before batching). With --dtype
 bfloat16 both tools form per-document gradients and their products with the
 queries in bfloat16 (kronfluence's per_sample_gradient_dtype and score_dtype);
-preconditioning and the queries' SVDs stay in float32 in both. The baseline is a plain training
-forward + backward over curator's document batches, in the same run. The
+preconditioning and the queries' SVDs stay in float32 in both. The baseline is
+a plain training forward + backward over curator's document batches, in the
+same run. The
 Pearson correlation of the two score matrices is printed as a check that the
 same thing was computed.
 """
@@ -111,6 +112,7 @@ def kronfluence_scores(args, docs: list[str], queries, sizes: list[int], tmp: Pa
         prompt = tokenizer(q.prompt + "\n")["input_ids"]
         query_rows.append((prompt + tokenizer(q.completion, add_special_tokens=False)["input_ids"], len(prompt)))
     query = padded(query_rows)
+
     def trimmed(items):
         """Stack a batch and cut the columns that are padding in every row, as a padding collator does."""
         batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
