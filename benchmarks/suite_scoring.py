@@ -19,9 +19,8 @@ bfloat16 both tools form per-document gradients and their products with the
 queries in bfloat16 (kronfluence's per_sample_gradient_dtype and score_dtype);
 preconditioning and the queries' SVDs stay in float32 in both. The baseline is
 a plain training forward + backward over curator's document batches, in the
-same run. The
-Pearson correlation of the two score matrices is printed as a check that the
-same thing was computed.
+same run. The Pearson correlation of the two score matrices is printed as a
+check that the same thing was computed.
 """
 
 from __future__ import annotations
