@@ -36,6 +36,8 @@ from curator.influence import (
     scores_low_rank_from_gradients,
     scoring_path,
     sequence_gradients,
+    subspace_iteration,
+    top_eigenvectors,
     truncated_svd,
 )
 from curator.queries import Query, store_queries
@@ -338,6 +340,68 @@ def test_truncated_svd_matches_a_full_svd(shape):
         best = (full.U[..., :k] * full.S[..., None, :k]) @ full.Vh[..., :k, :]
         torch.testing.assert_close((u @ v.transpose(-1, -2)).double(), best, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(u.norm(dim=-2).double(), full.S[..., :k], rtol=1e-5, atol=1e-5)
+
+
+def gram_stack(spectra: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Symmetric PSD float32 matrices with the given leading eigenvalues (the rest zero) and random
+    eigenvectors: (len(spectra), n, n)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for spectrum in spectra:
+        basis = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0][:, :len(spectrum)]
+        out.append((basis * spectrum) @ basis.T)
+    return torch.stack(out).float()
+
+
+def projector_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max over the stack of ‖AAᵀ − BBᵀ‖₂ for orthonormal column blocks: 0 when they span the same space."""
+    difference = a.double() @ a.double().transpose(-1, -2) - b.double() @ b.double().transpose(-1, -2)
+    return float(torch.linalg.matrix_norm(difference, ord=2).max())
+
+
+def test_subspace_iteration_finds_the_leading_eigenvectors_of_a_decaying_spectrum():
+    # Spectra falling off like preconditioned queries' (σ₆₅/σ₃₂ ≈ 0.5 on SmolLM2); one matrix is all zero.
+    steps = torch.arange(40, dtype=torch.float64)
+    gram = gram_stack([0.7 ** steps, 5 * 0.5 ** steps, torch.zeros(40, dtype=torch.float64)], 96, seed=5)
+    vectors, converged = subspace_iteration(gram, 6)
+    assert converged.tolist() == [True, True, True]
+    exact = torch.linalg.eigh(gram.double())[1].flip(-1)[..., :6]
+    assert projector_distance(vectors[:2], exact[:2]) < 1e-4
+    # Largest first, each column a unit eigenvector with its own eigenvalue.
+    values = torch.linalg.eigh(gram.double())[0].flip(-1)[:2, :6]
+    rayleigh = torch.einsum("snk,snm,smk->sk", vectors[:2].double(), gram[:2].double(), vectors[:2].double())
+    torch.testing.assert_close(rayleigh, values, rtol=1e-4, atol=1e-6)
+    # The start block is fixed: the same stack gives the same vectors.
+    assert torch.equal(subspace_iteration(gram, 6)[0], vectors)
+
+
+def test_top_eigenvectors_falls_back_to_eigh_where_the_iteration_stalls():
+    # A nearly flat spectrum: each step gains a factor ≈ 0.99, far too slow to converge.
+    flat = 1 - 1e-3 * torch.arange(60, dtype=torch.float64)
+    fast = 0.5 ** torch.arange(60, dtype=torch.float64)
+    gram = gram_stack([flat, fast], 64, seed=6)
+    assert subspace_iteration(gram, 4)[1].tolist() == [False, True]
+    got = top_eigenvectors(gram, 4)
+    exact = torch.linalg.eigh(gram)[1].flip(-1)[..., :4]
+    assert torch.equal(got[0], exact[0])                        # the stalled matrix: eigh's own answer
+    assert projector_distance(got[1:], exact[1:]) < 1e-4
+    # Leading batch dimensions are kept; a block not small next to n goes straight to eigh.
+    assert top_eigenvectors(gram.reshape(1, 2, 64, 64), 4).shape == (1, 2, 64, 4)
+    assert torch.equal(top_eigenvectors(gram, 9), torch.linalg.eigh(gram)[1].flip(-1)[..., :9])
+
+
+def test_truncated_svd_by_subspace_iteration_is_the_best_low_rank_fit():
+    generator = torch.Generator().manual_seed(7)
+    spectrum = 0.6 ** torch.arange(48, dtype=torch.float64)
+    left = torch.linalg.qr(torch.randn(2, 80, 48, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(2, 72, 48, generator=generator, dtype=torch.float64))[0]
+    m = (left * spectrum) @ right.transpose(-1, -2)
+    for shape_m in (m, m.transpose(-1, -2)):                   # tall and wide
+        u, v = truncated_svd(shape_m.float(), 5)                # 8 × 5 ≤ 72: the iterative route
+        full = torch.linalg.svd(shape_m, full_matrices=False)
+        best = (full.U[..., :5] * full.S[..., None, :5]) @ full.Vh[..., :5, :]
+        torch.testing.assert_close((u @ v.transpose(-1, -2)).double(), best, rtol=0, atol=1e-5)
+        torch.testing.assert_close(u.norm(dim=-2).double(), full.S[..., :5], rtol=1e-5, atol=1e-6)
 
 
 def test_low_rank_from_eigen_frame_equals_truncating_the_dense_query():
