@@ -176,6 +176,8 @@ def truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 # each step shrinks the error ≈ 4×). A Ritz pair is accepted when its residual is
 # within a few ε of the largest eigenvalue, near the Gram matrix's own rounding;
 # a matrix not there after `SUBSPACE_STEPS` gets the full eigendecomposition.
+# (A residual test cannot see a leading eigenvector the start block misses
+# entirely; a Gaussian block misses one with probability zero.)
 SUBSPACE_STEPS = 12
 RESIDUAL_EPS = 16         # tolerance: this many ε × the largest eigenvalue
 _SUBSPACE_SEED = 0
