@@ -212,7 +212,7 @@ def main() -> None:
                           device=args.device, batch_tokens=args.batch_tokens), loaded=lm)
         our_fit_s = time.perf_counter() - start
         ours_s, stats, passes = {}, {}, {}
-        for n, repeat in [(n, r) for r in range(args.repeats) for n in sizes]:
+        for n, _ in [(n, r) for r in range(args.repeats) for n in sizes]:
             start = time.perf_counter()
             result = score(ws, ScoreConfig(queries=",".join(q.id for q in queries), query_rank=args.query_rank,
                                            chat_template="none", device=args.device,

@@ -188,12 +188,16 @@ def top_eigenvectors(gram: torch.Tensor, k: int) -> torch.Tensor:
     largest eigenvalue first: (…, n, k)."""
     n = gram.shape[-1]
     if 8 * k > n:                      # the block (2k) is not small next to n: a full eigh costs as little
-        return torch.linalg.eigh(gram)[1].flip(-1)[..., :k]
+        return _leading_by_eigh(gram, k)
     stack = gram.reshape(-1, n, n)
     vectors, converged = subspace_iteration(stack, k)
     if not bool(converged.all()):
-        vectors[~converged] = torch.linalg.eigh(stack[~converged])[1].flip(-1)[..., :k]
+        vectors[~converged] = _leading_by_eigh(stack[~converged], k)
     return vectors.reshape(*gram.shape[:-2], n, k)
+
+
+def _leading_by_eigh(gram: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.linalg.eigh(gram)[1].flip(-1)[..., :k]
 
 
 def subspace_iteration(stack: torch.Tensor, k: int, steps: int = SUBSPACE_STEPS

@@ -342,7 +342,7 @@ def test_truncated_svd_matches_a_full_svd(shape):
         torch.testing.assert_close(u.norm(dim=-2).double(), full.S[..., :k], rtol=1e-5, atol=1e-5)
 
 
-def gram_stack(spectra: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+def gram_stack(spectra: list[torch.Tensor], n: int, seed: int) -> torch.Tensor:
     """Symmetric PSD float32 matrices with the given leading eigenvalues (the rest zero) and random
     eigenvectors: (len(spectra), n, n)."""
     generator = torch.Generator().manual_seed(seed)
