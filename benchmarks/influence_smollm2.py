@@ -29,17 +29,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from curator.catalog import Catalog  # noqa: E402
+from curator.catalog.database import Catalog  # noqa: E402
 from curator.demo import stdlib_paths  # noqa: E402
-from curator.fit import FitConfig, fit  # noqa: E402
-from curator.ingest import IngestOptions, ingest  # noqa: E402
-from curator.lm import sequence_losses  # noqa: E402
-from curator.models import load_model, wrap_model  # noqa: E402
-from curator.passes import document_batches  # noqa: E402
-from curator.queries import store_queries  # noqa: E402
-from curator.querygen import generate  # noqa: E402
-from curator.score import ScoreConfig, score  # noqa: E402
-from curator.workspace import Workspace  # noqa: E402
+from curator.influence.fit import FitConfig, fit  # noqa: E402
+from curator.catalog.ingest import IngestOptions, ingest  # noqa: E402
+from curator.model.losses import sequence_losses  # noqa: E402
+from curator.model.loading import load_model, wrap_model  # noqa: E402
+from curator.model.document_pass import document_batches  # noqa: E402
+from curator.catalog.queries import store_queries  # noqa: E402
+from curator.catalog.querygen import generate  # noqa: E402
+from curator.influence.score import ScoreConfig, score  # noqa: E402
+from curator.catalog.workspace import Workspace  # noqa: E402
 
 BEGIN, END = "<!-- influence_smollm2:begin -->", "<!-- influence_smollm2:end -->"
 

@@ -76,8 +76,8 @@ def main() -> None:
         """))
         ingest = in_child(textwrap.dedent(f"""
             import time
-            from curator.ingest import IngestOptions, ingest
-            from curator.workspace import Workspace
+            from curator.catalog.ingest import IngestOptions, ingest
+            from curator.catalog.workspace import Workspace
             ws, _ = Workspace.init({str(Path(tmp) / 'ws')!r})
             t = time.perf_counter()
             s = ingest(ws, [{str(data)!r}], IngestOptions(source='bench', kind='web'))

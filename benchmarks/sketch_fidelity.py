@@ -37,18 +37,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from influence_smollm2 import baseline_pass, build_model  # noqa: E402
 from recording import record_section  # noqa: E402
 
-from curator.catalog import Catalog  # noqa: E402
-from curator.corpus import document_ids  # noqa: E402
+from curator.catalog.database import Catalog  # noqa: E402
+from curator.catalog.corpus import document_ids  # noqa: E402
 from curator.demo import DemoSettings, build_demo_corpus  # noqa: E402
-from curator.fidelity import ranking_agreement  # noqa: E402
-from curator.fit import FitConfig, fit  # noqa: E402
-from curator.ingest import IngestOptions, ingest  # noqa: E402
-from curator.passes import document_batches  # noqa: E402
-from curator.queries import select_queries, store_queries  # noqa: E402
-from curator.querygen import generate  # noqa: E402
-from curator.score import ScoreConfig, score  # noqa: E402
-from curator.sketch import SketchConfig, iter_shards, sketch, sketch_queries  # noqa: E402
-from curator.workspace import Workspace  # noqa: E402
+from curator.sketch.fidelity import ranking_agreement  # noqa: E402
+from curator.influence.fit import FitConfig, fit  # noqa: E402
+from curator.catalog.ingest import IngestOptions, ingest  # noqa: E402
+from curator.model.document_pass import document_batches  # noqa: E402
+from curator.catalog.queries import select_queries, store_queries  # noqa: E402
+from curator.catalog.querygen import generate  # noqa: E402
+from curator.influence.score import ScoreConfig, score  # noqa: E402
+from curator.sketch.build import SketchConfig, iter_shards, sketch, sketch_queries  # noqa: E402
+from curator.catalog.workspace import Workspace  # noqa: E402
 
 TASKS = ("arithmetic", "slope", "linear")
 SUBSPACE = ("query-subspace", "whitened-subspace")

@@ -36,7 +36,7 @@ def init(
     Running it on an existing workspace is safe: it adds missing folders and
     migrates an older catalog to the current schema.
     """
-    from curator.workspace import Workspace
+    from curator.catalog.workspace import Workspace
 
     ws, created = Workspace.init(directory)
     verb = "Created" if created else "Workspace is ready at"

@@ -25,8 +25,8 @@ def audit(
 
     Without a scored run the report shows the composition and says which sections need one.
     """
-    from curator.audit import audit as run_audit
-    from curator.report import render
+    from curator.audit.audit import audit as run_audit
+    from curator.audit.report import render
 
     data = run_audit(workspace_from(workspace), run)
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -50,8 +50,8 @@ def compare(
     or sketch against exact."""
     import polars as pl
 
-    from curator.audit import compare as run_compare
-    from curator.report import compare_plot
+    from curator.audit.audit import compare as run_compare
+    from curator.audit.report import compare_plot
 
     ws = workspace_from(workspace)
     result = run_compare(ws, run_a, run_b)

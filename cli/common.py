@@ -34,7 +34,7 @@ class OutputFormat(str, Enum):
 
 
 def workspace_from(option: Path | None):
-    from curator.workspace import Workspace
+    from curator.catalog.workspace import Workspace
 
     return Workspace.locate(option)
 

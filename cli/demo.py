@@ -74,7 +74,7 @@ def demo(
     (docs/quickstart.md goes through them one at a time). A second run reuses what the first computed.
     """
     from curator.demo import build_demo_corpus
-    from curator.workspace import Workspace
+    from curator.catalog.workspace import Workspace
 
     overrides = {"model": model, "docs_per_source": docs_per_source, "max_chars": max_chars,
                  "max_seq_len": max_seq_len, "layers": layers, "fit_docs": fit_docs,
@@ -183,9 +183,9 @@ def _steps(settings, root: Path, corpus, budget=None):
 
 def _budget(root: Path) -> int:
     """40% of the corpus's tokens (counted with the scoring run's tokenizer)."""
-    from curator.catalog import Catalog
-    from curator.composition import composition
-    from curator.workspace import Workspace
+    from curator.catalog.database import Catalog
+    from curator.catalog.composition import composition
+    from curator.catalog.workspace import Workspace
 
     with Catalog.open(Workspace.locate(root)) as catalog:
         tokens = composition(catalog)["tokens"].sum()

@@ -35,8 +35,8 @@ def show(
     workspace: WorkspaceOption = None,
 ) -> None:
     """One document: its source, kind, origin, metadata and text."""
-    from curator.catalog import Catalog
-    from curator.documents import get_document
+    from curator.catalog.database import Catalog
+    from curator.catalog.documents import get_document
 
     with Catalog.open(workspace_from(workspace)) as catalog:
         doc = get_document(catalog, doc_id)
@@ -53,8 +53,8 @@ def sample(
     workspace: WorkspaceOption = None,
 ) -> None:
     """A reproducible random sample of documents, with the start of each text."""
-    from curator.catalog import Catalog
-    from curator.documents import sample_documents
+    from curator.catalog.database import Catalog
+    from curator.catalog.documents import sample_documents
 
     with Catalog.open(workspace_from(workspace)) as catalog:
         docs = sample_documents(catalog, source, n, seed)

@@ -71,8 +71,8 @@ def fit(
     Example (a CPU-sized fit): curator fit --model smollm2-135m --layers last:4 --max-docs 500 --max-seq-len 256
     """
     from curator.cli.passes import PassBar
-    from curator.fit import FitConfig
-    from curator.fit import fit as run_fit
+    from curator.influence.fit import FitConfig
+    from curator.influence.fit import fit as run_fit
 
     ws = workspace_from(workspace)
     config = FitConfig(model=model, modules=modules, layers=layers, fisher=fisher.value, max_docs=max_docs,

@@ -83,7 +83,7 @@ def ingest(
 
       curator ingest shard-*.jsonl.zst --source web --kind web --text-field content
     """
-    from curator.ingest import IngestOptions, ingest as run_ingest
+    from curator.catalog.ingest import IngestOptions, ingest as run_ingest
 
     ws = workspace_from(workspace)
     options = IngestOptions(source=source, kind=kind.value if kind else None, format=format.value,
@@ -127,9 +127,9 @@ def sources(
 ) -> None:
     """Corpus composition: per source and kind, documents, characters, tokens (once a
     model has counted them), bytes, and each one's share of the corpus."""
-    from curator.catalog import Catalog
+    from curator.catalog.database import Catalog
     from curator.cli.common import human_bytes
-    from curator.composition import composition
+    from curator.catalog.composition import composition
 
     with Catalog.open(workspace_from(workspace)) as catalog:
         frame = composition(catalog, tokenizer)

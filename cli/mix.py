@@ -48,9 +48,9 @@ def rank(
 
     Example: curator rank --tasks arithmetic,slope,linear --aggregate mean-z --normalize per-token --name reasoning
     """
-    from curator.catalog import Catalog
-    from curator.rank import RankConfig, ranked_documents
-    from curator.rank import rank as run_rank
+    from curator.catalog.database import Catalog
+    from curator.curate.rank import RankConfig, ranked_documents
+    from curator.curate.rank import rank as run_rank
 
     ws = workspace_from(workspace)
     config = RankConfig(name=name, run=run, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
@@ -96,9 +96,9 @@ def mix(
 
     Example: curator mix math-code --rank reasoning --budget-tokens 2000000 --quota web=0.2: --quota code=:0.4
     """
-    from curator.catalog import Catalog
-    from curator.mix import MixSpec, get_mixture, parse_quota, read_weights, source_table
-    from curator.mix import mix as run_mix
+    from curator.catalog.database import Catalog
+    from curator.curate.mix import MixSpec, get_mixture, parse_quota, read_weights, source_table
+    from curator.curate.mix import mix as run_mix
 
     ws = workspace_from(workspace)
     if name == "show":
@@ -135,7 +135,7 @@ def mixes(
     workspace: WorkspaceOption = None,
 ) -> None:
     """The mixtures in the catalog."""
-    from curator.catalog import Catalog
+    from curator.catalog.database import Catalog
 
     with Catalog.open(workspace_from(workspace)) as catalog:
         frame = catalog.frame(
@@ -157,8 +157,8 @@ def mix_weights(
     The paper's source analysis turned into a recipe: sources whose tokens help the ranked tasks most get the
     largest share. Use the result with `curator mix NAME --rank R --weights FILE`.
     """
-    from curator.catalog import Catalog
-    from curator.mix import mixture_weights
+    from curator.catalog.database import Catalog
+    from curator.curate.mix import mixture_weights
 
     with Catalog.open(workspace_from(workspace)) as catalog:
         frame = mixture_weights(catalog, rank)
@@ -190,11 +190,11 @@ def export(
     the mixture's spec and the curator version)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from curator.catalog import Catalog
+    from curator.catalog.database import Catalog
     from curator.cli.common import err_console
-    from curator.export import ExportSpec
-    from curator.export import export as run_export
-    from curator.mix import get_mixture
+    from curator.curate.export import ExportSpec
+    from curator.curate.export import export as run_export
+    from curator.curate.mix import get_mixture
 
     ws = workspace_from(workspace)
     with Catalog.open(ws) as catalog:

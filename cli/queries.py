@@ -30,9 +30,9 @@ def generate(
     prompt; factual-control: recall a fictional fact stated in the prompt. Ids are TASK-sSEED-NNNN and the
     query set is TASK-sSEED.
     """
-    from curator.catalog import Catalog
-    from curator.queries import store_queries
-    from curator.querygen import generate as make
+    from curator.catalog.database import Catalog
+    from curator.catalog.queries import store_queries
+    from curator.catalog.querygen import generate as make
 
     ws = workspace_from(workspace)
     queries = make(task.value, n, seed)
@@ -51,8 +51,8 @@ def add(
     workspace: WorkspaceOption = None,
 ) -> None:
     """Import your own queries. A bad line is an error naming file:line and field, and nothing is added."""
-    from curator.catalog import Catalog
-    from curator.queries import read_query_file, store_queries
+    from curator.catalog.database import Catalog
+    from curator.catalog.queries import read_query_file, store_queries
 
     ws = workspace_from(workspace)
     queries = read_query_file(file, query_set)
@@ -69,8 +69,8 @@ def list_queries(
     workspace: WorkspaceOption = None,
 ) -> None:
     """The queries in the catalog."""
-    from curator.catalog import Catalog
-    from curator.queries import query_table
+    from curator.catalog.database import Catalog
+    from curator.catalog.queries import query_table
 
     ws = workspace_from(workspace)
     with Catalog.open(ws) as catalog:

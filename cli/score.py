@@ -67,8 +67,8 @@ def score(
     Example: curator score --queries arithmetic,slope,linear --query-rank 32 --out scores.parquet
     """
     from curator.cli.passes import PassBar
-    from curator.score import ScoreConfig
-    from curator.score import score as run_score
+    from curator.influence.score import ScoreConfig
+    from curator.influence.score import score as run_score
 
     ws = workspace_from(workspace)
     config = ScoreConfig(queries=queries, method=method.value, store=store, factors=factors, model=model, modules=modules,
@@ -91,8 +91,8 @@ def runs(
     workspace: WorkspaceOption = None,
 ) -> None:
     """Scoring runs: model, factors, queries, documents, speed and where the scores are."""
-    from curator.catalog import Catalog
-    from curator.runs import runs_table
+    from curator.catalog.database import Catalog
+    from curator.catalog.records import runs_table
 
     with Catalog.open(workspace_from(workspace)) as catalog:
         frame = runs_table(catalog)
@@ -104,8 +104,8 @@ def factors(
     workspace: WorkspaceOption = None,
 ) -> None:
     """Fitted EK-FAC factors: model, tracked modules and blocks, Fisher, fitting sample."""
-    from curator.catalog import Catalog
-    from curator.runs import factors_table
+    from curator.catalog.database import Catalog
+    from curator.catalog.records import factors_table
 
     with Catalog.open(workspace_from(workspace)) as catalog:
         frame = factors_table(catalog)

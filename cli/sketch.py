@@ -52,13 +52,13 @@ def sketch(
 
     Example: curator sketch --suite arithmetic-s0,slope-s0,linear-s0 --budget-bytes 65536
     """
-    from curator.catalog import Catalog
+    from curator.catalog.database import Catalog
     from curator.cli.passes import PassBar
-    from curator.factors import get_factors, load_model_for
-    from curator.fidelity import fidelity
-    from curator.queries import select_queries
-    from curator.sketch import SketchConfig, record_fidelity
-    from curator.sketch import sketch as run_sketch
+    from curator.influence.factors import get_factors, load_model_for
+    from curator.sketch.fidelity import fidelity
+    from curator.catalog.queries import select_queries
+    from curator.sketch.build import SketchConfig, record_fidelity
+    from curator.sketch.build import sketch as run_sketch
 
     ws = workspace_from(workspace)
     config = SketchConfig(suite=suite, method=method.value, rank=rank, budget_bytes=budget_bytes,
@@ -98,8 +98,8 @@ def index_build(
     workspace: WorkspaceOption = None,
 ) -> None:
     """Build a FAISS inner-product index over a sketch store; the catalog maps its rows to documents."""
-    from curator.search import build_index
-    from curator.sketch import load_store
+    from curator.sketch.search import build_index
+    from curator.sketch.build import load_store
 
     ws = workspace_from(workspace)
     result = build_index(ws, load_store(ws, store), factory, name)
@@ -127,12 +127,12 @@ def search(
     """
     import polars as pl
 
-    from curator.catalog import Catalog
-    from curator.factors import get_factors, load_model_for
-    from curator.queries import Query, select_queries
-    from curator.search import open_index, top_and_bottom
-    from curator.search import rerank as run_rerank
-    from curator.sketch import load_store, sketch_queries
+    from curator.catalog.database import Catalog
+    from curator.influence.factors import get_factors, load_model_for
+    from curator.catalog.queries import Query, select_queries
+    from curator.sketch.search import open_index, top_and_bottom
+    from curator.sketch.search import rerank as run_rerank
+    from curator.sketch.build import load_store, sketch_queries
 
     ws = workspace_from(workspace)
     faiss_index, doc_ids, store_id = open_index(ws, index)
@@ -181,11 +181,11 @@ def fidelity(
 ) -> None:
     """Compare sketch scores with exact EK-FAC scores on sampled documents for queries outside the suite:
     Pearson, Spearman, top-10/100 overlap and the recall of the exact top 10 in the sketch's top 1% and 5%."""
-    from curator.catalog import Catalog
-    from curator.factors import get_factors, load_model_for
-    from curator.fidelity import fidelity as run_fidelity
-    from curator.queries import select_queries
-    from curator.sketch import load_store, record_fidelity
+    from curator.catalog.database import Catalog
+    from curator.influence.factors import get_factors, load_model_for
+    from curator.sketch.fidelity import fidelity as run_fidelity
+    from curator.catalog.queries import select_queries
+    from curator.sketch.build import load_store, record_fidelity
 
     ws = workspace_from(workspace)
     chosen_store = load_store(ws, store)

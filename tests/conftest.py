@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from curator.workspace import Workspace
+from curator.catalog.workspace import Workspace
 
 
 @pytest.fixture

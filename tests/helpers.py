@@ -11,9 +11,9 @@ from pathlib import Path
 
 import zstandard
 
-from curator.catalog import Catalog
-from curator.ingest import IngestOptions, ingest
-from curator.workspace import Workspace
+from curator.catalog.database import Catalog
+from curator.catalog.ingest import IngestOptions, ingest
+from curator.catalog.workspace import Workspace
 
 
 def write_jsonl(path: Path, records: list, compression: str | None = None) -> Path:

@@ -9,11 +9,11 @@ import polars as pl
 import pytest
 from helpers import curator, plant_run, run_ingest, write_jsonl
 
-from curator import analyses
-from curator.audit import audit, compare
-from curator.catalog import Catalog
-from curator.queries import Query, store_queries
-from curator.report import render
+from curator.audit import analyses
+from curator.audit.audit import audit, compare
+from curator.catalog.database import Catalog
+from curator.catalog.queries import Query, store_queries
+from curator.audit.report import render
 
 N_DOCS = 1000
 GOLD = range(1, 101)             # ids of the 'gold' source: 10% of the corpus
@@ -133,7 +133,7 @@ def test_report_renders_every_section_and_a_fresh_catalog_says_what_is_missing(p
                     "4. Concentration", "5. Answer occurrence"):
         assert heading in page
     assert page.count("<svg") >= 4 and "http" not in page.split("<svg")[0]
-    from curator.workspace import Workspace
+    from curator.catalog.workspace import Workspace
 
     fresh, _ = Workspace.init(tmp_path / "fresh")
     data = audit(fresh)

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from helpers import run_ingest, write_jsonl
 from tinylm import TRAINING_TEXT, loaded_tiny
 
-from curator.catalog import Catalog
-from curator.factors import get_factors, load_tensors
-from curator.fit import FitConfig, fit
-from curator.influence import (
+from curator.catalog.database import Catalog
+from curator.influence.factors import get_factors, load_tensors
+from curator.influence.fit import FitConfig, fit
+from curator.influence.ekfac import (
     LayerFactors,
     LowRank,
     dense,
@@ -40,9 +40,9 @@ from curator.influence import (
     top_eigenvectors,
     truncated_svd,
 )
-from curator.queries import Query, store_queries
-from curator.score import ScoreConfig, for_documents, layer_scores, multiply_out_within, score
-from curator.workspace import Workspace
+from curator.catalog.queries import Query, store_queries
+from curator.influence.score import ScoreConfig, for_documents, layer_scores, multiply_out_within, score
+from curator.catalog.workspace import Workspace
 
 MAX_LEN = 12
 DOCS = [TRAINING_TEXT[0], TRAINING_TEXT[1] * 2, "x = 1", TRAINING_TEXT[2], "ab",
@@ -179,7 +179,7 @@ def test_sequence_gradient_equals_autograd(setup, brute):
 
 def test_preconditioner_equals_explicit_inverse_hessian(setup, brute):
     _, _, record, layers, _ = setup
-    from curator.factors import layer_factors
+    from curator.influence.factors import layer_factors
 
     for name in record.modules[:3]:
         t = layers[name]
@@ -442,7 +442,7 @@ def test_factors_with_another_tokenizer_are_refused(setup):
     from tinylm import tiny_llama, tiny_tokenizer
 
     from curator.errors import CuratorError
-    from curator.models import wrap_model
+    from curator.model.loading import wrap_model
 
     same_weights = wrap_model(tiny_llama(bias=True), tiny_tokenizer(vocab_size=300), name="retokenized")
     assert same_weights.info.id == lm.info.id

@@ -11,8 +11,8 @@ import textwrap
 import pytest
 from helpers import catalog_rows, run_ingest, snapshot, write_jsonl
 
-from curator.catalog import Catalog
-from curator.ingest import IngestOptions, content_hash, ingest
+from curator.catalog.database import Catalog
+from curator.catalog.ingest import IngestOptions, content_hash, ingest
 
 
 def test_normalised_hash_ignores_line_endings_outer_space_and_unicode_form():
@@ -89,8 +89,8 @@ def test_a_killed_ingest_is_invisible_and_cleaned_up_on_the_next_run(ws, tmp_pat
     # A real SIGKILL, after several chunks have been committed.
     script = textwrap.dedent(f"""
         import os, signal
-        from curator.ingest import IngestOptions, ingest
-        from curator.workspace import Workspace
+        from curator.catalog.ingest import IngestOptions, ingest
+        from curator.catalog.workspace import Workspace
 
         class KillAfter:
             def start(self, total_bytes, files): pass
@@ -140,8 +140,8 @@ def test_python_memory_does_not_grow_with_the_input(tmp_path):
             f.writelines(line % i for i in range(lines))
         script = textwrap.dedent(f"""
             import tracemalloc
-            from curator.ingest import IngestOptions, ingest
-            from curator.workspace import Workspace
+            from curator.catalog.ingest import IngestOptions, ingest
+            from curator.catalog.workspace import Workspace
             ws, _ = Workspace.init({str(tmp_path / f"ws-{lines}")!r})
             tracemalloc.start()
             s = ingest(ws, [{str(path)!r}], IngestOptions(source="big", chunk_docs=5000))

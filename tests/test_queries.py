@@ -7,10 +7,10 @@ import re
 import pytest
 from helpers import catalog_rows
 
-from curator.catalog import Catalog
+from curator.catalog.database import Catalog
 from curator.errors import BadInputError, CuratorError
-from curator.querygen import GENERATORS, generate
-from curator.queries import read_query_file, select_queries, store_queries
+from curator.catalog.querygen import GENERATORS, generate
+from curator.catalog.queries import read_query_file, select_queries, store_queries
 
 EQUATION = re.compile(r"(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)")
 

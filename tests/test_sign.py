@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from helpers import run_ingest, write_jsonl
 from tinylm import TRAINING_TEXT, loaded_tiny
 
-from curator.catalog import Catalog
-from curator.factors import get_factors, load_layer_factors
-from curator.fit import FitConfig, fit
-from curator.influence import precondition
-from curator.queries import Query, store_queries
-from curator.score import ScoreConfig, score
-from curator.workspace import Workspace
+from curator.catalog.database import Catalog
+from curator.influence.factors import get_factors, load_layer_factors
+from curator.influence.fit import FitConfig, fit
+from curator.influence.ekfac import precondition
+from curator.catalog.queries import Query, store_queries
+from curator.influence.score import ScoreConfig, score
+from curator.catalog.workspace import Workspace
 
 QUERY = Query(id="q", task="arithmetic", prompt="Calculate the answer: (5 + 3) * 2", completion="8 * 2 = 16.")
 DOCS = TRAINING_TEXT + ["7 * 6 = 42", "Rome is in Italy.", "x = x + 1", "print(2 * 8)", "(6 - 2) / 2 = 2"]

@@ -10,13 +10,13 @@ import pytest
 from helpers import run_ingest, write_jsonl
 from tinylm import TRAINING_TEXT, loaded_tiny
 
-from curator.catalog import Catalog
-from curator.fit import FitConfig, fit
-from curator.queries import Query, store_queries
-from curator.score import ScoreConfig, score
-from curator.search import blocked_scores, build_index, open_index, top_and_bottom
-from curator.sketch import SketchConfig, iter_shards, sketch, sketch_queries
-from curator.workspace import Workspace
+from curator.catalog.database import Catalog
+from curator.influence.fit import FitConfig, fit
+from curator.catalog.queries import Query, store_queries
+from curator.influence.score import ScoreConfig, score
+from curator.sketch.search import blocked_scores, build_index, open_index, top_and_bottom
+from curator.sketch.build import SketchConfig, iter_shards, sketch, sketch_queries
+from curator.catalog.workspace import Workspace
 
 DOCS = TRAINING_TEXT + [t[::-1] for t in TRAINING_TEXT] + ["x = 1", "y = x * 2", "print(y)", "(3 + 4) * 2 = 14"]
 SUITE = [Query(id=f"s{i}", task="arithmetic", prompt=f"Calculate the answer: ({i} + 3) * 2",
@@ -137,7 +137,7 @@ def test_flat_search_returns_the_blocked_products_top_and_bottom(setup):
 
 
 def test_ranking_agreement_on_known_vectors():
-    from curator.fidelity import ranking_agreement
+    from curator.sketch.fidelity import ranking_agreement
 
     exact = np.arange(1000, dtype=float)      # 1% of 1,000 = the top 10
     same = ranking_agreement(exact, exact * 3 + 1)
@@ -151,7 +151,7 @@ def test_ranking_agreement_on_known_vectors():
 
 
 def test_fidelity_reuses_a_stored_exact_run_and_agrees_with_scoring_afresh(setup):
-    from curator.fidelity import fidelity
+    from curator.sketch.fidelity import fidelity
 
     ws, lm, exact = setup
     store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", rank=3, dtype="float32"), loaded=lm)

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from curator.catalog import Catalog
+from curator.catalog.database import Catalog
 from curator.errors import CatalogLockedError, SchemaError, WorkspaceError
-from curator.schema import LATEST_VERSION, MIGRATIONS, Migration
-from curator.workspace import ARTIFACT_DIRS, CATALOG_FILE, ENV_VAR, Workspace
+from curator.catalog.schema import LATEST_VERSION, MIGRATIONS, Migration
+from curator.catalog.workspace import ARTIFACT_DIRS, CATALOG_FILE, ENV_VAR, Workspace
 
 
 def test_init_creates_catalog_and_artifact_folders(tmp_path):

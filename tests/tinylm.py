@@ -51,7 +51,7 @@ def tiny_llama(vocab_size: int | None = None, layers: int = 2, hidden: int = 16,
 
 
 def loaded_tiny(seed: int = 0, **kwargs):
-    from curator.models import wrap_model
+    from curator.model.loading import wrap_model
 
     return wrap_model(tiny_llama(seed=seed, **kwargs), tiny_tokenizer(), name=f"tiny-llama-{seed}")
 

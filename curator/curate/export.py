@@ -22,10 +22,10 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from curator import __version__
-from curator.catalog import Catalog
+from curator.catalog.database import Catalog
 from curator.errors import CuratorError
-from curator.mix import get_mixture
-from curator.workspace import Workspace
+from curator.curate.mix import get_mixture
+from curator.catalog.workspace import Workspace
 
 FORMATS = ("parquet", "jsonl.zst", "megatron")
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -83,7 +83,7 @@ class _ShardWriter:
             self.raw = open(self.files[0], "wb")
             self.stream = zstandard.ZstdCompressor(level=10).stream_writer(self.raw)
         else:
-            from curator.megatron import IndexedWriter, token_dtype
+            from curator.curate.megatron import IndexedWriter, token_dtype
 
             self.files = [stem.with_suffix(".bin"), stem.with_suffix(".idx")]
             self.writer = IndexedWriter(stem, token_dtype(len(tokenizer)))
@@ -135,7 +135,7 @@ def export(ws: Workspace, spec: ExportSpec, *, force: bool = False, progress=Non
         mixture = get_mixture(catalog, spec.mixture)
         tokenizer = tokenizer_name = None
         if spec.format == "megatron":
-            from curator.models import load_tokenizer
+            from curator.model.loading import load_tokenizer
 
             tokenizer_name = spec.tokenizer or _ranking_model(catalog, mixture.spec.ranking)
             tokenizer = load_tokenizer(tokenizer_name)

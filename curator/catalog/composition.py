@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from curator.catalog import Catalog
+from curator.catalog.database import Catalog
 
 
 def token_counts_available(catalog: Catalog) -> list[str]:

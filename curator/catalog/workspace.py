@@ -46,7 +46,7 @@ class Workspace:
     def init(cls, root: str | os.PathLike) -> tuple[Workspace, bool]:
         """Create a workspace (or complete an existing one). Returns it and
         whether the catalog was created just now."""
-        from curator.catalog import Catalog
+        from curator.catalog.database import Catalog
 
         root = Path(root).expanduser().resolve()
         if root.exists() and not root.is_dir():

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from curator.catalog import Catalog
+from curator.catalog.database import Catalog
 from curator.errors import CuratorError
-from curator.influence import LayerFactors
-from curator.workspace import Workspace
+from curator.influence.ekfac import LayerFactors
+from curator.catalog.workspace import Workspace
 
 TENSORS = ("a_cov", "s_cov", "a_eigvals", "a_eigvecs", "s_eigvals", "s_eigvecs", "corrected", "damping")
 
@@ -103,7 +103,7 @@ def load_model_for(ws: Workspace, record: FactorsRecord, *, model: str | None = 
                    dtype: str = "float32"):
     """The model a fit was made for: `model` if given (checked later against the fit), else the name the fit
     was given (e.g. smollm2-135m) while it still resolves, else where the model was loaded from."""
-    from curator.models import ModelLoadError, load_model, resolve
+    from curator.model.loading import ModelLoadError, load_model, resolve
 
     if model is None:
         try:

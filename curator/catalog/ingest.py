@@ -31,7 +31,7 @@ import orjson
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
-from curator.catalog import Catalog
+from curator.catalog.database import Catalog
 from curator.connectors import (
     BadRecord,
     ByteCounter,
@@ -44,7 +44,7 @@ from curator.connectors import (
     read_inputs,
 )
 from curator.errors import BadInputError
-from curator.workspace import Workspace
+from curator.catalog.workspace import Workspace
 
 MAX_LISTED_PROBLEMS = 50
 

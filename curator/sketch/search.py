@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from curator.catalog import Catalog
+from curator.catalog.database import Catalog
 from curator.errors import CuratorError
 from curator.indexes import faiss_index
-from curator.sketch import SketchStore, iter_shards
-from curator.workspace import Workspace
+from curator.sketch.build import SketchStore, iter_shards
+from curator.catalog.workspace import Workspace
 
 
 def build_index(ws: Workspace, store: SketchStore, factory: str = "Flat", name: str | None = None) -> dict:
@@ -104,10 +104,10 @@ def sketch_score(ws: Workspace, config, *, out: Path | None = None, loaded=None,
     import json
     import time
 
-    from curator.factors import get_factors, load_model_for
-    from curator.queries import select_queries
-    from curator.score import ScoreResult, record_run
-    from curator.sketch import load_store, sketch_queries
+    from curator.influence.factors import get_factors, load_model_for
+    from curator.catalog.queries import select_queries
+    from curator.influence.score import ScoreResult, record_run
+    from curator.sketch.build import load_store, sketch_queries
 
     started = time.perf_counter()
     store = load_store(ws, config.store)
@@ -140,7 +140,7 @@ def rerank(ws: Workspace, store: SketchStore, loaded, queries, candidates: list[
 
     import polars as pl
 
-    from curator.score import ScoreConfig, score
+    from curator.influence.score import ScoreConfig, score
 
     config = ScoreConfig(factors=store.factors_id, batch_tokens=batch_tokens, chat_template=store.chat_template,
                          max_seq_len=store.max_seq_len, device=str(loaded.device))

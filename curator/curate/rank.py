@@ -26,10 +26,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from curator.catalog import Catalog
+from curator.catalog.database import Catalog
 from curator.errors import CuratorError
-from curator.runs import RunRecord, get_run
-from curator.workspace import Workspace
+from curator.catalog.records import RunRecord, get_run
+from curator.catalog.workspace import Workspace
 
 AGGREGATES = ("mean-z", "mean", "max", "rank-vote")
 NORMALIZATIONS = ("per-nat", "per-token", "raw")

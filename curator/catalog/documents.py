@@ -6,7 +6,7 @@ import json
 
 from pydantic import BaseModel
 
-from curator.catalog import Catalog
+from curator.catalog.database import Catalog
 from curator.errors import CuratorError
 
 

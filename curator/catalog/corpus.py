@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from curator.catalog import Catalog
+from curator.catalog.database import Catalog
 from curator.errors import CuratorError
-from curator.models import ModelInfo
-from curator.tokens import Window, tokenize_documents
+from curator.model.loading import ModelInfo
+from curator.model.tokens import Window, tokenize_documents
 
 
 def document_ids(catalog: Catalog, limit: int | None = None, seed: int = 0) -> list[int]:

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 from curator import __version__
-from curator import analyses
-from curator.catalog import Catalog
-from curator.composition import composition, token_counts_available
+from curator.audit import analyses
+from curator.catalog.database import Catalog
+from curator.catalog.composition import composition, token_counts_available
 from curator.errors import CuratorError
-from curator.runs import RunRecord, get_run
-from curator.workspace import Workspace
+from curator.catalog.records import RunRecord, get_run
+from curator.catalog.workspace import Workspace
 
 SECTIONS_NEEDING_SCORES = ["influence by source", "query correlations", "concentration", "answer occurrence"]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import duckdb
 
 from curator.errors import CatalogLockedError, SchemaError, WorkspaceError
-from curator.schema import MIGRATIONS, Migration
-from curator.workspace import Workspace
+from curator.catalog.schema import MIGRATIONS, Migration
+from curator.catalog.workspace import Workspace
 
 # DuckDB caches up to 80% of RAM by default; a catalog connection gets a fixed
 # cap instead, so an ingest of any size stays within it (DuckDB evicts or spills).

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from curator.errors import CuratorError
-from curator.influence import with_bias_column
-from curator.tokens import TokenBatch
+from curator.influence.ekfac import with_bias_column
+from curator.model.tokens import TokenBatch
 
 LABELS = ("data", "sampled")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 from pydantic import BaseModel, Field, ValidationError
 
-from curator.catalog import Catalog
+from curator.catalog.database import Catalog
 from curator.errors import BadInputError, CuratorError
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from curator.catalog import Catalog
-from curator.queries import Query
-from curator.workspace import Workspace
+from curator.catalog.database import Catalog
+from curator.catalog.queries import Query
+from curator.catalog.workspace import Workspace
 
 
 def ranking_agreement(exact: np.ndarray, approx: np.ndarray) -> dict:
@@ -65,10 +65,10 @@ def stored_exact_scores(catalog: Catalog, store, queries: list[Query], doc_ids: 
 
 
 def fidelity(ws: Workspace, store, loaded, queries: list[Query], sample: int = 1000, seed: int = 0) -> dict:
-    from curator.corpus import document_ids
-    from curator.score import ScoreConfig, score
-    from curator.search import blocked_scores
-    from curator.sketch import sketch_queries
+    from curator.catalog.corpus import document_ids
+    from curator.influence.score import ScoreConfig, score
+    from curator.sketch.search import blocked_scores
+    from curator.sketch.build import sketch_queries
 
     held_out = [q for q in queries if q.id not in set(store.suite)]
     if not held_out:

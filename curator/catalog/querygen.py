@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable
 
 from curator.errors import CuratorError
-from curator.queries import Query
+from curator.catalog.queries import Query
 
 STEP_BY_STEP = "\n\nThink step-by-step."
 

@@ -23,11 +23,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
-from curator.catalog import Catalog
-from curator.corpus import document_ids, read_texts, record_model, store_token_counts
+from curator.catalog.database import Catalog
+from curator.catalog.corpus import document_ids, read_texts, record_model, store_token_counts
 from curator.errors import CuratorError
-from curator.factors import FactorsRecord, get_factors, load_layer_factors, load_model_for
-from curator.influence import (
+from curator.influence.factors import FactorsRecord, get_factors, load_layer_factors, load_model_for
+from curator.influence.ekfac import (
     LayerFactors,
     LowRank,
     dense,
@@ -41,12 +41,12 @@ from curator.influence import (
     scoring_path,
     sequence_gradients,
 )
-from curator.lm import backward_layers
-from curator.models import LoadedModel, tracked_modules
-from curator.passes import NoProgress, PassProgress, Timer
-from curator.queries import Query, select_queries
-from curator.tokens import batches, pad_token_id, tokenize_documents, tokenize_query
-from curator.workspace import Workspace
+from curator.model.losses import backward_layers
+from curator.model.loading import LoadedModel, tracked_modules
+from curator.model.document_pass import NoProgress, PassProgress, Timer
+from curator.catalog.queries import Query, select_queries
+from curator.model.tokens import batches, pad_token_id, tokenize_documents, tokenize_query
+from curator.catalog.workspace import Workspace
 
 SCORE_SCHEMA_COLUMNS = ("query_id", "doc_id", "score", "score_per_nat")
 
@@ -87,7 +87,7 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
     document sample (a search re-ranking candidates); `record=False` keeps such a run out of the catalog."""
     progress = progress or NoProgress()
     if config.method == "sketch":
-        from curator.search import sketch_score
+        from curator.sketch.search import sketch_score
 
         return sketch_score(ws, config, out=out, loaded=loaded, force=force)
     timer = Timer()

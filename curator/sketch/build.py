@@ -30,19 +30,19 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from curator.catalog import Catalog
-from curator.corpus import document_ids, read_texts
+from curator.catalog.database import Catalog
+from curator.catalog.corpus import document_ids, read_texts
 from curator.errors import CuratorError
-from curator.factors import FactorsRecord, get_factors, load_layer_factors, load_model_for, load_tensors
-from curator.influence import (eigen_bases, random_bases, sketch_eigen_frame, sketch_tokens, subspace_bases,
+from curator.influence.factors import FactorsRecord, get_factors, load_layer_factors, load_model_for, load_tensors
+from curator.influence.ekfac import (eigen_bases, random_bases, sketch_eigen_frame, sketch_tokens, subspace_bases,
                                whitened_subspace_bases)
-from curator.lm import backward_layers
-from curator.models import LoadedModel
-from curator.passes import NoProgress, PassProgress, Timer
-from curator.queries import Query, select_queries
-from curator.score import check_compatible, prepare_queries
-from curator.tokens import batches, pad_token_id, tokenize_documents
-from curator.workspace import Workspace
+from curator.model.losses import backward_layers
+from curator.model.loading import LoadedModel
+from curator.model.document_pass import NoProgress, PassProgress, Timer
+from curator.catalog.queries import Query, select_queries
+from curator.influence.score import check_compatible, prepare_queries
+from curator.model.tokens import batches, pad_token_id, tokenize_documents
+from curator.catalog.workspace import Workspace
 
 STORE_VERSION = 1
 

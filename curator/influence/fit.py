@@ -17,20 +17,20 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
-from curator.catalog import Catalog
-from curator.corpus import document_ids, record_model, store_token_counts
+from curator.catalog.database import Catalog
+from curator.catalog.corpus import document_ids, record_model, store_token_counts
 from curator.errors import CuratorError
-from curator.factors import FactorsRecord, load_tensors, record_factors, save_tensors
-from curator.influence import (
+from curator.influence.factors import FactorsRecord, load_tensors, record_factors, save_tensors
+from curator.influence.ekfac import (
     damping_value,
     eigenbasis,
     rotate,
     sequence_gradients,
     token_covariance,
 )
-from curator.models import LoadedModel, load_model, tracked_modules
-from curator.passes import NoProgress, PassProgress, Timer, run_pass
-from curator.workspace import Workspace
+from curator.model.loading import LoadedModel, load_model, tracked_modules
+from curator.model.document_pass import NoProgress, PassProgress, Timer, run_pass
+from curator.catalog.workspace import Workspace
 
 
 class FitConfig(BaseModel):
@@ -73,7 +73,7 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
     path = ws.artifact_dir("factors") / f"{fit_id}.safetensors"
     if existing and path.is_file() and not force:
         with Catalog.open(ws) as catalog:
-            from curator.factors import get_factors
+            from curator.influence.factors import get_factors
             return FitResult(record=get_factors(catalog, fit_id), reused=True)
 
     counts: dict[int, int] = {}

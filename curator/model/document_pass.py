@@ -13,10 +13,10 @@ from typing import Protocol
 
 import torch
 
-from curator.catalog import Catalog
-from curator.corpus import document_windows
-from curator.lm import backward_layers
-from curator.tokens import TokenBatch, batches, pad_token_id
+from curator.catalog.database import Catalog
+from curator.catalog.corpus import document_windows
+from curator.model.losses import backward_layers
+from curator.model.tokens import TokenBatch, batches, pad_token_id
 
 
 class PassProgress(Protocol):
