@@ -39,7 +39,7 @@ from curator.model.document_pass import document_batches  # noqa: E402
 from curator.catalog.queries import store_queries  # noqa: E402
 from curator.catalog.querygen import generate  # noqa: E402
 from curator.influence.score import ScoreConfig, score  # noqa: E402
-from curator.catalog.workspace import Workspace  # noqa: E402
+from curator.catalog.database import create_workspace  # noqa: E402
 
 BEGIN, END = "<!-- influence_smollm2:begin -->", "<!-- influence_smollm2:end -->"
 
@@ -116,7 +116,7 @@ def main() -> None:
     lm = build_model(args)
     load_s = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:
-        ws, _ = Workspace.init(Path(tmp) / "ws")
+        ws, _ = create_workspace(Path(tmp) / "ws")
         ingest(ws, stdlib_paths(), IngestOptions(source="stdlib", kind="code", glob="*.py"))
         with Catalog.open(ws, write=True) as catalog:
             per_task = [args.queries // 3 + (i < args.queries % 3) for i in range(3)]

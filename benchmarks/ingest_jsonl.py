@@ -78,7 +78,8 @@ def main() -> None:
             import time
             from curator.catalog.ingest import IngestOptions, ingest
             from curator.catalog.workspace import Workspace
-            ws, _ = Workspace.init({str(Path(tmp) / 'ws')!r})
+            from curator.catalog.database import create_workspace
+            ws, _ = create_workspace({str(Path(tmp) / 'ws')!r})
             t = time.perf_counter()
             s = ingest(ws, [{str(data)!r}], IngestOptions(source='bench', kind='web'))
             RESULT = {{'seconds': time.perf_counter() - t, 'records': s.records_read, 'inserted': s.inserted,

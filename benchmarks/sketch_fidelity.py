@@ -38,7 +38,7 @@ from influence_smollm2 import baseline_pass, build_model  # noqa: E402
 from recording import record_section  # noqa: E402
 
 from curator.catalog.database import Catalog  # noqa: E402
-from curator.catalog.corpus import document_ids  # noqa: E402
+from curator.catalog.documents import document_ids  # noqa: E402
 from curator.demo import DemoSettings, build_demo_corpus  # noqa: E402
 from curator.sketch.fidelity import ranking_agreement  # noqa: E402
 from curator.influence.fit import FitConfig, fit  # noqa: E402
@@ -47,8 +47,9 @@ from curator.model.document_pass import document_batches  # noqa: E402
 from curator.catalog.queries import select_queries, store_queries  # noqa: E402
 from curator.catalog.querygen import generate  # noqa: E402
 from curator.influence.score import ScoreConfig, score  # noqa: E402
-from curator.sketch.build import SketchConfig, iter_shards, sketch, sketch_queries  # noqa: E402
-from curator.catalog.workspace import Workspace  # noqa: E402
+from curator.sketch.build import sketch, sketch_queries  # noqa: E402
+from curator.sketch.store import SketchConfig, iter_shards  # noqa: E402
+from curator.catalog.database import create_workspace  # noqa: E402
 
 TASKS = ("arithmetic", "slope", "linear")
 SUBSPACE = ("query-subspace", "whitened-subspace")
@@ -110,7 +111,7 @@ def main() -> None:
 
     lm = build_model(args)
     with tempfile.TemporaryDirectory() as tmp:
-        ws, _ = Workspace.init(Path(tmp) / "ws")
+        ws, _ = create_workspace(Path(tmp) / "ws")
         corpus = build_demo_corpus(Path(tmp) / "corpus", DemoSettings(
             docs_per_source=args.docs_per_source, max_chars=args.max_chars, factual_queries=1))
         for source in corpus.sources:
@@ -139,7 +140,7 @@ def main() -> None:
             for size in (suite_sizes if method in SUBSPACE else suite_sizes[:1]):
                 suite = ",".join(i for task in TASKS for i in suite_ids[task][:size])
                 start = time.perf_counter()
-                store = sketch(ws, SketchConfig(suite=suite, method=method, rank=ranks[-1], dtype="float16",
+                store = sketch(ws, SketchConfig(suite=suite, method=method, rank=ranks[-1], precision="float16",
                                                 device=args.device, batch_tokens=args.batch_tokens), loaded=lm)
                 elapsed = time.perf_counter() - start
                 label = f"{method} (suite {size}/task)" if method in SUBSPACE else method

@@ -45,7 +45,7 @@ from influence_smollm2 import baseline_pass, build_model, synchronize  # noqa: E
 from recording import record_section  # noqa: E402
 
 from curator.catalog.database import Catalog  # noqa: E402
-from curator.catalog.corpus import document_ids, read_texts  # noqa: E402
+from curator.catalog.documents import document_ids, read_texts  # noqa: E402
 from curator.demo import DemoSettings, build_demo_corpus  # noqa: E402
 from curator.influence.fit import FitConfig, fit  # noqa: E402
 from curator.catalog.ingest import IngestOptions, ingest  # noqa: E402
@@ -55,7 +55,7 @@ from curator.model.document_pass import document_batches  # noqa: E402
 from curator.catalog.queries import select_queries, store_queries  # noqa: E402
 from curator.catalog.querygen import generate  # noqa: E402
 from curator.influence.score import ScoreConfig, score  # noqa: E402
-from curator.catalog.workspace import Workspace  # noqa: E402
+from curator.catalog.database import create_workspace  # noqa: E402
 
 TASKS = ("arithmetic", "slope", "linear")
 
@@ -185,7 +185,7 @@ def main() -> None:
     lm = build_model(args)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ws, _ = Workspace.init(tmp / "ws")
+        ws, _ = create_workspace(tmp / "ws")
         corpus = build_demo_corpus(tmp / "corpus", DemoSettings(docs_per_source=args.docs_per_source,
                                                                 max_chars=args.max_chars, factual_queries=1))
         for source in corpus.sources:

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from curator.cli import audit, demo, docs, fit, ingest, mix, queries, score, sketch
-from curator.cli.common import WorkspaceOption, console, err_console
+from curator.cli.common import console, err_console
 
 app = typer.Typer(
     name="curator",
@@ -36,9 +36,9 @@ def init(
     Running it on an existing workspace is safe: it adds missing folders and
     migrates an older catalog to the current schema.
     """
-    from curator.catalog.workspace import Workspace
+    from curator.catalog.database import create_workspace
 
-    ws, created = Workspace.init(directory)
+    ws, created = create_workspace(directory)
     verb = "Created" if created else "Workspace is ready at"
     console.print(f"{verb} [bold]{ws.root}[/] (catalog {ws.catalog_path.name}).")
     if created:

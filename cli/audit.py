@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from curator.cli.common import OutputFormat, WorkspaceOption, console, print_frame, workspace_from
+from curator.cli.common import OutputFormat, OutputOption, WorkspaceOption, console, print_frame, workspace_from
 
 
 def audit(
-    report: Annotated[Path, typer.Option(help="HTML file to write (self-contained: opens offline).",
-                                         show_default=False)] = Path("audit.html"),
+    out: Annotated[Path, typer.Option(help="HTML report to write (self-contained: opens offline).",
+                                      show_default=False)] = Path("audit.html"),
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers behind every figure.",
                                                   show_default=False)] = None,
     run: Annotated[str | None, typer.Option(help="Scoring run (id or prefix). Default: the latest, if any.",
@@ -26,14 +25,11 @@ def audit(
     Without a scored run the report shows the composition and says which sections need one.
     """
     from curator.audit.audit import audit as run_audit
-    from curator.audit.report import render
+    from curator.audit.report import write_report
 
     data = run_audit(workspace_from(workspace), run)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(render(data), encoding="utf-8")
-    if json_out:
-        json_out.write_text(json.dumps(data, indent=1, default=str))
-    console.print(f"Wrote {report}" + (f" and {json_out}" if json_out else "")
+    write_report(data, out, json_out)
+    console.print(f"Wrote {out}" + (f" and {json_out}" if json_out else "")
                   + (f" for run {data['run']['id']}." if data["run"] else
                      " (composition only: no scored run yet)."))
 
@@ -43,7 +39,7 @@ def compare(
     run_b: Annotated[str, typer.Argument(help="Second run.", show_default=False)],
     plot: Annotated[Path | None, typer.Option(help="SVG plot to write. Default: reports/compare-A-B.svg in the "
                                                    "workspace.", show_default=False)] = None,
-    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table, json or csv.")] = OutputFormat.table,
+    output: OutputOption = OutputFormat.table,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Per-query correlation of two runs' scores over their common documents: two models, two settings,
@@ -51,15 +47,10 @@ def compare(
     import polars as pl
 
     from curator.audit.audit import compare as run_compare
-    from curator.audit.report import compare_plot
 
-    ws = workspace_from(workspace)
-    result = run_compare(ws, run_a, run_b)
-    plot = plot or ws.artifact_dir("reports") / f"compare-{result['run_a']}-{result['run_b']}.svg"
-    svg = compare_plot(result)
-    plot.write_text(svg[svg.index("<svg"):svg.rindex("</svg>") + 6], encoding="utf-8")
+    result = run_compare(workspace_from(workspace), run_a, run_b, plot=plot)
     frame = pl.DataFrame([{"query": q, **v} for q, v in result["per_query"].items()])
     print_frame(frame, output, title=f"{result['run_a']} vs {result['run_b']}",
                 footer={"query": "mean", "pearson": result["mean_pearson"], "spearman": result["mean_spearman"]})
     if output is OutputFormat.table:
-        console.print(f"Plot: {plot}")
+        console.print(f"Plot: {result['plot']}")

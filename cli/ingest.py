@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-from curator.cli.common import OutputFormat, WorkspaceOption, console, err_console, print_frame, workspace_from
+from curator.constants import InputFormat, Kind, values
+from curator.cli.common import (
+    OutputFormat,
+    OutputOption,
+    WorkspaceOption,
+    choices,
+    console,
+    err_console,
+    print_frame,
+    workspace_from,
+)
 
-KindChoice = Enum("KindChoice", {k: k for k in (
-    "code", "math", "web", "wiki", "qa", "trivia", "markdown", "arxiv", "stackexchange", "other")}, type=str)
+KindChoice = choices("KindChoice", values(Kind))
 
 
-class FormatChoice(str, Enum):
-    auto = "auto"
-    jsonl = "jsonl"
-    parquet = "parquet"
-    text = "text"
-    hf = "hf"
+FormatChoice = choices("FormatChoice", values(InputFormat))
 
 
 PROGRESS_COLUMNS = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
@@ -54,11 +57,11 @@ def ingest(
         help="Kind of source. Default: the source's kind if it exists; in directories, inferred per file "
              "from its extension (source code = code, .md = markdown, .tex = arxiv, .txt = web); else other.",
         show_default=False)] = None,
-    format: Annotated[FormatChoice, typer.Option(
-        "--format", "-f",
+    input_format: Annotated[FormatChoice, typer.Option(
+        "--input-format",
         help="auto decides per file: .jsonl/.ndjson (also .gz/.zst, and .json.gz/.json.zst) = jsonl, "
              ".parquet = parquet, a save_to_disk folder = hf, anything else = one text document per file.")
-    ] = FormatChoice.auto,
+    ] = "auto",
     text_field: Annotated[str, typer.Option(help="Field holding the text (JSONL/Parquet/HF); a dotted path "
                                                  "such as meta.content reaches into JSON objects.")] = "text",
     id_field: Annotated[str | None, typer.Option(help="Field holding the record's own id. Default: `id` when "
@@ -86,7 +89,7 @@ def ingest(
     from curator.catalog.ingest import IngestOptions, ingest as run_ingest
 
     ws = workspace_from(workspace)
-    options = IngestOptions(source=source, kind=kind.value if kind else None, format=format.value,
+    options = IngestOptions(source=source, kind=kind.value if kind else None, format=input_format.value,
                             text_field=text_field, id_field=id_field, glob=glob, strict=strict)
     with Progress(*PROGRESS_COLUMNS, console=err_console, transient=True) as bar:
         summary = run_ingest(ws, [str(p) for p in paths], options, RichProgress(bar))
@@ -119,27 +122,24 @@ def print_summary(summary) -> None:
 
 
 def sources(
-    format: Annotated[OutputFormat, typer.Option("--format", "-f", help="table for people, json or csv for tools.")]
-    = OutputFormat.table,
+    output: OutputOption = OutputFormat.table,
     tokenizer: Annotated[str | None, typer.Option(help="Whose token counts to show. Default: the tokenizer with "
                                                        "the most cached counts.", show_default=False)] = None,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Corpus composition: per source and kind, documents, characters, tokens (once a
     model has counted them), bytes, and each one's share of the corpus."""
-    from curator.catalog.database import Catalog
+    from curator.catalog.composition import corpus_composition
     from curator.cli.common import human_bytes
-    from curator.catalog.composition import composition
 
-    with Catalog.open(workspace_from(workspace)) as catalog:
-        frame = composition(catalog, tokenizer)
+    frame = corpus_composition(workspace_from(workspace), tokenizer)
     if frame.is_empty():
-        if format is OutputFormat.table:
+        if output is OutputFormat.table:
             console.print("The catalog holds no documents yet. Add some with `curator ingest PATH --source NAME`.")
         else:
-            print_frame(frame, format)
+            print_frame(frame, output)
         return
-    if format is OutputFormat.table:
+    if output is OutputFormat.table:
         import polars as pl
 
         shown = frame.with_columns(pl.col("bytes").map_elements(human_bytes, return_dtype=pl.String).alias("size"))
@@ -147,8 +147,8 @@ def sources(
         total = {"source": "total", "documents": frame["documents"].sum(), "chars": frame["chars"].sum(),
                  "tokens": frame["tokens"].sum() if frame["tokens"].null_count() == 0 else None,
                  "size": human_bytes(frame["bytes"].sum()), "docs_share": 1.0, "chars_share": 1.0}
-        print_frame(shown, format, title="Corpus composition", footer=total,
+        print_frame(shown, output, title="Corpus composition", footer=total,
                     formats={"docs_share": ".1%", "chars_share": ".1%"},
                     headers={"documents": "docs", "docs_share": "% docs", "chars_share": "% chars"})
     else:
-        print_frame(frame, format)
+        print_frame(frame, output)

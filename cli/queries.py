@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from curator.cli.common import OutputFormat, WorkspaceOption, console, print_frame, workspace_from
+from curator.constants import GENERATED_TASKS
+from curator.cli.common import OutputFormat, OutputOption, WorkspaceOption, choices, console, print_frame, workspace_from
 
 app = typer.Typer(help="Queries: the prompts and completions whose influence is measured.", no_args_is_help=True)
 
-Task = Enum("Task", {t: t for t in ("arithmetic", "slope", "linear", "factual-control", "reasoning-control")},
-            type=str)
+Task = choices("Task", GENERATED_TASKS)
 
 
 @app.command("generate")
@@ -30,14 +29,11 @@ def generate(
     prompt; factual-control: recall a fictional fact stated in the prompt. Ids are TASK-sSEED-NNNN and the
     query set is TASK-sSEED.
     """
-    from curator.catalog.database import Catalog
-    from curator.catalog.queries import store_queries
+    from curator.catalog.queries import add_queries
     from curator.catalog.querygen import generate as make
 
-    ws = workspace_from(workspace)
     queries = make(task.value, n, seed)
-    with Catalog.open(ws, write=True) as catalog:
-        result = store_queries(catalog, queries)
+    result = add_queries(workspace_from(workspace), queries)
     console.print(f"Query set [bold]{result.query_set}[/]: {result.added} added, {result.unchanged} already there.")
     console.print(f"Example: {queries[0].prompt!r} → {queries[0].completion!r}", markup=False, highlight=False)
 
@@ -51,13 +47,10 @@ def add(
     workspace: WorkspaceOption = None,
 ) -> None:
     """Import your own queries. A bad line is an error naming file:line and field, and nothing is added."""
-    from curator.catalog.database import Catalog
-    from curator.catalog.queries import read_query_file, store_queries
+    from curator.catalog.queries import add_queries, read_query_file
 
     ws = workspace_from(workspace)
-    queries = read_query_file(file, query_set)
-    with Catalog.open(ws, write=True) as catalog:
-        result = store_queries(catalog, queries)
+    result = add_queries(ws, read_query_file(file, query_set))
     console.print(f"Query set [bold]{result.query_set}[/]: {result.added} added, {result.unchanged} already there.")
 
 
@@ -65,16 +58,13 @@ def add(
 def list_queries(
     queries: Annotated[str, typer.Option("--queries", "-q", help="Selector: all, or comma-separated tasks, "
                                                                  "query sets or ids.")] = "all",
-    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table, json or csv.")] = OutputFormat.table,
+    output: OutputOption = OutputFormat.table,
     workspace: WorkspaceOption = None,
 ) -> None:
     """The queries in the catalog."""
-    from curator.catalog.database import Catalog
-    from curator.catalog.queries import query_table
+    from curator.catalog.queries import queries_table
 
-    ws = workspace_from(workspace)
-    with Catalog.open(ws) as catalog:
-        frame = query_table(catalog, queries)
+    frame = queries_table(workspace_from(workspace), queries)
     if output is OutputFormat.table:
         import polars as pl
 

@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Kind = Literal["code", "math", "web", "wiki", "qa", "trivia", "markdown", "arxiv", "stackexchange", "other"]
-KINDS: tuple[str, ...] = Kind.__args__  # type: ignore[attr-defined]
+from curator.constants import InputFormat as Format  # noqa: F401  (re-exported by curator.connectors)
+from curator.constants import Kind, values
 
-Format = Literal["auto", "jsonl", "parquet", "text", "hf"]
-
+KINDS: tuple[str, ...] = values(Kind)
 
 @dataclass(slots=True)
 class RawDocument:

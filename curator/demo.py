@@ -305,3 +305,22 @@ def build_demo_corpus(directory: Path, settings: DemoSettings) -> DemoCorpus:
                  DemoSource("trivia", "trivia", [str(directory / "trivia.jsonl.gz")]),
                  DemoSource("mpmath-docs", "math", [str(directory / "mpmath-docs.parquet")])],
         factual_queries=queries)
+
+
+def mixture_budget(root: Path, share: float = 0.4) -> int:
+    """The demo mixture's token budget: 40% of the corpus's tokens (counted by the scoring run's tokenizer)."""
+    from curator.catalog.composition import corpus_composition
+    from curator.catalog.workspace import Workspace
+
+    tokens = corpus_composition(Workspace.locate(root))["tokens"].sum()
+    return max(1, int(share * tokens))
+
+
+def machine_description(device: str) -> str:
+    import os
+    import platform
+
+    import torch
+
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+            f"threads, device {device}, torch {torch.__version__}")

@@ -26,5 +26,5 @@ class BadInputError(CuratorError):
     """Input that cannot be ingested (raised at once under --strict)."""
 
 
-class IngestAborted(CuratorError):
-    """An ingest stopped before completion; its batch was rolled back."""
+class ArtifactError(CuratorError):
+    """A file the catalog names (factors, sketch shards, an index, scores) is missing or damaged."""

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 
 from curator.catalog.workspace import Workspace
+from curator.catalog.database import create_workspace
 
 
 @pytest.fixture
 def ws(tmp_path: Path) -> Workspace:
-    workspace, _ = Workspace.init(tmp_path / "ws")
+    workspace, _ = create_workspace(tmp_path / "ws")
     return workspace

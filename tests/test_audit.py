@@ -133,9 +133,9 @@ def test_report_renders_every_section_and_a_fresh_catalog_says_what_is_missing(p
                     "4. Concentration", "5. Answer occurrence"):
         assert heading in page
     assert page.count("<svg") >= 4 and "http" not in page.split("<svg")[0]
-    from curator.catalog.workspace import Workspace
+    from curator.catalog.database import create_workspace
 
-    fresh, _ = Workspace.init(tmp_path / "fresh")
+    fresh, _ = create_workspace(tmp_path / "fresh")
     data = audit(fresh)
     assert data["run"] is None and "answer occurrence" in data["missing"]
     assert "Needs a scored run" in render(data)
@@ -154,5 +154,5 @@ def test_compare_equals_numpy_per_query(planted, tmp_path):
     out = curator("compare", "score-test", "score-other", "-w", ws.root)
     assert "mean" in out.stdout and (ws.root / "reports" / "compare-score-test-score-other.svg").is_file()
     report = tmp_path / "r.html"
-    curator("audit", "--report", report, "--json", tmp_path / "r.json", "-w", ws.root)
+    curator("audit", "--out", report, "--json", tmp_path / "r.json", "-w", ws.root)
     assert report.read_text().startswith("<!doctype html>")

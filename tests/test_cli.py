@@ -26,7 +26,7 @@ def test_the_console_script_is_installed():
 
 def test_help_teaches_and_imports_no_heavy_library():
     out = curator("ingest", "--help").stdout
-    for flag in ("--source", "--kind", "--format", "--text-field", "--id-field", "--glob", "--strict", "--workspace"):
+    for flag in ("--source", "--kind", "--input-format", "--text-field", "--id-field", "--glob", "--strict", "--workspace"):
         assert flag in out
     probe = subprocess.run([sys.executable, "-c", "import sys; import curator.cli.app; "
                             "print(sorted(m for m in ('duckdb', 'polars', 'pyarrow') if m in sys.modules))"],
@@ -44,12 +44,12 @@ def test_ingest_then_sources_docs_show_and_sample(cli_ws, tmp_path):
     again = curator("ingest", data, tmp_path / "bad.jsonl", "--source", "trivia-qa", "--kind", "qa", "-w", cli_ws)
     assert "Nothing to do" in again.stdout and "batch 1" in again.stdout
 
-    rows = json.loads(curator("sources", "--format", "json", "-w", cli_ws).stdout)
+    rows = json.loads(curator("sources", "--output", "json", "-w", cli_ws).stdout)
     assert rows == [{"source": "trivia-qa", "kind": "qa", "documents": 5, "chars": 48, "bytes": 48, "tokens": None,
                      "docs_share": 1.0, "chars_share": 1.0}]
     table = curator("sources", "-w", cli_ws).stdout
     assert "trivia-qa" in table and "100.0%" in table and "total" in table
-    parsed = list(csv.DictReader(io.StringIO(curator("sources", "-f", "csv", "-w", cli_ws).stdout)))
+    parsed = list(csv.DictReader(io.StringIO(curator("sources", "-o", "csv", "-w", cli_ws).stdout)))
     assert parsed[0]["documents"] == "5"
 
     shown = curator("docs", "show", "2", "-w", cli_ws).stdout

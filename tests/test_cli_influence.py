@@ -29,7 +29,7 @@ def test_fit_records_factors_and_token_counts(pipeline):
     assert "Fitted fit-" in fitted.stdout and "3 layers on 12 documents" in fitted.stdout
     again = curator("fit", "--model", model, "--layers", "last:1", "--max-seq-len", "32", "-w", ws)
     assert "exist already" in again.stdout
-    sources = json.loads(curator("sources", "-f", "json", "-w", ws).stdout)
+    sources = json.loads(curator("sources", "-o", "json", "-w", ws).stdout)
     assert sources[0]["tokens"] > 0
 
 
@@ -96,7 +96,7 @@ def test_rank_mix_and_export_from_the_command_line(pipeline):
     weights = root / "weights.json"
     curator("mix-weights", "--rank", "r", "--out", weights, "-w", ws)
     assert json.loads(weights.read_text())["weights"] == {"mixed": 1.0}
-    exported = curator("export", "m", "--format", "jsonl.zst", "--out", root / "shards", "-w", ws)
+    exported = curator("export", "m", "--shard-format", "jsonl.zst", "--out", root / "shards", "-w", ws)
     assert "Exported m as jsonl.zst" in exported.stdout
     manifest = json.loads((root / "shards" / "manifest.json").read_text())
     assert manifest["documents"] == json.loads(curator("mixes", "-o", "json", "-w", ws).stdout)[0]["documents"]

@@ -34,7 +34,7 @@ def test_the_demo_runs_every_stage_on_four_kinds_of_real_text(demo_run):
         assert command in first.stdout, command
     assert f"Report: {ws / 'reports' / 'audit.html'}" in first.stdout
     assert f"Shards: {ws / 'shards' / 'reasoning'}" in first.stdout
-    sources = {r["source"]: r for r in json.loads(curator("sources", "-f", "json", "-w", ws).stdout)}
+    sources = {r["source"]: r for r in json.loads(curator("sources", "-o", "json", "-w", ws).stdout)}
     assert {s: r["kind"] for s, r in sources.items()} == {"stdlib": "code", "package-docs": "markdown",
                                                           "trivia": "trivia", "mpmath-docs": "math"}
     assert all(r["documents"] == 8 and r["tokens"] > 0 for r in sources.values())

@@ -19,7 +19,7 @@ from helpers import run_ingest, write_jsonl
 from tinylm import TRAINING_TEXT, loaded_tiny
 
 from curator.catalog.database import Catalog
-from curator.influence.factors import get_factors, load_tensors
+from curator.influence.factors import get_factors, load_layer_factors, load_tensors
 from curator.influence.fit import FitConfig, fit
 from curator.influence.ekfac import (
     LayerFactors,
@@ -41,8 +41,9 @@ from curator.influence.ekfac import (
     truncated_svd,
 )
 from curator.catalog.queries import Query, store_queries
-from curator.influence.score import ScoreConfig, for_documents, layer_scores, multiply_out_within, score
-from curator.catalog.workspace import Workspace
+from curator.influence.score import ScoreConfig, score
+from curator.influence.scoring import bytes_per_query, for_documents, layer_scores, multiply_out_within
+from curator.catalog.database import create_workspace
 
 MAX_LEN = 12
 DOCS = [TRAINING_TEXT[0], TRAINING_TEXT[1] * 2, "x = 1", TRAINING_TEXT[2], "ab",
@@ -58,7 +59,7 @@ QUERIES = [
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("exact")
-    ws, _ = Workspace.init(root / "ws")
+    ws, _ = create_workspace(root / "ws")
     write_jsonl(root / "docs.jsonl", [{"text": t} for t in DOCS])
     run_ingest(ws, [root / "docs.jsonl"])
     lm = loaded_tiny(bias=True)
@@ -473,12 +474,60 @@ def test_a_killed_scoring_run_resumes_from_finished_chunks(setup, tmp_path):
     config = ScoreConfig(batch_tokens=40, chunk_docs=2, factors=record.id)
     with pytest.raises(KeyboardInterrupt):
         score(ws, config, out=out, loaded=lm, progress=StopAfter(chunks=2))
-    assert not out.exists() and len(list((tmp_path / "resumed.parquet.part").glob("*.parquet"))) == 2
+    assert not out.exists() and len(list((tmp_path / "resumed.parquet.chunks").glob("*.parquet"))) == 2
     counter = StopAfter()
     resumed = score(ws, config, out=out, loaded=lm, progress=counter)
-    assert counter.finished == 4 and not (tmp_path / "resumed.parquet.part").exists()
+    assert counter.finished == 4 and not (tmp_path / "resumed.parquet.chunks").exists()
     a = pl.read_parquet(result.out_path).sort(["query_id", "doc_id"])
     b = pl.read_parquet(resumed.out_path).sort(["query_id", "doc_id"])
     assert a.select(["query_id", "doc_id"]).equals(b.select(["query_id", "doc_id"]))
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
                                atol=1e-5 * float(a["score"].abs().max()))
+
+
+def _one_query_mb(ws, record) -> float:
+    shapes = [tuple(f.corrected.shape) for f in load_layer_factors(ws, record).values()]
+    return bytes_per_query(shapes, None) / 2**20
+
+
+def test_a_run_resumed_with_other_batching_settings_equals_an_uninterrupted_one(setup, tmp_path):
+    """Query memory and chunk size do not change the scores, so a run killed under one setting and
+    resumed under another must give the uninterrupted run's scores, never mix chunks of two plans."""
+    ws, lm, record, _, result = setup
+    out = tmp_path / "mixed.parquet"
+    one_query = _one_query_mb(ws, record)
+    per_query_batches = ScoreConfig(batch_tokens=40, chunk_docs=2, factors=record.id, query_rank="dense",
+                                    query_memory_mb=1.5 * one_query)
+    with pytest.raises(KeyboardInterrupt):
+        score(ws, per_query_batches, out=out, loaded=lm, progress=StopAfter(chunks=5))
+    assert len(list((tmp_path / "mixed.parquet.chunks").glob("*.parquet"))) >= 2
+    one_batch = per_query_batches.model_copy(update={"query_memory_mb": 1000 * one_query, "chunk_docs": 3})
+    resumed = score(ws, one_batch, out=out, loaded=lm)
+    assert resumed.run_id == result.run_id and resumed.stats["query_batches"] == 1
+    a = pl.read_parquet(result.out_path).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(resumed.out_path).sort(["query_id", "doc_id"])
+    assert a.select(["query_id", "doc_id"]).equals(b.select(["query_id", "doc_id"]))
+    np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
+                               atol=1e-5 * float(a["score"].abs().max()))
+    # And the other way round: chunks written under one batch are reused by a run of many batches.
+    out2 = tmp_path / "reverse.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        score(ws, one_batch, out=out2, loaded=lm, progress=StopAfter(chunks=1))
+    again = score(ws, per_query_batches, out=out2, loaded=lm)
+    assert again.stats["query_batches"] == len(QUERIES)
+    c = pl.read_parquet(again.out_path).sort(["query_id", "doc_id"])
+    np.testing.assert_allclose(c["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
+                               atol=1e-5 * float(a["score"].abs().max()))
+
+
+def test_a_settings_change_that_changes_the_scores_starts_afresh(setup, tmp_path):
+    ws, lm, record, _, _ = setup
+    out = tmp_path / "ranked.parquet"
+    dense = ScoreConfig(batch_tokens=40, chunk_docs=2, factors=record.id, query_rank="dense")
+    with pytest.raises(KeyboardInterrupt):
+        score(ws, dense, out=out, loaded=lm, progress=StopAfter(chunks=1))
+    rank_one = score(ws, dense.model_copy(update={"query_rank": 1}), out=out, loaded=lm)
+    fresh = score(ws, dense.model_copy(update={"query_rank": 1}), out=tmp_path / "fresh.parquet", loaded=lm)
+    assert rank_one.run_id == fresh.run_id
+    np.testing.assert_array_equal(pl.read_parquet(rank_one.out_path)["score"].to_numpy(),
+                                  pl.read_parquet(fresh.out_path)["score"].to_numpy())

@@ -91,6 +91,7 @@ def test_a_killed_ingest_is_invisible_and_cleaned_up_on_the_next_run(ws, tmp_pat
         import os, signal
         from curator.catalog.ingest import IngestOptions, ingest
         from curator.catalog.workspace import Workspace
+        from curator.catalog.database import create_workspace
 
         class KillAfter:
             def start(self, total_bytes, files): pass
@@ -142,7 +143,8 @@ def test_python_memory_does_not_grow_with_the_input(tmp_path):
             import tracemalloc
             from curator.catalog.ingest import IngestOptions, ingest
             from curator.catalog.workspace import Workspace
-            ws, _ = Workspace.init({str(tmp_path / f"ws-{lines}")!r})
+            from curator.catalog.database import create_workspace
+            ws, _ = create_workspace({str(tmp_path / f"ws-{lines}")!r})
             tracemalloc.start()
             s = ingest(ws, [{str(path)!r}], IngestOptions(source="big", chunk_docs=5000))
             assert s.inserted == {lines}, s

@@ -21,7 +21,7 @@ from curator.influence.fit import FitConfig, fit
 from curator.model.loading import tracked_modules, wrap_model
 from curator.catalog.queries import Query, store_queries
 from curator.influence.score import ScoreConfig, score
-from curator.catalog.workspace import Workspace
+from curator.catalog.database import create_workspace
 
 kronfluence = pytest.importorskip("kronfluence")
 
@@ -85,7 +85,7 @@ def test_exact_scores_match_kronfluence(tmp_path):
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
     tokenizer = tiny_tokenizer()
-    ws, _ = Workspace.init(tmp_path / "ws")
+    ws, _ = create_workspace(tmp_path / "ws")
     write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in DOCS])
     run_ingest(ws, [tmp_path / "docs.jsonl"])
     with Catalog.open(ws, write=True) as catalog:

@@ -20,7 +20,7 @@ from curator.influence.fit import FitConfig, fit
 from curator.influence.ekfac import precondition
 from curator.catalog.queries import Query, store_queries
 from curator.influence.score import ScoreConfig, score
-from curator.catalog.workspace import Workspace
+from curator.catalog.database import create_workspace
 
 QUERY = Query(id="q", task="arithmetic", prompt="Calculate the answer: (5 + 3) * 2", completion="8 * 2 = 16.")
 DOCS = TRAINING_TEXT + ["7 * 6 = 42", "Rome is in Italy.", "x = x + 1", "print(2 * 8)", "(6 - 2) / 2 = 2"]
@@ -62,7 +62,7 @@ def step(lm, modules, direction, lr):
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     root = tmp_path_factory.mktemp("sign")
-    ws, _ = Workspace.init(root / "ws")
+    ws, _ = create_workspace(root / "ws")
     write_jsonl(root / "docs.jsonl", [{"text": t} for t in DOCS])
     run_ingest(ws, [root / "docs.jsonl"])
     with Catalog.open(ws, write=True) as catalog:

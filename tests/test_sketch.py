@@ -14,9 +14,11 @@ from curator.catalog.database import Catalog
 from curator.influence.fit import FitConfig, fit
 from curator.catalog.queries import Query, store_queries
 from curator.influence.score import ScoreConfig, score
-from curator.sketch.search import blocked_scores, build_index, open_index, top_and_bottom
-from curator.sketch.build import SketchConfig, iter_shards, sketch, sketch_queries
-from curator.catalog.workspace import Workspace
+from curator.sketch.index import build_index, open_index, top_and_bottom
+from curator.sketch.scoring import blocked_scores, sketch_score
+from curator.sketch.build import sketch, sketch_queries
+from curator.sketch.store import SketchConfig, iter_shards
+from curator.catalog.database import create_workspace
 
 DOCS = TRAINING_TEXT + [t[::-1] for t in TRAINING_TEXT] + ["x = 1", "y = x * 2", "print(y)", "(3 + 4) * 2 = 14"]
 SUITE = [Query(id=f"s{i}", task="arithmetic", prompt=f"Calculate the answer: ({i} + 3) * 2",
@@ -41,7 +43,7 @@ class StopAfterShards:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sketch")
-    ws, _ = Workspace.init(root / "ws")
+    ws, _ = create_workspace(root / "ws")
     write_jsonl(root / "docs.jsonl", [{"text": t} for t in DOCS])
     run_ingest(ws, [root / "docs.jsonl"])
     lm = loaded_tiny(seed=5, bias=True)
@@ -55,10 +57,10 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("method", ["query-subspace", "whitened-subspace"])
 def test_full_rank_sketch_scores_equal_exact_scores_for_suite_queries(setup, method):
     ws, lm, exact = setup
-    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", method=method, rank=64, dtype="float32", shard_docs=5,
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", method=method, rank=64, precision="float32", shard_docs=5,
                                     batch_tokens=96), loaded=lm)
     assert store.complete and store.documents == len(DOCS) and len(store.shards) == 4
-    result = score(ws, ScoreConfig(method="sketch", queries="s0,s1,s2,s3", store=store.id), loaded=lm)
+    result = sketch_score(ws, ScoreConfig(method="sketch", queries="s0,s1,s2,s3", store=store.id), loaded=lm)
     a = pl.read_parquet(exact.out_path).filter(pl.col("query_id").str.starts_with("s")).sort(["query_id", "doc_id"])
     b = pl.read_parquet(result.out_path).sort(["query_id", "doc_id"])
     assert a.select("query_id", "doc_id").equals(b.select("query_id", "doc_id"))
@@ -70,7 +72,7 @@ def test_full_rank_sketch_scores_equal_exact_scores_for_suite_queries(setup, met
 
 def test_a_truncated_subspace_is_not_exact_but_keeps_the_ranking_for_suite_queries(setup):
     ws, lm, exact = setup
-    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", rank=2, dtype="float32"), loaded=lm)
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", rank=2, precision="float32"), loaded=lm)
     assert all(k == [2, 2] for k in store.ranks.values()) and store.dim == 4 * len(store.ranks)
     vectors, _ = sketch_queries(ws, store, lm, SUITE)
     _, approx = blocked_scores(ws, store, vectors)
@@ -97,7 +99,7 @@ def test_bases_are_deterministic_and_shared_by_documents_and_queries(setup, tmp_
 
 def test_budget_bytes_spreads_rank_by_query_energy(setup):
     ws, lm, _ = setup
-    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", budget_bytes=400, dtype="float16"), loaded=lm)
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", budget_bytes=400, precision="float16"), loaded=lm)
     assert store.bytes_per_doc <= 400 and len({tuple(k) for k in store.ranks.values()}) > 1
 
 
@@ -122,8 +124,8 @@ def test_a_killed_sketch_run_resumes_to_the_same_store(setup):
 
 def test_flat_search_returns_the_blocked_products_top_and_bottom(setup):
     ws, lm, _ = setup
-    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", rank=3, dtype="float32", shard_docs=6), loaded=lm)
-    built = build_index(ws, store, "Flat")
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", rank=3, precision="float32", shard_docs=6), loaded=lm)
+    built = build_index(ws, store.id, "Flat")
     assert built["rows"] == len(DOCS)
     index, doc_ids, store_id = open_index(ws, built["name"])
     assert store_id == store.id
@@ -154,7 +156,7 @@ def test_fidelity_reuses_a_stored_exact_run_and_agrees_with_scoring_afresh(setup
     from curator.sketch.fidelity import fidelity
 
     ws, lm, exact = setup
-    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", rank=3, dtype="float32"), loaded=lm)
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", rank=3, precision="float32"), loaded=lm)
     reused = fidelity(ws, store, lm, HELD_OUT, sample=len(DOCS))
     assert reused["reference"] == f"run {exact.run_id}"
     # A run at another window length is not the same reference: the check scores afresh.
@@ -176,8 +178,8 @@ def test_fidelity_reuses_a_stored_exact_run_and_agrees_with_scoring_afresh(setup
 def test_bases_are_nested_so_a_smaller_rank_is_a_block_of_a_larger_store(setup, method):
     """benchmarks/sketch_fidelity.py reads every rank of its curve from one store; this is why it may."""
     ws, lm, _ = setup
-    large = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", method=method, rank=6, dtype="float32"), loaded=lm)
-    small = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", method=method, rank=3, dtype="float32"), loaded=lm)
+    large = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", method=method, rank=6, precision="float32"), loaded=lm)
+    small = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", method=method, rank=3, precision="float32"), loaded=lm)
     columns, offset = [], 0
     for name in large.modules:
         k_out, k_in = large.ranks[name]

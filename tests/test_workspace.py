@@ -13,10 +13,11 @@ from curator.catalog.database import Catalog
 from curator.errors import CatalogLockedError, SchemaError, WorkspaceError
 from curator.catalog.schema import LATEST_VERSION, MIGRATIONS, Migration
 from curator.catalog.workspace import ARTIFACT_DIRS, CATALOG_FILE, ENV_VAR, Workspace
+from curator.catalog.database import create_workspace
 
 
 def test_init_creates_catalog_and_artifact_folders(tmp_path):
-    ws, created = Workspace.init(tmp_path / "new" / "ws")
+    ws, created = create_workspace(tmp_path / "new" / "ws")
     assert created
     assert (ws.root / CATALOG_FILE).is_file()
     assert all((ws.root / d).is_dir() for d in ARTIFACT_DIRS)
@@ -25,12 +26,12 @@ def test_init_creates_catalog_and_artifact_folders(tmp_path):
         tables = {r[0] for r in catalog.sql("SELECT table_name FROM information_schema.tables")}
     assert {"sources", "document_rows", "documents", "ingest_batches", "token_counts"} <= tables
     # Running init again is safe and says the workspace already existed.
-    assert Workspace.init(ws.root) == (ws, False)
+    assert create_workspace(ws.root) == (ws, False)
 
 
 def test_locate_prefers_option_then_environment_then_cwd(tmp_path, monkeypatch):
-    a, _ = Workspace.init(tmp_path / "a")
-    b, _ = Workspace.init(tmp_path / "b")
+    a, _ = create_workspace(tmp_path / "a")
+    b, _ = create_workspace(tmp_path / "b")
     monkeypatch.chdir(a.root)
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert Workspace.locate() == a

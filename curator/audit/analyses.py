@@ -12,7 +12,8 @@ import re
 
 import numpy as np
 
-REASONING_TASKS = ("arithmetic", "slope", "linear")
+from curator.constants import REASONING_TASKS
+
 
 
 def k_values(n_docs: int) -> list[int]:

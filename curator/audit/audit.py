@@ -78,7 +78,11 @@ def _run_summary(run: RunRecord, model: str, n_queries: int, n_docs: int, tasks:
             "documents": n_docs, "queries_per_task": dict(sorted(per_task.items()))}
 
 
-def compare(ws: Workspace, run_a: str, run_b: str) -> dict:
+def compare(ws: Workspace, run_a: str, run_b: str, plot: Path | None = None) -> dict:
+    """Per-query correlation of two runs over their common documents; writes the SVG plot to `plot`
+    (default: reports/compare-A-B.svg in the workspace) and names it in the result."""
+    from curator.audit.report import write_compare_plot
+
     import polars as pl
 
     with Catalog.open(ws) as catalog:
@@ -92,6 +96,10 @@ def compare(ws: Workspace, run_a: str, run_b: str) -> dict:
     if not per_query:
         raise CuratorError(f"runs {a.id} and {b.id} share no (query, document) pairs to compare")
     values = list(per_query.values())
-    return {"run_a": a.id, "run_b": b.id, "per_query": per_query,
-            "mean_pearson": sum(v["pearson"] for v in values) / len(values),
-            "mean_spearman": sum(v["spearman"] for v in values) / len(values)}
+    result = {"run_a": a.id, "run_b": b.id, "per_query": per_query,
+              "mean_pearson": sum(v["pearson"] for v in values) / len(values),
+              "mean_spearman": sum(v["spearman"] for v in values) / len(values)}
+    plot = Path(plot) if plot else ws.artifact_dir("reports") / f"compare-{a.id}-{b.id}.svg"
+    write_compare_plot(result, plot)
+    result["plot"] = str(plot)
+    return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import io
+from pathlib import Path
 
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:2em auto;padding:0 1.5em;
@@ -230,3 +231,21 @@ def compare_plot(result: dict) -> str:
     ax.set_title(f"{result['run_a']} vs {result['run_b']}", loc="left")
     ax.legend(frameon=False)
     return _svg(fig)
+
+
+def write_report(data: dict, out: Path, json_out: Path | None = None) -> None:
+    """The HTML report (and, if asked, the JSON behind it), each written whole or not at all."""
+    import json
+
+    from curator.artifacts import write_text_atomic
+
+    write_text_atomic(out, render(data))
+    if json_out:
+        write_text_atomic(json_out, json.dumps(data, indent=1, default=str))
+
+
+def write_compare_plot(result: dict, path: Path) -> None:
+    from curator.artifacts import write_text_atomic
+
+    svg = compare_plot(result)
+    write_text_atomic(path, svg[svg.index("<svg"):svg.rindex("</svg>") + 6])

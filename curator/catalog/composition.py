@@ -5,6 +5,7 @@ from __future__ import annotations
 import polars as pl
 
 from curator.catalog.database import Catalog
+from curator.catalog.workspace import Workspace
 
 
 def token_counts_available(catalog: Catalog) -> list[str]:
@@ -47,3 +48,9 @@ def composition(catalog: Catalog, tokenizer: str | None = None) -> pl.DataFrame:
         (pl.col("documents") / pl.col("documents").sum()).alias("docs_share"),
         (pl.col("chars") / pl.col("chars").sum()).alias("chars_share"),
     )
+
+
+def corpus_composition(ws: Workspace, tokenizer: str | None = None) -> pl.DataFrame:
+    """`composition` of a workspace's catalog, opened read-only."""
+    with Catalog.open(ws) as catalog:
+        return composition(catalog, tokenizer)

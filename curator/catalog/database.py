@@ -15,7 +15,7 @@ import duckdb
 
 from curator.errors import CatalogLockedError, SchemaError, WorkspaceError
 from curator.catalog.schema import MIGRATIONS, Migration
-from curator.catalog.workspace import Workspace
+from curator.catalog.workspace import ARTIFACT_DIRS, Workspace
 
 # DuckDB caches up to 80% of RAM by default; a catalog connection gets a fixed
 # cap instead, so an ingest of any size stays within it (DuckDB evicts or spills).
@@ -169,3 +169,19 @@ class Catalog:
         self.sql("DELETE FROM ingest_batches WHERE status <> 'complete'")
         self.sql("COMMIT")
 
+
+
+def create_workspace(root: str | os.PathLike) -> tuple[Workspace, bool]:
+    """Create a workspace (or complete an existing one): its folders and its catalog, created or migrated.
+    Returns it and whether the catalog was created just now."""
+    root = Path(root).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise WorkspaceError(f"cannot create a workspace at {root}: it is a file")
+    root.mkdir(parents=True, exist_ok=True)
+    ws = Workspace(root)
+    created = not ws.catalog_path.exists()
+    for name in ARTIFACT_DIRS:
+        (root / name).mkdir(exist_ok=True)
+    # Opening for writing creates the schema or migrates an older one.
+    Catalog.open(ws, write=True).close()
+    return ws, created

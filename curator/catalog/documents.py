@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 
 from pydantic import BaseModel
 
 from curator.catalog.database import Catalog
+from curator.catalog.workspace import Workspace
 from curator.errors import CuratorError
 
 
@@ -56,3 +58,51 @@ def sample_documents(catalog: Catalog, source: str | None, n: int, seed: int = 0
         [source, source, seed, n],
     )
     return [_to_document(r) for r in rows]
+
+
+def document_ids(catalog: Catalog, limit: int | None = None, seed: int = 0) -> list[int]:
+    """All document ids in order, or a seeded sample of `limit` of them (in id order)."""
+    if limit is not None and limit < 1:
+        raise CuratorError("--max-docs must be at least 1")
+    if limit is None:
+        ids = [r[0] for r in catalog.sql("SELECT id FROM documents ORDER BY id")]
+    else:   # the same order as `seeded_sample`
+        ids = sorted(r[0] for r in catalog.sql(
+            "SELECT id FROM documents ORDER BY hash(id, ?), id LIMIT ?", [seed, limit]))
+    if not ids:
+        raise CuratorError("the catalog has no documents; ingest a corpus first (`curator ingest`)")
+    return ids
+
+
+def seeded_sample(catalog: Catalog, ids: Sequence[int], limit: int, seed: int = 0) -> list[int]:
+    """`limit` of `ids`, in id order: the same seed picks the same ones, and a sample of the whole
+    catalog is the same whichever list it is drawn from (ordered by a seeded hash of the id, which
+    is deterministic, unlike DuckDB's parallel sampling)."""
+    return sorted(r[0] for r in catalog.sql(
+        "SELECT id FROM (SELECT unnest(?::BIGINT[]) AS id) ORDER BY hash(id, ?), id LIMIT ?",
+        [list(ids), seed, limit]))
+
+
+def read_texts(catalog: Catalog, ids: Sequence[int], chunk: int = 256) -> Iterator[list[tuple[int, str]]]:
+    """(id, text) rows for the given ids, in that order, `chunk` at a time."""
+    for start in range(0, len(ids), chunk):
+        part = list(ids[start:start + chunk])
+        rows = dict(catalog.sql("SELECT id, text FROM documents WHERE id IN (SELECT unnest(?))", [part]))
+        yield [(doc_id, rows[doc_id]) for doc_id in part if doc_id in rows]
+
+
+def show_document(ws: Workspace, doc_id: int) -> Document:
+    with Catalog.open(ws) as catalog:
+        return get_document(catalog, doc_id)
+
+
+def sample_from(ws: Workspace, source: str | None, n: int, seed: int = 0) -> list[Document]:
+    with Catalog.open(ws) as catalog:
+        return sample_documents(catalog, source, n, seed)
+
+
+def snippets(catalog: Catalog, doc_ids: Sequence[int], chars: int = 200) -> dict[int, tuple[str, str]]:
+    """doc id → (source, the start of its text on one line)."""
+    rows = catalog.sql("SELECT id, source, regexp_replace(left(text, ?), '\\s+', ' ', 'g') FROM documents "
+                       "WHERE id IN (SELECT unnest(?::BIGINT[]))", [chars, list(doc_ids)])
+    return {r[0]: (r[1], r[2]) for r in rows}

@@ -15,6 +15,7 @@ import orjson
 from pydantic import BaseModel, Field, ValidationError
 
 from curator.catalog.database import Catalog
+from curator.catalog.workspace import Workspace
 from curator.errors import BadInputError, CuratorError
 
 
@@ -129,3 +130,18 @@ def query_table(catalog: Catalog, selector: str = "all"):
     queries = select_queries(catalog, selector)
     return pl.DataFrame([{"id": q.id, "task": q.task, "set": q.query_set, "answer": q.answer,
                           "prompt": q.prompt.replace("\n", " ")} for q in queries])
+
+
+def add_queries(ws: Workspace, queries: list[Query]) -> QueryImport:
+    with Catalog.open(ws, write=True) as catalog:
+        return store_queries(catalog, queries)
+
+
+def find_queries(ws: Workspace, selector: str) -> list[Query]:
+    with Catalog.open(ws) as catalog:
+        return select_queries(catalog, selector)
+
+
+def queries_table(ws: Workspace, selector: str = "all"):
+    with Catalog.open(ws) as catalog:
+        return query_table(catalog, selector)

@@ -7,6 +7,7 @@ import json
 from pydantic import BaseModel
 
 from curator.catalog.database import Catalog
+from curator.catalog.workspace import Workspace
 from curator.errors import CuratorError
 
 
@@ -24,43 +25,82 @@ class RunRecord(BaseModel):
 
 def get_run(catalog: Catalog, run_id: str | None = None) -> RunRecord:
     """A run by id (a unique prefix is enough), or the latest one."""
-    columns = "id, kind, method, model_id, factors_id, query_ids, settings, out_path, stats"
-    if run_id is None:
-        rows = catalog.sql(f"SELECT {columns} FROM runs ORDER BY finished_at DESC, id LIMIT 1")
-        if not rows:
-            raise CuratorError("the workspace has no scoring runs; run `curator score` first")
-    else:
-        rows = catalog.sql(f"SELECT {columns} FROM runs WHERE starts_with(id, ?)", [run_id])
-        if len(rows) != 1:
-            known = [r[0] for r in catalog.sql("SELECT id FROM runs ORDER BY finished_at")]
-            what = "no" if not rows else "more than one"
-            raise CuratorError(f"{what} run matches {run_id!r} (runs: {', '.join(known) or 'none'})")
-    row = rows[0]
+    row = find_record(catalog, "runs", run_id, what="scoring run", create_hint="run `curator score` first",
+                      columns="id, kind, method, model_id, factors_id, query_ids, settings, out_path, stats",
+                      order_column="finished_at")
     return RunRecord(id=row[0], kind=row[1], method=row[2], model_id=row[3], factors_id=row[4],
                      query_ids=json.loads(row[5]), settings=json.loads(row[6]), out_path=row[7],
                      stats=json.loads(row[8]))
 
 
-def runs_table(catalog: Catalog):
+def runs_table(ws: Workspace):
     import polars as pl
 
-    rows = catalog.sql(
-        "SELECT r.id, r.method, m.name, r.factors_id, json_array_length(r.query_ids), "
-        "CAST(json_extract(r.stats, '$.documents') AS BIGINT), "
-        "CAST(json_extract(r.stats, '$.docs_per_second') AS DOUBLE), r.finished_at, r.out_path "
-        "FROM runs r LEFT JOIN models m ON m.id = r.model_id ORDER BY r.finished_at")
+    with Catalog.open(ws) as catalog:
+        rows = catalog.sql(
+            "SELECT r.id, r.method, m.name, r.factors_id, json_array_length(r.query_ids), "
+            "CAST(json_extract(r.stats, '$.documents') AS BIGINT), "
+            "CAST(json_extract(r.stats, '$.docs_per_second') AS DOUBLE), r.finished_at, r.out_path "
+            "FROM runs r LEFT JOIN models m ON m.id = r.model_id ORDER BY r.finished_at")
     return pl.DataFrame(rows, orient="row", schema=["run", "method", "model", "factors", "queries", "documents",
                                                     "docs/s", "finished", "scores"])
 
 
-def factors_table(catalog: Catalog):
+def factors_table(ws: Workspace):
     import polars as pl
 
-    rows = catalog.sql(
-        "SELECT f.id, m.name, json_extract_string(f.settings, '$.modules'), "
-        "json_extract_string(f.settings, '$.layers'), json_array_length(f.modules), "
-        "json_extract_string(f.settings, '$.fisher'), CAST(json_extract(f.stats, '$.documents') AS BIGINT), "
-        "CAST(json_extract(f.stats, '$.tokens') AS BIGINT), f.created_at "
-        "FROM factors f LEFT JOIN models m ON m.id = f.model_id ORDER BY f.created_at")
+    with Catalog.open(ws) as catalog:
+        rows = catalog.sql(
+            "SELECT f.id, m.name, json_extract_string(f.settings, '$.modules'), "
+            "json_extract_string(f.settings, '$.layers'), json_array_length(f.modules), "
+            "json_extract_string(f.settings, '$.fisher'), CAST(json_extract(f.stats, '$.documents') AS BIGINT), "
+            "CAST(json_extract(f.stats, '$.tokens') AS BIGINT), f.created_at "
+            "FROM factors f LEFT JOIN models m ON m.id = f.model_id ORDER BY f.created_at")
     return pl.DataFrame(rows, orient="row", schema=["fit", "model", "modules", "blocks", "layers", "fisher",
                                                     "documents", "tokens", "created"])
+
+
+def record_model(catalog: Catalog, info) -> None:
+    """Insert or refresh a model's row from its ModelInfo (curator.model.loading)."""
+    catalog.sql(
+        "INSERT INTO models (id, name, format, location, tokenizer_id, info) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET name = excluded.name, location = excluded.location",
+        [info.id, info.name, info.format, info.location, info.tokenizer_id, info.model_dump_json()],
+    )
+
+
+def store_token_counts(catalog: Catalog, tokenizer_id: str, counts: dict[int, int]) -> None:
+    """Cache per-document token counts for a tokenizer (INSERT OR REPLACE: counts never change)."""
+    if not counts:
+        return
+    import pyarrow as pa
+
+    table = pa.table({
+        "doc_id": pa.array(list(counts), pa.int64()),
+        "tokenizer": pa.array([tokenizer_id] * len(counts), pa.string()),
+        "tokens": pa.array(list(counts.values()), pa.int64()),
+    })
+    catalog.insert_arrow("token_counts", table, replace=True)
+
+
+# -- one way to name a recorded thing: a unique id prefix, or the latest ----------------------
+
+def find_record(catalog: Catalog, table: str, key: str | None, *, columns: str, what: str, create_hint: str,
+                id_column: str = "id", order_column: str = "created_at") -> tuple:
+    """The row of `table` whose id starts with `key` (it must be the only one), or the latest row.
+
+    `what` names the thing in errors ("run", "fit", "sketch store"); `create_hint` says how to make one.
+    """
+    if key is None:
+        row = catalog.one(f"SELECT {columns} FROM {table} ORDER BY {order_column} DESC, {id_column} DESC LIMIT 1")
+        if row is None:
+            raise CuratorError(f"the workspace has no {what}; {create_hint}")
+        return row
+    rows = catalog.sql(f"SELECT {columns} FROM {table} WHERE starts_with({id_column}, ?)", [key])
+    exact = [r for r in rows if r[0] == key]
+    if len(rows) == 1 or len(exact) == 1:
+        return (exact or rows)[0]
+    known = [r[0] for r in catalog.sql(f"SELECT {id_column} FROM {table} ORDER BY {order_column}")]
+    listed = ", ".join(known[-10:]) or "none"
+    amount = "no" if not rows else "more than one"
+    raise CuratorError(f"{amount} {what} matches {key!r} (known: {listed})")

@@ -43,24 +43,6 @@ class Workspace:
         return path
 
     @classmethod
-    def init(cls, root: str | os.PathLike) -> tuple[Workspace, bool]:
-        """Create a workspace (or complete an existing one). Returns it and
-        whether the catalog was created just now."""
-        from curator.catalog.database import Catalog
-
-        root = Path(root).expanduser().resolve()
-        if root.exists() and not root.is_dir():
-            raise WorkspaceError(f"cannot create a workspace at {root}: it is a file")
-        root.mkdir(parents=True, exist_ok=True)
-        ws = cls(root)
-        created = not ws.catalog_path.exists()
-        for name in ARTIFACT_DIRS:
-            (root / name).mkdir(exist_ok=True)
-        # Opening for writing creates the schema or migrates an older one.
-        Catalog.open(ws, write=True).close()
-        return ws, created
-
-    @classmethod
     def locate(cls, option: str | os.PathLike | None = None) -> Workspace:
         """The workspace named by the option, the environment or the current directory."""
         if option is not None:

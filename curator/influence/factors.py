@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
+from curator.artifacts import atomic_file, reading
 from curator.catalog.database import Catalog
+from curator.catalog.records import find_record
+from curator.catalog.workspace import Workspace
 from curator.errors import CuratorError
 from curator.influence.ekfac import LayerFactors
-from curator.catalog.workspace import Workspace
-
-TENSORS = ("a_cov", "s_cov", "a_eigvals", "a_eigvecs", "s_eigvals", "s_eigvecs", "corrected", "damping")
 
 
 class FactorsRecord(BaseModel):
@@ -38,23 +38,38 @@ def save_tensors(path: Path, layers: dict[str, dict[str, torch.Tensor]], metadat
 
     flat = {f"{name}::{key}": tensor.detach().cpu().contiguous()
             for name, tensors in layers.items() for key, tensor in tensors.items()}
-    part = path.with_name(path.name + ".part")
-    save_file(flat, str(part), metadata={k: json.dumps(v) for k, v in metadata.items()})
-    part.replace(path)
+    with atomic_file(path) as part:
+        save_file(flat, str(part), metadata={k: json.dumps(v) for k, v in metadata.items()})
 
 
-def load_tensors(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+def load_tensors(path: Path, rebuild: str = "curator fit --force") -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """The per-layer tensors and the metadata of a factors file; a missing or damaged file is one error
+    naming it and the command that rebuilds it."""
+    from safetensors import safe_open
+
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    with reading(path, "factors file", rebuild):
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
+            for key in handle.keys():
+                name, field = key.rsplit("::", 1)
+                layers.setdefault(name, {})[field] = handle.get_tensor(key)
+    return layers, metadata
+
+
+def finished_factors(path: Path, fit_id: str) -> FactorsRecord | None:
+    """The record kept inside a complete factors file of this fit, if there is one (else None)."""
     from safetensors import safe_open
 
     if not path.is_file():
-        raise CuratorError(f"the factors file {path} is missing")
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
-        for key in handle.keys():
-            name, field = key.rsplit("::", 1)
-            layers.setdefault(name, {})[field] = handle.get_tensor(key)
-    return layers, metadata
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        record = FactorsRecord.model_validate(json.loads(metadata["record"]))
+    except Exception:   # damaged or from an older curator: fit again
+        return None
+    return record if record.id == fit_id else None
 
 
 def layer_factors(tensors: dict[str, torch.Tensor]) -> LayerFactors:
@@ -74,29 +89,35 @@ def record_factors(catalog: Catalog, record: FactorsRecord) -> None:
 
 def get_factors(catalog: Catalog, factors_id: str | None = None) -> FactorsRecord:
     """A fit by id (a unique prefix is enough), or the latest one."""
-    if factors_id is None:
-        row = catalog.one("SELECT id, model_id, tokenizer_id, path, modules, settings, stats "
-                          "FROM factors ORDER BY created_at DESC, id LIMIT 1")
-        if row is None:
-            raise CuratorError("the workspace has no fitted factors; run `curator fit --model M` first")
-    else:
-        rows = catalog.sql("SELECT id, model_id, tokenizer_id, path, modules, settings, stats "
-                           "FROM factors WHERE starts_with(id, ?)", [factors_id])
-        if len(rows) != 1:
-            known = [r[0] for r in catalog.sql("SELECT id FROM factors ORDER BY created_at")]
-            what = "no" if not rows else "more than one"
-            raise CuratorError(f"{what} fit matches --factors {factors_id!r} (fits: {', '.join(known) or 'none'})")
-        row = rows[0]
+    row = find_record(catalog, "factors", factors_id, what="fit", create_hint="run `curator fit --model M` first",
+                      columns="id, model_id, tokenizer_id, path, modules, settings, stats")
     return FactorsRecord(id=row[0], model_id=row[1], tokenizer_id=row[2], path=row[3],
                          modules=json.loads(row[4]), settings=json.loads(row[5]), stats=json.loads(row[6]))
 
 
 def load_layer_factors(ws: Workspace, record: FactorsRecord) -> dict[str, LayerFactors]:
-    layers, _ = load_tensors(ws.root / record.path)
+    layers, _ = load_tensors(ws.root / record.path, rebuild=refit_command(record))
     missing = [m for m in record.modules if m not in layers]
     if missing:
-        raise CuratorError(f"the factors file {record.path} lacks layers {missing[:3]}; fit again")
-    return {name: layer_factors(layers[name]) for name in record.modules}
+        raise CuratorError(f"the factors file {ws.root / record.path} lacks layers {missing[:3]}; rebuild it with "
+                           f"`{refit_command(record)}`")
+    try:
+        return {name: layer_factors(layers[name]) for name in record.modules}
+    except KeyError as missing:
+        raise CuratorError(f"the factors file {ws.root / record.path} lacks {missing}; rebuild it with "
+                           f"`{refit_command(record)}`") from None
+
+
+def refit_command(record: FactorsRecord) -> str:
+    """The command that fits these factors again."""
+    s = record.settings
+    parts = [f"curator fit --model {s.get('model')}", f"--modules {s.get('modules')}", f"--layers {s.get('layers')}",
+             f"--max-seq-len {s.get('max_seq_len')}"]
+    if s.get("max_docs"):
+        parts.append(f"--max-docs {s['max_docs']}")
+    if s.get("fisher") == "empirical":
+        parts.append("--fisher empirical")
+    return " ".join(parts) + " --force"
 
 
 def load_model_for(ws: Workspace, record: FactorsRecord, *, model: str | None = None, device: str = "cpu",

@@ -10,17 +10,17 @@ stage 2; the factors file appears under its final name only when complete.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Literal
-
 import torch
 from pydantic import BaseModel, Field
 
+from curator.artifacts import NOT_IDENTITY, Settings, content_id
 from curator.catalog.database import Catalog
-from curator.catalog.corpus import document_ids, record_model, store_token_counts
+from curator.constants import Fisher, ModelDType
+from curator.catalog.documents import document_ids
+from curator.catalog.records import record_model, store_token_counts
 from curator.errors import CuratorError
-from curator.influence.factors import FactorsRecord, load_tensors, record_factors, save_tensors
+from curator.influence.factors import (FactorsRecord, finished_factors, get_factors, load_tensors, record_factors,
+                                       save_tensors)
 from curator.influence.ekfac import (
     damping_value,
     eigenbasis,
@@ -28,30 +28,33 @@ from curator.influence.ekfac import (
     sequence_gradients,
     token_covariance,
 )
+from curator.model.document_pass import NoProgress, PassProgress, PassSettings, Timer, document_pass
 from curator.model.loading import LoadedModel, load_model, tracked_modules
-from curator.model.document_pass import NoProgress, PassProgress, Timer, run_pass
 from curator.catalog.workspace import Workspace
 
 
-class FitConfig(BaseModel):
+# Documents batched together: batches are drawn from each chunk, and the sampled labels
+# follow the batches, so this fixes which labels a fit draws.
+FIT_CHUNK_DOCS = 256
+
+
+class FitConfig(Settings):
     """Every knob of a fit; stored with the factors."""
 
-    model: str = Field(description="short name, .gguf file or save_pretrained folder")
+    model: str = Field(description="short name, .gguf file or save_pretrained folder; identified by its weights",
+                       json_schema_extra=NOT_IDENTITY)
     modules: str = Field("mlp", description="mlp, attn-mlp, or a regex over names inside a block")
     layers: str = Field("all", description="blocks to track: all, last:N, A-B or A,B,C")
-    fisher: Literal["sampled", "empirical"] = Field(
+    fisher: Fisher = Field(
         "sampled", description="labels for δ: sampled from the model (true Fisher) or the data's own")
     max_docs: int | None = Field(None, description="fit on a seeded sample of this many documents")
     max_seq_len: int = Field(512, ge=2, description="tokens per window")
     damping: float | None = Field(None, description="λ; None = 0.1 × mean(Λ) per layer")
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    batch_tokens: int = Field(4096, ge=2, description="tokens per forward+backward batch, padding included")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N", json_schema_extra=NOT_IDENTITY)
+    dtype: ModelDType = Field("float32", description="the model's dtype")
+    batch_tokens: int = Field(4096, ge=2, description="tokens per forward+backward batch, padding included",
+                              json_schema_extra=NOT_IDENTITY)
     seed: int = 0
-
-    def identity(self) -> dict:
-        """The settings that change the factors (device and batch size do not)."""
-        return self.model_dump(exclude={"model", "device", "batch_tokens"})
 
 
 class FitResult(BaseModel):
@@ -68,48 +71,49 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
     modules = tracked_modules(loaded.model, config.modules, config.layers)
     with Catalog.open(ws) as catalog:
         ids = document_ids(catalog, config.max_docs, config.seed)
-        fit_id = _fit_id(loaded, config, ids)
+        fit_id = content_id("fit", loaded.info.id, config.identity(), ids)
         existing = catalog.one("SELECT id FROM factors WHERE id = ?", [fit_id])
     path = ws.artifact_dir("factors") / f"{fit_id}.safetensors"
     if existing and path.is_file() and not force:
         with Catalog.open(ws) as catalog:
-            from curator.influence.factors import get_factors
             return FitResult(record=get_factors(catalog, fit_id), reused=True)
+    # A finished file whose catalog row is missing (the catalog was locked when the fit
+    # ended) only needs recording.
+    finished = None if force else finished_factors(path, fit_id)
+    if finished is not None:
+        _record(ws, loaded, finished, {})
+        return FitResult(record=finished)
 
     counts: dict[int, int] = {}
     labels = "sampled" if config.fisher == "sampled" else "data"
-    pass_args = dict(max_len=config.max_seq_len, batch_tokens=config.batch_tokens, labels=labels,
-                     progress=progress, counts=counts)
+    settings = PassSettings(max_len=config.max_seq_len, batch_tokens=config.batch_tokens, chunk_docs=FIT_CHUNK_DOCS,
+                            labels=labels, seed=config.seed)
     covariance_path = path.with_name(f"{fit_id}.covariance.part")
     stats: dict = {"documents": len(ids)}
 
     with Catalog.open(ws) as catalog:
         # Stage 1: covariances (or their saved sums from a run that was killed later).
         if covariance_path.is_file():
-            sums, meta = load_tensors(covariance_path)
+            sums, meta = load_tensors(covariance_path, rebuild=f"curator fit --force (it is {fit_id}'s first pass)")
             stats.update(meta["stats"])
         else:
             sums = {name: {"a_cov": 0, "s_cov": 0, "tokens": 0} for name in modules}
 
-            def covariance_callback(batch):
-                mask = batch.attention_mask
-
-                def on_layer(name, a, delta):
-                    sums[name]["a_cov"] = sums[name]["a_cov"] + token_covariance(a, mask)
-                    sums[name]["s_cov"] = sums[name]["s_cov"] + token_covariance(delta, mask)
-                return on_layer
+            def accumulate_covariances(name, a, delta, batch, _output):
+                sums[name]["a_cov"] = sums[name]["a_cov"] + token_covariance(a, batch.attention_mask)
+                sums[name]["s_cov"] = sums[name]["s_cov"] + token_covariance(delta, batch.attention_mask)
 
             progress.stage("fit 1/2: covariances", len(ids))
             with timer("covariances"):
-                seen = run_pass(loaded.model, modules, catalog, loaded.tokenizer, ids, seed=config.seed,
-                                on_batch=covariance_callback, **pass_args)
-            if seen["tokens"] == 0:
+                seen = document_pass(loaded.model, modules, loaded.tokenizer, catalog, ids, settings,
+                                     accumulate_covariances, progress=progress, counts=counts)
+            if seen.tokens == 0:
                 raise CuratorError("the fitting sample has no document with two or more tokens")
             for name in modules:
                 _require_finite(sums[name]["a_cov"], f"the input covariance of {name}")
                 _require_finite(sums[name]["s_cov"], f"the gradient covariance of {name}")
-                sums[name]["tokens"] = torch.tensor(seen["tokens"])
-            stats.update({"sequences": seen["sequences"], "tokens": seen["tokens"]})
+                sums[name]["tokens"] = torch.tensor(seen.tokens)
+            stats.update({"sequences": seen.windows, "tokens": seen.tokens})
             save_tensors(covariance_path, sums, {"fit_id": fit_id, "stats": stats})
 
         with timer("eigendecomposition"):
@@ -128,20 +132,19 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
                  for name, t in layers.items()}
         corrected_sums = {name: 0 for name in modules}
 
-        def correction_callback(batch):
-            def on_layer(name, a, delta):
-                q_s, q_a = bases[name]
-                rotated = rotate(sequence_gradients(a, delta), q_s, q_a)
-                corrected_sums[name] = corrected_sums[name] + (rotated ** 2).sum(dim=0).double()
-            return on_layer
+        def accumulate_corrections(name, a, delta, _batch, _output):
+            q_s, q_a = bases[name]
+            rotated = rotate(sequence_gradients(a, delta), q_s, q_a)
+            corrected_sums[name] = corrected_sums[name] + (rotated ** 2).sum(dim=0).double()
 
         progress.stage("fit 2/2: eigenvalue correction", len(ids))
         with timer("eigenvalue correction"):
-            seen = run_pass(loaded.model, modules, catalog, loaded.tokenizer, ids, seed=config.seed + 1,
-                            on_batch=correction_callback, **pass_args)
+            seen = document_pass(loaded.model, modules, loaded.tokenizer, catalog, ids,
+                                 PassSettings(**{**settings.__dict__, "seed": config.seed + 1}),
+                                 accumulate_corrections, progress=progress)
 
     for name in modules:
-        corrected = (corrected_sums[name] / seen["sequences"]).cpu()
+        corrected = (corrected_sums[name] / seen.windows).cpu()
         _require_finite(corrected, f"the corrected eigenvalues of {name}")
         layers[name]["corrected"] = corrected
         layers[name]["damping"] = torch.tensor(damping_value(corrected, config.damping), dtype=torch.float64)
@@ -153,15 +156,19 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
     )
     save_tensors(path, layers, {"fit_id": fit_id, "model_id": loaded.info.id,
                                 "tokenizer_id": loaded.info.tokenizer_id, "modules": list(modules),
-                                "settings": config.model_dump()})
+                                "settings": config.model_dump(), "record": record.model_dump()})
+    covariance_path.unlink(missing_ok=True)
+    _record(ws, loaded, record, counts)
+    return FitResult(record=record)
+
+
+def _record(ws: Workspace, loaded: LoadedModel, record: FactorsRecord, counts: dict[int, int]) -> None:
     with Catalog.open(ws, write=True) as catalog:
         catalog.sql("BEGIN")
         record_model(catalog, loaded.info)
         record_factors(catalog, record)
         store_token_counts(catalog, loaded.info.tokenizer_id, counts)
         catalog.sql("COMMIT")
-    covariance_path.unlink(missing_ok=True)
-    return FitResult(record=record)
 
 
 def _require_finite(tensor: torch.Tensor, what: str) -> None:
@@ -169,9 +176,3 @@ def _require_finite(tensor: torch.Tensor, what: str) -> None:
         raise CuratorError(
             f"{what} contains NaN or infinity: the model's activations or gradients overflowed. Try "
             f"--dtype float32, or check the model's weights; no factors were written.")
-
-
-def _fit_id(loaded: LoadedModel, config: FitConfig, ids: list[int]) -> str:
-    digest = hashlib.blake2b(digest_size=6)
-    digest.update(json.dumps([loaded.info.id, config.identity(), ids], sort_keys=True).encode())
-    return f"fit-{digest.hexdigest()}"

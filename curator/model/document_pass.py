@@ -1,22 +1,31 @@
-"""Model passes over documents: progress reporting and the shared loop.
+"""The one loop over documents that every model pass shares: fit, exact scoring, sketching.
 
-Fitting (two passes) and scoring (one pass) all stream documents from the
-catalog, tokenize them into windows, batch them and run a forward + backward
-with the tracked layers' (a, δ) handed to a callback. This is that loop.
+Documents are read from the catalog a chunk at a time, split into token
+windows, batched, and run through one forward + backward; each tracked
+layer's (a, δ) goes to the caller's ``LayerWork``, which may add a per-window
+row of numbers (scores, a sketch) into the batch's output. The pass sums those
+rows over each document's windows and hands every finished chunk of documents
+to ``on_chunk``. A chunk that ``chunk_done`` says exists already is skipped,
+which is how a killed run resumes; chunks are also the unit a distributed run
+will hand out to ranks.
+
+Fitting passes ``width=0``: its layer work accumulates statistics itself and
+the chunks carry no output.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from curator.catalog.database import Catalog
-from curator.catalog.corpus import document_windows
+from curator.catalog.documents import read_texts
 from curator.model.losses import backward_layers
-from curator.model.tokens import TokenBatch, batches, pad_token_id
+from curator.model.tokens import TokenBatch, Window, batches, pad_token_id, tokenize_documents
 
 
 class PassProgress(Protocol):
@@ -51,32 +60,92 @@ class Timer:
         return _Span()
 
 
+# (layer name, a, δ, the batch, its output rows (windows × width)) → None; adds into the output.
+LayerWork = Callable[[str, torch.Tensor, torch.Tensor, TokenBatch, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    max_len: int                 # tokens per window
+    batch_tokens: int            # tokens per forward + backward, padding included
+    chunk_docs: int              # documents per chunk (the unit of output and of resuming)
+    labels: str = "data"         # "data", or "sampled" from the model (the true Fisher)
+    seed: int = 0                # of the sampled labels
+
+
+@dataclass
+class PassTotals:
+    windows: int = 0
+    tokens: int = 0
+
+
+def chunks_of(ids: Sequence[int], size: int) -> list[list[int]]:
+    return [list(ids[start:start + size]) for start in range(0, len(ids), size)]
+
+
+def document_windows(catalog: Catalog, tokenizer, ids: Sequence[int], max_len: int, counts: dict[int, int]
+                     ) -> list[Window]:
+    """The windows of these documents (in id order within each), filling `counts` with token counts."""
+    rows = [row for part in read_texts(catalog, ids, chunk=max(len(ids), 1)) for row in part]
+    windows, chunk_counts = tokenize_documents(tokenizer, rows, max_len)
+    counts.update(chunk_counts)
+    return windows
+
+
 def document_batches(catalog: Catalog, tokenizer, ids: Sequence[int], max_len: int, batch_tokens: int,
-                     device, counts: dict[int, int]) -> Iterator[tuple[int, TokenBatch | None]]:
-    """(documents finished, batch) pairs; a chunk's document count comes with its last batch."""
+                     device, counts: dict[int, int], chunk_docs: int = 256
+                     ) -> Iterator[tuple[int, TokenBatch | None]]:
+    """(documents finished, batch) pairs, `chunk_docs` documents batched together at a time;
+    a chunk's document count comes with its last batch."""
     pad = pad_token_id(tokenizer)
-    for n_docs, windows in document_windows(catalog, tokenizer, ids, max_len, counts):
-        chunk = list(batches(windows, batch_tokens, pad, device))
-        if not chunk:
-            yield n_docs, None
-        for position, batch in enumerate(chunk):
-            yield (n_docs if position == len(chunk) - 1 else 0), batch
+    for chunk in chunks_of(ids, chunk_docs):
+        windows = document_windows(catalog, tokenizer, chunk, max_len, counts)
+        planned = list(batches(windows, batch_tokens, pad, device))
+        if not planned:
+            yield len(chunk), None
+        for position, batch in enumerate(planned):
+            yield (len(chunk) if position == len(planned) - 1 else 0), batch
 
 
-def run_pass(model, modules: dict, catalog: Catalog, tokenizer, ids: Sequence[int], *, max_len: int,
-             batch_tokens: int, labels: str, seed: int,
-             on_batch: Callable[[TokenBatch], Callable[[str, torch.Tensor, torch.Tensor], None]],
-             progress: PassProgress, counts: dict[int, int]) -> dict:
-    """Forward + backward over every document; `on_batch(batch)` gives that batch's layer callback."""
+def document_pass(model, modules: dict, tokenizer, catalog: Catalog, ids: Sequence[int], settings: PassSettings,
+                  work: LayerWork, *, width: int = 0,
+                  on_chunk: Callable[[int, list[int], torch.Tensor], None] | None = None,
+                  chunk_done: Callable[[int, list[int]], bool] | None = None,
+                  progress: PassProgress | None = None, counts: dict[int, int] | None = None) -> PassTotals:
+    """One forward + backward over every window of every document, chunk by chunk.
+
+    `on_chunk(number, chunk ids, sums)` receives each finished chunk with `sums`
+    (documents × width, float64, CPU): the per-window output rows summed over each
+    document's windows. Sampled labels come from one generator seeded once, so a
+    pass draws the same labels however it is timed.
+    """
+    progress = progress or NoProgress()
+    counts = counts if counts is not None else {}
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    sequences = tokens = 0
-    for done, batch in document_batches(catalog, tokenizer, ids, max_len, batch_tokens, device, counts):
-        batch_tokens_seen = 0
-        if batch is not None:
-            backward_layers(model, modules, batch, on_batch(batch), labels=labels, generator=generator)
-            sequences += batch.input_ids.shape[0]
-            batch_tokens_seen = batch.tokens
-            tokens += batch_tokens_seen
-        progress.advance(done, batch_tokens_seen)
-    return {"sequences": sequences, "tokens": tokens}
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    pad = pad_token_id(tokenizer)
+    totals = PassTotals()
+    for number, chunk in enumerate(chunks_of(ids, settings.chunk_docs)):
+        if chunk_done is not None and chunk_done(number, chunk):
+            progress.advance(len(chunk), 0)
+            continue
+        position = {doc_id: row for row, doc_id in enumerate(chunk)}
+        sums = torch.zeros(len(chunk), width, dtype=torch.float64)
+        windows = document_windows(catalog, tokenizer, chunk, settings.max_len, counts)
+        for batch in batches(windows, settings.batch_tokens, pad, device):
+            output = torch.zeros(batch.input_ids.shape[0], width, device=device)
+
+            def on_layer(name, a, delta, batch=batch, output=output):
+                work(name, a, delta, batch, output)
+
+            backward_layers(model, modules, batch, on_layer, labels=settings.labels, generator=generator)
+            if width:
+                rows = torch.tensor([position[owner] for owner in batch.owners.tolist()])
+                sums.index_add_(0, rows, output.double().cpu())
+            totals.windows += batch.input_ids.shape[0]
+            totals.tokens += batch.tokens
+            progress.advance(0, batch.tokens)
+        if on_chunk is not None:
+            on_chunk(number, chunk, sums)
+        progress.advance(len(chunk), 0)
+    return totals

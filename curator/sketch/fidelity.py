@@ -8,12 +8,24 @@ ranks within its top 1% and 5% (what a two-stage search with re-ranking finds).
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 
+from curator.artifacts import reading
 from curator.catalog.database import Catalog
-from curator.catalog.queries import Query
+from curator.catalog.documents import seeded_sample
+from curator.catalog.queries import Query, select_queries
 from curator.catalog.workspace import Workspace
+from curator.errors import CuratorError
+from curator.influence.factors import get_factors, load_model_for
+from curator.influence.score import ScoreConfig, score
+from curator.sketch.build import sketch, sketch_queries
+from curator.sketch.scoring import blocked_scores
+from curator.sketch.store import SketchConfig, SketchStore, record_fidelity, store_doc_ids
 
 
 def ranking_agreement(exact: np.ndarray, approx: np.ndarray) -> dict:
@@ -42,9 +54,6 @@ def stored_exact_scores(catalog: Catalog, store, queries: list[Query], doc_ids: 
     query and document. Reusing it saves a pass over the sample; returns
     (table, "run ID") or (None, None).
     """
-    import json
-    from pathlib import Path
-
     wanted = {q.id for q in queries}
     rows = catalog.sql("SELECT r.id, r.query_ids, r.settings, r.out_path, f.settings FROM runs r "
                        "JOIN factors f ON f.id = r.factors_id WHERE r.method = 'exact' AND r.factors_id = ? "
@@ -53,38 +62,38 @@ def stored_exact_scores(catalog: Catalog, store, queries: list[Query], doc_ids: 
         settings, fit_settings = json.loads(settings), json.loads(fit_settings)
         window = settings.get("max_seq_len") or fit_settings["max_seq_len"]
         if (window != store.max_seq_len or settings.get("chat_template") != store.chat_template
-                or settings.get("query_rank") is not None or settings.get("dtype", "float32") != "float32"
+                or settings.get("query_rank") not in (None, "dense") or settings.get("dtype", "float32") != "float32"
                 or not wanted <= set(json.loads(query_ids)) or not Path(out_path).is_file()):
             continue
-        table = (pl.scan_parquet(out_path)
-                 .filter(pl.col("query_id").is_in(sorted(wanted)) & pl.col("doc_id").is_in(doc_ids))
-                 .collect())
+        with reading(Path(out_path), "score file", f"curator score --queries {','.join(sorted(wanted))} --force"):
+            table = (pl.scan_parquet(out_path)
+                     .filter(pl.col("query_id").is_in(sorted(wanted)) & pl.col("doc_id").is_in(doc_ids))
+                     .collect())
         if table.height == len(wanted) * len(doc_ids):
             return table, f"run {run_id}"
     return None, None
 
 
-def fidelity(ws: Workspace, store, loaded, queries: list[Query], sample: int = 1000, seed: int = 0) -> dict:
-    from curator.catalog.corpus import document_ids
-    from curator.influence.score import ScoreConfig, score
-    from curator.sketch.search import blocked_scores
-    from curator.sketch.build import sketch_queries
+def sample_store_documents(ws: Workspace, store: SketchStore, sample: int, seed: int) -> list[int]:
+    """A seeded sample of the documents the store holds (documents added to the catalog later have no
+    sketch), in id order; the same seed gives the same sample."""
+    with Catalog.open(ws) as catalog:
+        return seeded_sample(catalog, store_doc_ids(ws, store).tolist(), sample, seed)
 
+
+def fidelity(ws: Workspace, store: SketchStore, loaded, queries: list[Query], sample: int = 1000,
+             seed: int = 0) -> dict:
     held_out = [q for q in queries if q.id not in set(store.suite)]
     if not held_out:
-        from curator.errors import CuratorError
-
         raise CuratorError("every selected query is in the store's suite; fidelity is measured on others")
+    ids = sample_store_documents(ws, store, sample, seed)
     with Catalog.open(ws) as catalog:
-        ids = document_ids(catalog, min(sample, store.documents), seed)
         table, reference = stored_exact_scores(catalog, store, held_out, ids)
     if table is None:
-        import tempfile
-        from pathlib import Path
-
         with tempfile.TemporaryDirectory() as tmp:
             exact = score(ws, ScoreConfig(factors=store.factors_id, chat_template=store.chat_template,
-                                          max_seq_len=store.max_seq_len, device=str(loaded.device)),
+                                          max_seq_len=store.max_seq_len, device=str(loaded.device),
+                                          query_rank="dense"),
                           out=Path(tmp) / "exact.parquet", loaded=loaded, queries=held_out, doc_ids=ids,
                           record=False)
             table = pl.read_parquet(exact.out_path)
@@ -102,3 +111,45 @@ def fidelity(ws: Workspace, store, loaded, queries: list[Query], sample: int = 1
     mean = {k: float(np.mean([v[k] for v in per_query.values()])) for k in keys}
     return {"store": store.id, "documents": len(ids), "queries": len(held_out), "reference": reference,
             "bytes_per_doc": store.bytes_per_doc, "dim": store.dim, "per_query": per_query, "mean": mean}
+
+
+def default_holdout(ws: Workspace, store: SketchStore) -> list[Query]:
+    """The queries of the suite's tasks that are not in the suite."""
+    suite = set(store.suite)
+    with Catalog.open(ws) as catalog:
+        tasks = sorted({task for (task,) in catalog.sql(
+            "SELECT DISTINCT task FROM queries WHERE id IN (SELECT unnest(?::VARCHAR[]))", [sorted(suite)])})
+        if not tasks:
+            return []
+        return [q for q in select_queries(catalog, ",".join(tasks)) if q.id not in suite]
+
+
+def measure_store(ws: Workspace, store: SketchStore, holdout: str | None = None, *, sample: int = 1000,
+                  seed: int = 0, loaded=None, device: str = "cpu", dtype: str = "float32") -> dict | None:
+    """Fidelity of a store on held-out queries (a selector, or by default the suite's tasks' other
+    queries), kept with the store. None when there is no held-out query to measure on."""
+    if holdout:
+        with Catalog.open(ws) as catalog:
+            held = select_queries(catalog, holdout)
+    else:
+        held = default_holdout(ws, store)
+    if not held:
+        return None
+    if loaded is None:
+        with Catalog.open(ws) as catalog:
+            record = get_factors(catalog, store.factors_id)
+        loaded = load_model_for(ws, record, device=device, dtype=dtype)
+    result = fidelity(ws, store, loaded, held, sample=sample, seed=seed)
+    record_fidelity(ws, store, result)
+    return result
+
+
+def sketch_and_measure(ws: Workspace, config: SketchConfig, *, holdout: str | None = None, sample: int = 200,
+                       progress=None, force: bool = False) -> tuple[SketchStore, dict | None]:
+    """`curator sketch`: build the store, then measure its fidelity on held-out queries."""
+    with Catalog.open(ws) as catalog:
+        record = get_factors(catalog, config.factors)
+    loaded = load_model_for(ws, record, model=config.model, device=config.device, dtype=config.dtype)
+    store = sketch(ws, config, loaded=loaded, progress=progress, force=force)
+    result = measure_store(ws, store, holdout, sample=sample, seed=config.seed, loaded=loaded)
+    return store, result

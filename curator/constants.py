@@ -1,0 +1,32 @@
+"""The names every layer shares: tasks, kinds, formats and the choices of each setting.
+
+Settings models take their Literal types from here and the CLI builds its
+choices from the same ones (``typing.get_args``), so the two cannot drift. The
+module imports nothing heavy: `curator --help` reads it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# The paper's reasoning tasks (Ruis et al. 2024) and their controls.
+REASONING_TASKS = ("arithmetic", "slope", "linear")
+CONTROL_TASKS = ("factual-control", "reasoning-control")
+GENERATED_TASKS = (*REASONING_TASKS, *CONTROL_TASKS)
+
+Kind = Literal["code", "math", "web", "wiki", "qa", "trivia", "markdown", "arxiv", "stackexchange", "other"]
+InputFormat = Literal["auto", "jsonl", "parquet", "text", "hf"]
+ModelDType = Literal["float32", "bfloat16"]
+Fisher = Literal["sampled", "empirical"]
+ChatTemplate = Literal["auto", "none"]
+ScoreMethod = Literal["exact", "sketch"]
+SketchMethod = Literal["whitened-subspace", "query-subspace", "eigen", "random"]
+SketchPrecision = Literal["float16", "float32"]
+Aggregate = Literal["mean-z", "mean", "max", "rank-vote"]
+Normalize = Literal["per-nat", "per-token", "raw"]
+MixStrategy = Literal["top", "threshold", "sample"]
+ShardFormat = Literal["parquet", "jsonl.zst", "megatron"]
+
+
+def values(literal) -> tuple[str, ...]:
+    return get_args(literal)
