@@ -137,7 +137,7 @@ def main() -> None:
         fit_config = FitConfig(model=args.model, layers=args.layers, max_seq_len=args.max_seq_len,
                                device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens)
         record = fit(ws, fit_config, loaded=lm).record
-        run = score(ws, ScoreConfig(query_rank=args.query_rank, device=args.device,
+        run = score(ws, ScoreConfig(query_rank=args.query_rank or "dense", device=args.device,
                                     dtype=args.dtype, batch_tokens=args.batch_tokens), loaded=lm)
         peak = peak_memory_mb(args.device)
 

@@ -130,14 +130,14 @@ class _stage:
 
 def _run(args: list[str], root: Path) -> None:
     """One curator command line, as a user would type it, run in this process."""
-    from typer.main import get_command
-
-    from curator.cli.app import app
+    import click
 
     shown = [a if a != str(root) else shlex.quote(str(root)) for a in args]
     console.print(f"[dim]$[/] [bold cyan]curator {shlex.join(shown)} -w {shlex.quote(str(root))}[/]",
                   highlight=False)
-    get_command(app).main(args=[*args, "-w", str(root)], prog_name="curator", standalone_mode=False)
+    # The root of the command line running now: the demo is one of its commands.
+    root_command = click.get_current_context().find_root().command
+    root_command.main(args=[*args, "-w", str(root)], prog_name="curator", standalone_mode=False)
 
 
 def _steps(settings, root: Path, corpus, budget=None):

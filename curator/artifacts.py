@@ -108,16 +108,15 @@ def reading(path: Path, what: str, rebuild: str) -> Iterator[None]:
         yield
     except ArtifactError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, EOFError, TypeError) as exc:
-        # pyarrow's ArrowInvalid, json's and pydantic's errors are ValueErrors; safetensors raises its
-        # own SafetensorError (an Exception), caught below by name.
+    except Exception as exc:
+        # Each reader fails its own way on a truncated or overwritten file: OSError, ValueError
+        # (json, pydantic, numpy), RuntimeError (FAISS), or its library's own errors.
+        readers = ("safetensors", "polars", "pyarrow")
+        if not isinstance(exc, (OSError, ValueError, RuntimeError, KeyError, EOFError, TypeError)) and \
+                not type(exc).__module__.split(".")[0] in readers:
+            raise
         raise ArtifactError(f"the {what} {path} is damaged or unreadable ({_first_line(exc)}); rebuild it with "
                             f"`{rebuild}`") from None
-    except Exception as exc:
-        if type(exc).__name__ in ("SafetensorError", "ArrowException", "ArrowInvalid"):
-            raise ArtifactError(f"the {what} {path} is damaged or unreadable ({_first_line(exc)}); rebuild it "
-                                f"with `{rebuild}`") from None
-        raise
 
 
 def _first_line(exc: BaseException) -> str:

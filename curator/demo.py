@@ -29,6 +29,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from curator.artifacts import atomic_file
 from curator.errors import CuratorError
 
 # Parts of the stdlib folder that are not the library's own modules, or are test
@@ -259,10 +260,8 @@ def _write_if_changed(path: Path, content: bytes) -> None:
     # demo run would then read it again instead of recognising it as unchanged.
     if path.is_file() and path.read_bytes() == content:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    part.write_bytes(content)
-    part.replace(path)
+    with atomic_file(path) as part:
+        part.write_bytes(content)
 
 
 def _jsonl(rows: list[dict]) -> bytes:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from curator.artifacts import atomic_file
+
 
 def build(vectors: Iterable[np.ndarray], dim: int, factory: str = "Flat", train_sample: np.ndarray | None = None):
     """An inner-product index holding every block of vectors, in order."""
@@ -39,9 +41,8 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def save(index, path: Path) -> None:
     import faiss
 
-    part = path.with_name(path.name + ".part")
-    faiss.write_index(index, str(part))
-    part.replace(path)
+    with atomic_file(path) as part:
+        faiss.write_index(index, str(part))
 
 
 def load(path: Path):

@@ -16,15 +16,13 @@ from curator.audit import analyses
 from curator.catalog.database import Catalog
 from curator.catalog.composition import composition, token_counts_available
 from curator.errors import CuratorError
-from curator.catalog.records import RunRecord, get_run
+from curator.catalog.records import RunRecord, get_run, load_run_scores
 from curator.catalog.workspace import Workspace
 
 SECTIONS_NEEDING_SCORES = ["influence by source", "query correlations", "concentration", "answer occurrence"]
 
 
 def audit(ws: Workspace, run_id: str | None = None) -> dict:
-    import polars as pl
-
     with Catalog.open(ws) as catalog:
         has_runs = catalog.one("SELECT count(*) FROM runs")[0] > 0
         run = get_run(catalog, run_id) if (run_id or has_runs) else None
@@ -46,10 +44,7 @@ def audit(ws: Workspace, run_id: str | None = None) -> dict:
         queries = catalog.frame("SELECT id, task, answer FROM queries WHERE id IN (SELECT unnest(?))",
                                 [run.query_ids])
         model = catalog.one("SELECT name FROM models WHERE id = ?", [run.model_id])
-        path = Path(run.out_path)
-        if not path.is_file():
-            raise CuratorError(f"the scores of run {run.id} are missing: {path}")
-        scores = pl.read_parquet(path, columns=["query_id", "doc_id", "score"])
+        scores = load_run_scores(run, ["query_id", "doc_id", "score"])
         query_ids, doc_ids, matrix = analyses.score_matrix(scores)
         docs = catalog.sql("SELECT id, source, text FROM documents WHERE id IN (SELECT unnest(?))",
                            [doc_ids.tolist()])
@@ -83,15 +78,9 @@ def compare(ws: Workspace, run_a: str, run_b: str, plot: Path | None = None) -> 
     (default: reports/compare-A-B.svg in the workspace) and names it in the result."""
     from curator.audit.report import write_compare_plot
 
-    import polars as pl
-
     with Catalog.open(ws) as catalog:
         a, b = get_run(catalog, run_a), get_run(catalog, run_b)
-    frames = []
-    for run in (a, b):
-        if not Path(run.out_path).is_file():
-            raise CuratorError(f"the scores of run {run.id} are missing: {run.out_path}")
-        frames.append(pl.read_parquet(run.out_path, columns=["query_id", "doc_id", "score"]))
+    frames = [load_run_scores(run, ["query_id", "doc_id", "score"]) for run in (a, b)]
     per_query = analyses.compare_runs(*frames)
     if not per_query:
         raise CuratorError(f"runs {a.id} and {b.id} share no (query, document) pairs to compare")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -31,6 +32,28 @@ def get_run(catalog: Catalog, run_id: str | None = None) -> RunRecord:
     return RunRecord(id=row[0], kind=row[1], method=row[2], model_id=row[3], factors_id=row[4],
                      query_ids=json.loads(row[5]), settings=json.loads(row[6]), out_path=row[7],
                      stats=json.loads(row[8]))
+
+
+def rescore_command(run: RunRecord) -> str:
+    """The command that writes a run's scores again."""
+    queries = ",".join(run.query_ids) if len(run.query_ids) <= 5 else ",".join(run.query_ids[:5]) + ",..."
+    method = f" --method sketch --store {run.settings.get('store')}" if run.method == "sketch" else ""
+    return f"curator score --queries {queries}{method} --factors {run.factors_id} --force"
+
+
+def load_run_scores(run: RunRecord, columns: list[str] | None = None, query_ids: list[str] | None = None):
+    """A run's score table (polars), optionally only some columns and queries; a missing or damaged file
+    is one error naming it and the command that writes it again."""
+    import polars as pl
+
+    from curator.artifacts import reading
+
+    path = Path(run.out_path)
+    with reading(path, f"score file of run {run.id}", rescore_command(run)):
+        frame = pl.scan_parquet(path)
+        if query_ids is not None:
+            frame = frame.filter(pl.col("query_id").is_in(query_ids))
+        return frame.select(columns).collect() if columns else frame.collect()
 
 
 def runs_table(ws: Workspace):

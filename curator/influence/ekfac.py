@@ -26,11 +26,6 @@ DEFAULT_DAMPING_FACTOR = 0.1   # × mean(Λ), Grosse et al. (2023)
 
 # -- per-token statistics --------------------------------------------------------
 
-def with_bias_column(a: torch.Tensor) -> torch.Tensor:
-    """Append the constant input that multiplies a linear layer's bias."""
-    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-
-
 def token_covariance(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_t x_t x_tᵀ over the (masked) tokens of a (B, T, d) batch, in float64."""
     x = x.reshape(-1, x.shape[-1]).to(torch.float32)

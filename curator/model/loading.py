@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from curator.artifacts import replace_dir
 from curator.errors import CuratorError
 
 
@@ -200,8 +201,7 @@ def _write_cache(model, tokenizer, cache: Path) -> None:
     save_model(model, str(part / "model.safetensors"))      # handles tied embeddings
     tokenizer.save_pretrained(part)
     (part / "COMPLETE").write_text("")
-    shutil.rmtree(cache, ignore_errors=True)
-    part.replace(cache)
+    replace_dir(part, cache)
 
 
 def wrap_model(model, tokenizer, *, name: str, format: str = "hf", location: str = "",

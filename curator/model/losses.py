@@ -17,10 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from curator.errors import CuratorError
-from curator.influence.ekfac import with_bias_column
 from curator.model.tokens import TokenBatch
 
 LABELS = ("data", "sampled")
+
+
+def with_bias_column(a: torch.Tensor) -> torch.Tensor:
+    """Append the constant input that multiplies a linear layer's bias."""
+    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
 
 
 def sequence_losses(model, batch: TokenBatch, labels: str = "data",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from curator.artifacts import atomic_file, reading
+from curator.artifacts import reading
 from curator.catalog.database import Catalog
 from curator.catalog.records import find_record
 from curator.catalog.workspace import Workspace
@@ -34,8 +34,7 @@ def build_index(ws: Workspace, store_id: str | None = None, factory: str = "Flat
     except ValueError as exc:
         raise CuratorError(str(exc)) from None
     path = ws.artifact_dir("indexes") / f"{name}.faiss"
-    with atomic_file(path) as part:
-        faiss_index.save(index, part)
+    faiss_index.save(index, path)
     with Catalog.open(ws, write=True) as catalog:
         catalog.sql("BEGIN")
         catalog.sql("DELETE FROM index_rows WHERE index_name = ?", [name])

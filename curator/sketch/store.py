@@ -109,6 +109,8 @@ def encode(vectors: np.ndarray, layer_sizes: list[int], precision: str) -> tuple
     brings its largest magnitude to about 2¹⁴; the result is checked after the cast.
     """
     scales = np.ones(len(layer_sizes), dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise CuratorError("a sketch is not finite (the model overflowed); nothing was written")
     if precision == "float32":
         stored = vectors.astype(np.float32)
     else:
