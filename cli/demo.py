@@ -25,6 +25,7 @@ BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"
 
 
 def demo(
+    ctx: typer.Context,
     gpu: Annotated[bool, typer.Option("--gpu", help="The same pipeline at a larger size on a CUDA GPU: "
                                                     f"{GPU_DEMO.docs_per_source:,} documents per source, windows "
                                                     f"of {GPU_DEMO.max_seq_len}, blocks {GPU_DEMO.layers}.")]
@@ -100,7 +101,7 @@ def demo(
     for stage, argv in _steps(settings, ws.root, corpus):
         with _stage(stage, timings):
             for args in (argv(ws.root) if callable(argv) else [argv]):
-                _run(args, ws.root)
+                _run(ctx, args, ws.root)
     total = time.perf_counter() - started
 
     _print_timings(timings, total)
@@ -128,15 +129,13 @@ class _stage:
             self.timings.append((self.name, time.perf_counter() - self.start))
 
 
-def _run(args: list[str], root: Path) -> None:
+def _run(ctx: typer.Context, args: list[str], root: Path) -> None:
     """One curator command line, as a user would type it, run in this process."""
-    import click
-
     shown = [a if a != str(root) else shlex.quote(str(root)) for a in args]
     console.print(f"[dim]$[/] [bold cyan]curator {shlex.join(shown)} -w {shlex.quote(str(root))}[/]",
                   highlight=False)
     # The root of the command line running now: the demo is one of its commands.
-    root_command = click.get_current_context().find_root().command
+    root_command = ctx.find_root().command
     root_command.main(args=[*args, "-w", str(root)], prog_name="curator", standalone_mode=False)
 
 

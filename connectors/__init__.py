@@ -17,6 +17,8 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from curator.constants import InputFormat as Format
+from curator.constants import Kind
 from curator.connectors.hf import arrow_files, is_saved_dataset, read_hf_arrow
 from curator.connectors.jsonl import read_jsonl
 from curator.connectors.parquet import read_parquet
@@ -24,9 +26,7 @@ from curator.connectors.records import (
     KINDS,
     BadRecord,
     ByteCounter,
-    Format,
     InputFile,
-    Kind,
     RawDocument,
     ReadSettings,
 )

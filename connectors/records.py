@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from curator.constants import InputFormat as Format  # noqa: F401  (re-exported by curator.connectors)
 from curator.constants import Kind, values
 
 KINDS: tuple[str, ...] = values(Kind)
