@@ -1,8 +1,9 @@
-"""Exact suite scoring (100 queries, preconditioned query gradients kept at rank 32) against a plain
-forward + backward and against kronfluence's pairwise scores of the same queries and documents.
+"""Exact suite scoring (100 queries, query gradients kept as `curator score` keeps them by default)
+against a plain forward + backward and against kronfluence's pairwise scores of the same queries and
+documents.
 
     python benchmarks/suite_scoring.py [--docs-per-source 40] [--sizes 32,128] [--queries 100]
-        [--query-rank 32] [--layers last:2] [--max-seq-len 256] [--device cpu] [--record docs/benchmarks.md]
+        [--query-rank auto] [--layers last:2] [--max-seq-len 256] [--device cpu] [--record docs/benchmarks.md]
 
 Documents are the demo corpus's, each within one window, so that both tools
 score the same sequences. Both fit EK-FAC with the empirical Fisher on the
@@ -60,7 +61,7 @@ from curator.catalog.database import create_workspace  # noqa: E402
 TASKS = ("arithmetic", "slope", "linear")
 
 
-def kronfluence_scores(args, docs: list[str], queries, sizes: list[int], tmp: Path
+def kronfluence_scores(rank, args, docs: list[str], queries, sizes: list[int], tmp: Path
                        ) -> tuple[np.ndarray, float, dict[int, float]]:
     """kronfluence's pairwise EK-FAC scores (queries × all documents), its fit seconds, and its scoring
     seconds for the first N documents, for each N of `sizes`."""
@@ -137,13 +138,17 @@ def kronfluence_scores(args, docs: list[str], queries, sizes: list[int], tmp: Pa
         analyzer.compute_pairwise_scores(f"scores-{n}-{repeat}", "ekfac", query, train[:n],
                                          per_device_query_batch_size=len(query), per_device_train_batch_size=8,
                                          score_args=ScoreArguments(
-                                             damping_factor=None, query_gradient_low_rank=args.query_rank,
+                                             damping_factor=None, query_gradient_low_rank=rank,
                                              # The document side in the model's dtype, as curator does it.
                                              per_sample_gradient_dtype=model_dtype, score_dtype=model_dtype))
         synchronize(args.device)
         seconds[n] = min(seconds.get(n, math.inf), time.perf_counter() - start)
     scores = analyzer.load_pairwise_scores(f"scores-{sizes[-1]}-0")["all_modules"].double().numpy()
     return scores, fit_s, seconds
+
+
+def _rank_setting(text: str):
+    return text if text in ("auto", "dense") else int(text)
 
 
 def forward_pass(lm, ws, ids, max_len, batch_tokens, device) -> float:
@@ -169,7 +174,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="32,128", help="document counts to score, smallest first")
     parser.add_argument("--max-chars", type=int, default=600)
     parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--query-rank", type=int, default=32)
+    parser.add_argument("--query-rank", default="auto",
+                        help="auto (curator's default: the suite in one pass), dense, or K; kronfluence gets the "
+                             "rank curator chose")
     parser.add_argument("--layers", default="last:2")
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--batch-tokens", type=int, default=2048)
@@ -214,7 +221,7 @@ def main() -> None:
         ours_s, stats, passes = {}, {}, {}
         for n, _ in [(n, r) for r in range(args.repeats) for n in sizes]:
             start = time.perf_counter()
-            result = score(ws, ScoreConfig(queries=",".join(q.id for q in queries), query_rank=args.query_rank,
+            result = score(ws, ScoreConfig(queries=",".join(q.id for q in queries), query_rank=_rank_setting(args.query_rank),
                                            chat_template="none", device=args.device,
                                            batch_tokens=args.batch_tokens), loaded=lm, doc_ids=ids[:n],
                            force=True)
@@ -226,15 +233,18 @@ def main() -> None:
                 .sort("query_id").select([str(i) for i in ids]).to_numpy())
         lm_tokenizer = lm.tokenizer
         del lm
-        theirs, their_fit_s, theirs_s = kronfluence_scores(args, [t for _, t in keep], queries, sizes, tmp)
+        rank, reason, query_batches = (result.stats["query_rank"], result.stats["query_rank_reason"],
+                                       result.stats["query_batches"])
+        theirs, their_fit_s, theirs_s = kronfluence_scores(rank, args, [t for _, t in keep], queries, sizes, tmp)
 
     pearson = float(np.corrcoef(ours.reshape(-1), theirs.reshape(-1))[0, 1])
     small, large = sizes[0], sizes[-1]
     lines = [
         f"Model {args.model if not args.shape else 'random-init ' + str(args.shape)}; the first N of {large} "
         f"demo-corpus documents of one window each ({tokens:,} tokens in all); {len(queries)} queries "
-        f"(arithmetic, slope, linear); MLPs of {args.layers}; preconditioned query gradients at rank "
-        f"{args.query_rank}; empirical Fisher; the model in {args.dtype} for both tools. Fits (not compared): "
+        f"(arithmetic, slope, linear); MLPs of {args.layers}; preconditioned query gradients kept "
+        f"{reason} (--query-rank {args.query_rank}), {query_batches} pass{'es' * (query_batches != 1)} over the "
+        f"documents; empirical Fisher; the model in {args.dtype} for both tools. Fits (not compared): "
         f"curator {our_fit_s:.1f} s, kronfluence {their_fit_s:.1f} s, on all {large} documents. Every time "
         f"below is the fastest of {args.repeats} runs.",
         "",

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from curator.cli.common import OutputFormat, WorkspaceOption, console, print_frame, workspace_from
+from curator import constants
+from curator.cli.common import OutputFormat, OutputOption, WorkspaceOption, choices, console, print_frame, workspace_from
+from curator.constants import REASONING_TASKS, values
 
-Aggregate = Enum("Aggregate", {k: k for k in ("mean-z", "mean", "max", "rank-vote")}, type=str)
-Normalize = Enum("Normalize", {k: k for k in ("per-nat", "per-token", "raw")}, type=str)
-Strategy = Enum("Strategy", {k: k for k in ("top", "threshold", "sample")}, type=str)
-ExportFormat = Enum("ExportFormat", {k: k for k in ("parquet", "jsonl.zst", "megatron")}, type=str)
+Aggregate = choices("Aggregate", values(constants.Aggregate))
+Normalize = choices("Normalize", values(constants.Normalize))
+Strategy = choices("Strategy", values(constants.MixStrategy))
+ShardFormat = choices("ShardFormat", values(constants.ShardFormat))
 
 SHARE_FORMATS = {"mix share": ".1%", "corpus share": ".1%", "min": ".0%", "max": ".0%", "weight": ".1%",
                  "score": ".3g", "influence per token": ".3g", "positive influence": ".3g"}
@@ -33,7 +33,7 @@ def rank(
     run: Annotated[str | None, typer.Option(help="Scoring run (id or unique prefix; `curator runs` lists "
                                                  "them). Default: the latest.", show_default=False)] = None,
     tasks: Annotated[str, typer.Option(help="Comma-separated query tasks whose influence counts.")]
-    = "arithmetic,slope,linear",
+    = ",".join(REASONING_TASKS),
     aggregate: Annotated[Aggregate, typer.Option(
         help="Over queries: mean-z (z-score each query over documents, then average: every query has an equal "
              "say), mean, max (helps any one query strongly), rank-vote (average percentile rank).")] = "mean-z",
@@ -48,9 +48,8 @@ def rank(
 
     Example: curator rank --tasks arithmetic,slope,linear --aggregate mean-z --normalize per-token --name reasoning
     """
-    from curator.catalog.database import Catalog
-    from curator.curate.rank import RankConfig, ranked_documents
     from curator.curate.rank import rank as run_rank
+    from curator.curate.rank import RankConfig, ranked_documents
 
     ws = workspace_from(workspace)
     config = RankConfig(name=name, run=run, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
@@ -58,9 +57,8 @@ def rank(
     result = run_rank(ws, config, replace=replace)
     console.print(f"Ranking [bold]{result.name}[/]: {result.documents:,} documents from run {result.run_id}, "
                   f"{len(result.query_ids)} queries ({config.aggregate} of {config.normalize} scores).")
-    with Catalog.open(ws) as catalog:
-        _print_documents(ranked_documents(catalog, name, show), f"Top {show}: most helpful to {tasks}")
-        _print_documents(ranked_documents(catalog, name, show, bottom=True), f"Bottom {show}: most harmful")
+    _print_documents(ranked_documents(ws, name, show), f"Top {show}: most helpful to {tasks}")
+    _print_documents(ranked_documents(ws, name, show, bottom=True), f"Bottom {show}: most harmful")
 
 
 def mix(
@@ -96,16 +94,14 @@ def mix(
 
     Example: curator mix math-code --rank reasoning --budget-tokens 2000000 --quota web=0.2: --quota code=:0.4
     """
-    from curator.catalog.database import Catalog
-    from curator.curate.mix import MixSpec, get_mixture, parse_quota, read_weights, source_table
     from curator.curate.mix import mix as run_mix
+    from curator.curate.mix import MixSpec, mixture_report, parse_quota, read_weights, source_table
 
     ws = workspace_from(workspace)
     if name == "show":
         if not shown:
             raise typer.BadParameter("`curator mix show NAME` needs the mixture's name")
-        with Catalog.open(ws) as catalog:
-            _print_mixture(catalog, get_mixture(catalog, shown), source_table)
+        _print_mixture(*mixture_report(ws, shown))
         return
     if shown is not None:
         raise typer.BadParameter(f"unexpected argument {shown!r}")
@@ -115,33 +111,27 @@ def mix(
                    temperature=temperature, quotas=[parse_quota(q) for q in quota or []],
                    weights=read_weights(weights) if weights else None, min_score=min_score, seed=seed)
     result = run_mix(ws, spec, replace=replace)
-    with Catalog.open(ws) as catalog:
-        _print_mixture(catalog, result, source_table)
+    _print_mixture(result, source_table(ws, result))
 
 
-def _print_mixture(catalog, result, source_table) -> None:
+def _print_mixture(result, frame) -> None:
     spec = result.spec
     console.print(f"Mixture [bold]{spec.name}[/]: {result.documents:,} documents, {result.tokens:,} of "
                   f"{spec.budget_tokens:,} tokens from ranking {spec.ranking} ({spec.strategy}"
                   + (f", T={spec.temperature:g}" if spec.strategy == "sample" else "")
                   + (f", seed {spec.seed}" if spec.strategy != "top" else "") + ")")
-    frame = source_table(catalog, result)
     print_frame(frame, OutputFormat.table, formats=SHARE_FORMATS,
                 footer={"source": "total", "documents": result.documents, "tokens": result.tokens})
 
 
 def mixes(
-    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table, json or csv.")] = OutputFormat.table,
+    output: OutputOption = OutputFormat.table,
     workspace: WorkspaceOption = None,
 ) -> None:
     """The mixtures in the catalog."""
-    from curator.catalog.database import Catalog
+    from curator.curate.mix import mixtures_table
 
-    with Catalog.open(workspace_from(workspace)) as catalog:
-        frame = catalog.frame(
-            "SELECT name, ranking, json_extract_string(spec, '$.strategy') AS strategy, documents, tokens, "
-            "CAST(json_extract(spec, '$.budget_tokens') AS BIGINT) AS budget, created_at AS created "
-            "FROM mixtures ORDER BY created_at")
+    frame = mixtures_table(workspace_from(workspace))
     print_frame(frame, output, title=f"{frame.height} mixtures")
 
 
@@ -149,7 +139,7 @@ def mix_weights(
     rank: Annotated[str, typer.Option("--rank", help="Ranking to analyse.", show_default=False)],
     out: Annotated[Path | None, typer.Option(help="Write the weights as JSON, for `curator mix --weights`.",
                                              show_default=False)] = None,
-    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table, json or csv.")] = OutputFormat.table,
+    output: OutputOption = OutputFormat.table,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Propose per-source mixing weights ∝ each source's positive reasoning influence per token.
@@ -157,14 +147,11 @@ def mix_weights(
     The paper's source analysis turned into a recipe: sources whose tokens help the ranked tasks most get the
     largest share. Use the result with `curator mix NAME --rank R --weights FILE`.
     """
-    from curator.catalog.database import Catalog
-    from curator.curate.mix import mixture_weights
+    from curator.curate.mix import mixture_weights, save_weights
 
-    with Catalog.open(workspace_from(workspace)) as catalog:
-        frame = mixture_weights(catalog, rank)
-    weights = dict(zip(frame["source"].to_list(), frame["weight"].to_list(), strict=True))
+    frame = mixture_weights(workspace_from(workspace), rank)
     if out:
-        out.write_text(json.dumps({"ranking": rank, "weights": weights}, indent=2) + "\n")
+        save_weights(out, rank, frame)
     print_frame(frame, output, title=f"Proposed weights from ranking {rank}", formats=SHARE_FORMATS)
     if out and output is OutputFormat.table:
         console.print(f"Wrote {out}; use it with `curator mix NAME --rank {rank} --weights {out} …`")
@@ -172,9 +159,9 @@ def mix_weights(
 
 def export(
     name: Annotated[str, typer.Argument(help="Mixture to export.", show_default=False)],
-    format: Annotated[ExportFormat, typer.Option(
-        "--format", "-f", help="parquet or jsonl.zst (id, text, source, score, metadata), or megatron "
-                               "(tokenized .bin/.idx pairs).")] = "parquet",
+    shard_format: Annotated[ShardFormat, typer.Option(
+        "--shard-format", help="Format of the shards: parquet or jsonl.zst (id, text, source, score, "
+                               "metadata), or megatron (tokenized .bin/.idx pairs).")] = "parquet",
     out: Annotated[Path, typer.Option(help="Folder to create (written as OUT.part and renamed when complete).",
                                       show_default=False)] = ...,
     shard_tokens: Annotated[int | None, typer.Option(help="Start a new shard after this many tokens "
@@ -183,29 +170,27 @@ def export(
                                                     show_default=False)] = None,
     tokenizer: Annotated[str | None, typer.Option(help="Model whose tokenizer writes megatron ids. Default: the "
                                                        "scored run's model.", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it is a previous export (a folder "
+                                                        "holding only what its manifest.json lists); any "
+                                                        "other folder or file is refused.")] = False,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Write a mixture as training shards with a manifest.json (per-shard documents, tokens, bytes and sha256,
     the mixture's spec and the curator version)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from curator.catalog.database import Catalog
     from curator.cli.common import err_console
     from curator.curate.export import ExportSpec
     from curator.curate.export import export as run_export
-    from curator.curate.mix import get_mixture
 
-    ws = workspace_from(workspace)
-    with Catalog.open(ws) as catalog:
-        total = get_mixture(catalog, name).documents
-    spec = ExportSpec(mixture=name, format=format.value, out=out, shard_tokens=shard_tokens,
+    spec = ExportSpec(mixture=name, format=shard_format.value, out=out, shard_tokens=shard_tokens,
                       shard_bytes=shard_bytes, tokenizer=tokenizer)
     with Progress(TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task("export", total=total)
-        result = run_export(ws, spec, force=force, progress=lambda n: bar.advance(task, n))
+        task = bar.add_task("export", total=None)
+        result = run_export(workspace_from(workspace), spec, force=force,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))
     manifest = result.manifest
-    console.print(f"Exported [bold]{name}[/] as {format.value}: {manifest['documents']:,} documents, "
+    console.print(f"Exported [bold]{name}[/] as {shard_format.value}: {manifest['documents']:,} documents, "
                   f"{manifest['tokens']:,} tokens in {len(manifest['shards'])} shard{'s' * (len(manifest['shards']) != 1)} "
                   f"→ {result.out}")

@@ -13,12 +13,13 @@ import zstandard
 from helpers import plant_run, run_ingest, write_jsonl
 
 from curator.catalog.database import Catalog
-from curator.catalog.corpus import store_token_counts
+from curator.catalog.records import store_token_counts
 from curator.errors import CuratorError
 from curator.curate.export import ExportSpec, export, sha256
-from curator.curate.mix import MixSpec, mix, mixture_weights, parse_quota
+from curator.curate.mix import (MixSpec, mix, mixture_report, mixture_weights, mixtures_table, parse_quota,
+                                 read_weights, save_weights, source_table)
 from curator.catalog.queries import Query, store_queries
-from curator.curate.rank import RankConfig, aggregate_scores, rank
+from curator.curate.rank import RankConfig, aggregate_scores, rank, ranked_documents
 
 TOKENIZER = "tok-test"
 SOURCES = {"code": 30, "math": 20, "web": 50}      # documents per source
@@ -168,14 +169,13 @@ def test_bad_quota_text_and_oversized_budget(corpus):
 def test_mix_weights_propose_shares_that_mix_can_use(corpus, tmp_path):
     ws, *_ = corpus
     rank(ws, RankConfig(name="r"))
-    with Catalog.open(ws) as catalog:
-        weights = mixture_weights(catalog, "r")
+    weights = mixture_weights(ws, "r")
     by_source = dict(zip(weights["source"], weights["weight"], strict=True))
     assert by_source["code"] == max(by_source.values()) and sum(by_source.values()) == pytest.approx(1)
-    from curator.curate.mix import read_weights
-
     path = tmp_path / "w.json"
-    path.write_text(json.dumps({"weights": by_source}))
+    assert save_weights(path, "r", weights) == by_source
+    assert json.loads(path.read_text()) == {"ranking": "r", "weights": by_source}
+    assert read_weights(path) == pytest.approx(by_source)
     result = mix(ws, MixSpec(name="weighted", ranking="r", budget_tokens=600, weights=read_weights(path)))
     for source, share in by_source.items():
         assert result.per_source[source]["tokens"] <= share * 600 + 1e-6
@@ -271,10 +271,31 @@ def test_megatron_export_round_trips(mixture, tmp_path):
     assert decoded == [text for _, text, _ in expected]
 
 
+def test_the_tables_the_cli_prints_and_export_progress(mixture, tmp_path):
+    ws, expected = mixture
+    calls = []
+    export(ws, ExportSpec(mixture="m", out=tmp_path / "pq"), progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(done, len(expected)) for done in range(1, len(expected) + 1)]
+    result, table = mixture_report(ws, "m")
+    assert (result.documents, result.tokens) == (len(expected), table["tokens"].sum())
+    assert table["source"].to_list() == sorted(SOURCES) and table["documents"].sum() == len(expected)
+    assert source_table(ws, result).equals(table)
+    listed = mixtures_table(ws)
+    assert listed.select("name", "ranking", "strategy", "documents", "budget").rows() == [
+        ("m", "r", "top", len(expected), 1500)]
+    top, bottom = ranked_documents(ws, "r", 3), ranked_documents(ws, "r", 3, bottom=True)
+    assert top["rank"].to_list() == [1, 2, 3] and bottom["rank"].to_list() == [100, 99, 98]
+    assert top.columns == ["rank", "doc_id", "source", "kind", "score", "snippet"]
+    with pytest.raises(CuratorError, match="no mixture named 'nope' .mixtures: m."):
+        mixture_report(ws, "nope")
+    with pytest.raises(CuratorError, match="no ranking named 'nope' .rankings: r."):
+        ranked_documents(ws, "nope", 3)
+
+
 def test_an_interrupted_export_leaves_nothing_that_looks_complete(mixture, tmp_path):
     ws, _ = mixture
 
-    def stop(_):
+    def stop(done, total):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

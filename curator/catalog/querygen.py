@@ -20,7 +20,6 @@ import random
 from collections.abc import Callable
 
 
-from curator.constants import CONTROL_TASKS, REASONING_TASKS  # noqa: F401  TEMP until cli/mix.py moves
 from curator.errors import CuratorError
 from curator.catalog.queries import Query
 

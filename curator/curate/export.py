@@ -7,6 +7,13 @@ Formats:
 Shards roll over at --shard-tokens or --shard-bytes (of text). Everything is
 written into `OUT.part/` and renamed to OUT when the manifest is written, so an
 interrupted export never leaves a directory that looks complete.
+
+`--force` replaces only a previous export: a folder whose manifest.json has
+curator's keys and that holds nothing but the files the manifest lists. Any
+other folder (or a file) at OUT is refused before anything is written. The old
+export is renamed aside to `OUT.old` while the new one is renamed in
+(`curator.artifacts.replace_dir`), so a crash leaves one complete copy, which
+the next export puts back.
 """
 
 from __future__ import annotations
@@ -15,25 +22,30 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
 from pydantic import BaseModel, Field
 
 from curator import __version__
+from curator.artifacts import recover_dir, replace_dir
 from curator.catalog.database import Catalog
-from curator.errors import CuratorError
-from curator.curate.mix import get_mixture
 from curator.catalog.workspace import Workspace
+from curator.curate.mix import get_mixture
+from curator.constants import ShardFormat
+from curator.errors import CuratorError
 
-FORMATS = ("parquet", "jsonl.zst", "megatron")
+FORMATS = get_args(ShardFormat)
 DEFAULT_SHARD_TOKENS = 100_000_000
+MANIFEST = "manifest.json"
+# Keys every manifest that `export` writes has; a folder whose manifest lacks one is not a curator export.
+MANIFEST_KEYS = ("curator_version", "format", "mixture", "documents", "tokens", "shards")
 
 
 class ExportSpec(BaseModel):
     mixture: str
-    format: Literal["parquet", "jsonl.zst", "megatron"] = "parquet"
+    format: ShardFormat = "parquet"
     out: Path
     shard_tokens: int | None = Field(None, gt=0)
     shard_bytes: int | None = Field(None, gt=0)
@@ -125,12 +137,15 @@ class _ShardWriter:
                 "sha256": {f.name: sha256(f) for f in self.files}}
 
 
-def export(ws: Workspace, spec: ExportSpec, *, force: bool = False, progress=None) -> ExportResult:
+def export(ws: Workspace, spec: ExportSpec, *, force: bool = False,
+           progress: Callable[[int, int], None] | None = None) -> ExportResult:
+    """Write the mixture's shards and manifest to `spec.out`; `progress(done, total)` after each document.
+
+    With `force`, a previous export at `spec.out` is replaced (never any other folder)."""
     out = spec.out.expanduser().resolve()
-    if out.exists() and not force:
-        raise CuratorError(f"{out} exists; choose another --out or pass --force to replace it")
     if spec.shard_tokens and spec.shard_bytes:
         raise CuratorError("give --shard-tokens or --shard-bytes, not both")
+    _check_out(out, force)
     with Catalog.open(ws) as catalog:
         mixture = get_mixture(catalog, spec.mixture)
         tokenizer = tokenizer_name = None
@@ -153,7 +168,7 @@ def export(ws: Workspace, spec: ExportSpec, *, force: bool = False, progress=Non
                 writer = _ShardWriter(part, len(shards), spec.format, tokenizer)
             writer.add(row)
             if progress:
-                progress(1)
+                progress(len(seen), mixture.documents)
             full = (limit_tokens and writer.tokens >= limit_tokens) or (
                 spec.shard_bytes and writer.bytes >= spec.shard_bytes)
             if full:
@@ -168,15 +183,66 @@ def export(ws: Workspace, spec: ExportSpec, *, force: bool = False, progress=Non
         "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards), "shards": shards,
     }
-    (part / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    part.replace(out)
+    (part / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    replace_dir(part, out)
     with Catalog.open(ws, write=True) as catalog:
         catalog.sql("DELETE FROM exports WHERE path = ?", [str(out)])
         catalog.sql("INSERT INTO exports (path, mixture, format, manifest) VALUES (?, ?, ?, ?)",
                     [str(out), spec.mixture, spec.format, json.dumps(manifest)])
     return ExportResult(out=str(out), manifest=manifest)
+
+
+def not_an_export(folder: Path) -> str | None:
+    """Why `folder` is not a previous `curator export` (the only kind of folder --force may replace),
+    or None when it is one: its manifest.json has curator's keys, and the folder holds nothing but the
+    manifest and the shard files it lists (files a user added would be lost)."""
+    if not folder.is_dir():
+        return "it is not a folder"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"it has no {MANIFEST}"
+    except (OSError, ValueError) as exc:        # ValueError: not JSON, not UTF-8
+        return f"its {MANIFEST} cannot be read ({exc})"
+    if not isinstance(manifest, dict):
+        return f"its {MANIFEST} is not a curator export manifest (not a JSON object)"
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        return f"its {MANIFEST} is not a curator export manifest (it lacks {', '.join(missing)})"
+    shards = manifest["shards"]
+    if manifest["format"] not in FORMATS or not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("files"), list) for s in shards):
+        return f"its {MANIFEST} is not a curator export manifest (format or shard list unknown)"
+    listed = {MANIFEST, *(str(name) for shard in shards for name in shard["files"])}
+    try:
+        unlisted = sorted(p.name for p in folder.iterdir() if p.name not in listed or not p.is_file())
+    except OSError as exc:
+        return f"it cannot be listed ({exc})"
+    if unlisted:
+        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+        return f"it holds what its {MANIFEST} does not list: {shown}"
+    return None
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse, before any work, an OUT that is a file, or a folder that is not a previous export. An
+    interrupted replacement (`OUT.old` left beside or instead of OUT) is completed first."""
+    if out.exists() and not out.is_dir():
+        raise CuratorError(f"--out {out} is a file; an export is a folder of shards (choose another --out)")
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        why = not_an_export(old)
+        if why:
+            raise CuratorError(f"{old} is in the way: an export keeps the previous copy of {out.name} there "
+                               f"while replacing it, and {why}; move it away")
+        recover_dir(out)
+    if not out.exists():
+        return
+    if not force:
+        raise CuratorError(f"{out} exists; choose another --out or pass --force to replace it")
+    why = not_an_export(out)
+    if why:
+        raise CuratorError(f"will not replace {out}: --force replaces only a previous curator export, and {why}")
 
 
 def _ranking_model(catalog: Catalog, ranking: str) -> str:

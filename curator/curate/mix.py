@@ -20,12 +20,18 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
 from curator.catalog.database import Catalog
+from curator.catalog.workspace import Workspace
+from curator.constants import MixStrategy as Strategy
 from curator.errors import CuratorError
+
+if TYPE_CHECKING:
+    import polars as pl
+
 
 
 class Quota(BaseModel):
@@ -40,7 +46,7 @@ class MixSpec(BaseModel):
     name: str = Field(min_length=1)
     ranking: str
     budget_tokens: int = Field(gt=0)
-    strategy: Literal["top", "threshold", "sample"] = "top"
+    strategy: Strategy = "top"
     temperature: float = Field(1.0, gt=0)
     quotas: list[Quota] = Field(default_factory=list)
     weights: dict[str, float] | None = None
@@ -85,6 +91,14 @@ def read_weights(path: Path) -> dict[str, float]:
     if total <= 0:
         raise CuratorError(f"{path}: the weights add up to 0")
     return {source: float(w) / total for source, w in weights.items()}
+
+
+def save_weights(path: Path, ranking: str, frame: pl.DataFrame) -> dict[str, float]:
+    """Write `mixture_weights`' frame as the JSON that `read_weights` (`curator mix --weights`) reads;
+    returns the {source: weight} it wrote."""
+    by_source = dict(zip(frame["source"].to_list(), frame["weight"].to_list(), strict=True))
+    path.write_text(json.dumps({"ranking": ranking, "weights": by_source}, indent=2) + "\n")
+    return by_source
 
 
 # -- the pure core -----------------------------------------------------------------
@@ -248,7 +262,7 @@ def build_mixture(catalog_ro: Catalog, spec: MixSpec) -> tuple[list[Candidate], 
     return chosen, per_source
 
 
-def mix(ws, spec: MixSpec, *, replace: bool = False) -> MixResult:
+def mix(ws: Workspace, spec: MixSpec, *, replace: bool = False) -> MixResult:
     import pyarrow as pa
 
     with Catalog.open(ws) as catalog:
@@ -284,8 +298,29 @@ def get_mixture(catalog: Catalog, name: str) -> MixResult:
                      per_source=json.loads(row[3]))
 
 
-def source_table(catalog: Catalog, result: MixResult):
+def mixture_report(ws: Workspace, name: str) -> tuple[MixResult, pl.DataFrame]:
+    """A stored mixture and its per-source table (`source_table`)."""
+    with Catalog.open(ws) as catalog:
+        result = get_mixture(catalog, name)
+        return result, _source_table(catalog, result)
+
+
+def source_table(ws: Workspace, result: MixResult) -> pl.DataFrame:
     """Per source: the mixture's documents, tokens and share next to the corpus's share and the quota."""
+    with Catalog.open(ws) as catalog:
+        return _source_table(catalog, result)
+
+
+def mixtures_table(ws: Workspace) -> pl.DataFrame:
+    """The mixtures in the catalog, oldest first: name, ranking, strategy, documents, tokens, budget, created."""
+    with Catalog.open(ws) as catalog:
+        return catalog.frame(
+            "SELECT name, ranking, json_extract_string(spec, '$.strategy') AS strategy, documents, tokens, "
+            "CAST(json_extract(spec, '$.budget_tokens') AS BIGINT) AS budget, created_at AS created "
+            "FROM mixtures ORDER BY created_at")
+
+
+def _source_table(catalog: Catalog, result: MixResult) -> pl.DataFrame:
     import polars as pl
 
     tokenizer = catalog.one("SELECT tokenizer_id FROM rankings WHERE name = ?", [result.spec.ranking])[0]
@@ -299,18 +334,19 @@ def source_table(catalog: Catalog, result: MixResult):
     return pl.DataFrame(rows)
 
 
-def mixture_weights(catalog: Catalog, ranking: str):
+def mixture_weights(ws: Workspace, ranking: str) -> pl.DataFrame:
     """Per-source weights ∝ positive reasoning influence per token (the paper's source analysis as a recipe)."""
     import polars as pl
 
-    tokenizer = catalog.one("SELECT tokenizer_id FROM rankings WHERE name = ?", [ranking])
-    if tokenizer is None:
-        raise CuratorError(f"no ranking named {ranking!r}")
-    frame = catalog.frame(
-        "SELECT d.source, count(*) AS documents, sum(coalesce(t.tokens, 0)) AS tokens, "
-        "sum(greatest(r.score, 0)) AS \"positive influence\" FROM ranking_scores r "
-        "JOIN documents d ON d.id = r.doc_id LEFT JOIN token_counts t ON t.doc_id = r.doc_id AND t.tokenizer = ? "
-        "WHERE r.ranking = ? GROUP BY d.source ORDER BY d.source", [tokenizer[0], ranking])
+    with Catalog.open(ws) as catalog:
+        tokenizer = catalog.one("SELECT tokenizer_id FROM rankings WHERE name = ?", [ranking])
+        if tokenizer is None:
+            raise CuratorError(f"no ranking named {ranking!r}")
+        frame = catalog.frame(
+            "SELECT d.source, count(*) AS documents, sum(coalesce(t.tokens, 0)) AS tokens, "
+            "sum(greatest(r.score, 0)) AS \"positive influence\" FROM ranking_scores r JOIN documents d "
+            "ON d.id = r.doc_id LEFT JOIN token_counts t ON t.doc_id = r.doc_id AND t.tokenizer = ? "
+            "WHERE r.ranking = ? GROUP BY d.source ORDER BY d.source", [tokenizer[0], ranking])
     frame = frame.with_columns(
         (pl.col("tokens") / pl.col("tokens").sum()).alias("corpus share"),
         (pl.col("positive influence") / pl.col("tokens").clip(lower_bound=1)).alias("influence per token"))

@@ -21,27 +21,29 @@ aggregate over the selected queries
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, get_args
 
 from pydantic import BaseModel, Field
 
 from curator.catalog.database import Catalog
-from curator.errors import CuratorError
-from curator.catalog.records import RunRecord, get_run
+from curator.catalog.records import RunRecord, get_run, load_run_scores
 from curator.catalog.workspace import Workspace
+from curator.constants import REASONING_TASKS, Aggregate, Normalize
+from curator.errors import CuratorError
 
-AGGREGATES = ("mean-z", "mean", "max", "rank-vote")
-NORMALIZATIONS = ("per-nat", "per-token", "raw")
-REASONING_TASKS = ["arithmetic", "slope", "linear"]
+if TYPE_CHECKING:
+    import polars as pl
+
+AGGREGATES = get_args(Aggregate)
+NORMALIZATIONS = get_args(Normalize)
 
 
 class RankConfig(BaseModel):
     name: str = Field(min_length=1)
     run: str | None = Field(None, description="scoring run id (or prefix); default: the latest")
     tasks: list[str] = Field(default_factory=lambda: list(REASONING_TASKS))
-    aggregate: Literal["mean-z", "mean", "max", "rank-vote"] = "mean-z"
-    normalize: Literal["per-nat", "per-token", "raw"] = "per-nat"
+    aggregate: Aggregate = "mean-z"
+    normalize: Normalize = "per-nat"
 
 
 class RankResult(BaseModel):
@@ -107,10 +109,7 @@ def rank(ws: Workspace, config: RankConfig, *, replace: bool = False) -> RankRes
         exists = catalog.one("SELECT 1 FROM rankings WHERE name = ?", [config.name])
     if exists and not replace:
         raise CuratorError(f"a ranking named {config.name!r} exists; choose another --name or pass --replace")
-    path = Path(run.out_path)
-    if not path.is_file():
-        raise CuratorError(f"the scores of run {run.id} are missing: {path}")
-    scores = pl.scan_parquet(path).filter(pl.col("query_id").is_in(queries)).collect()
+    scores = load_run_scores(run, query_ids=queries)
     if tokens.is_empty():
         tokens = pl.DataFrame(schema={"doc_id": pl.Int64, "tokens": pl.Int64})
     ranked = aggregate_scores(normalized_scores(scores, config.normalize, tokens), config.aggregate)
@@ -140,14 +139,16 @@ def _run_queries(catalog: Catalog, run: RunRecord, tasks: list[str]) -> list[str
     return chosen
 
 
-def ranked_documents(catalog: Catalog, name: str, limit: int, bottom: bool = False):
-    """The top (or bottom) documents of a ranking with source, kind and a one-line snippet."""
-    if catalog.one("SELECT 1 FROM rankings WHERE name = ?", [name]) is None:
-        known = [r[0] for r in catalog.sql("SELECT name FROM rankings ORDER BY name")]
-        raise CuratorError(f"no ranking named {name!r} (rankings: {', '.join(known) or 'none'})")
-    order = "DESC" if bottom else "ASC"
-    return catalog.frame(
-        "SELECT r.rank, r.doc_id, d.source, d.kind, r.score, "
-        "regexp_replace(left(d.text, 300), '\\s+', ' ', 'g') AS snippet "
-        f"FROM ranking_scores r JOIN documents d ON d.id = r.doc_id WHERE r.ranking = ? ORDER BY r.rank {order} "
-        "LIMIT ?", [name, limit])
+def ranked_documents(ws: Workspace, name: str, limit: int, bottom: bool = False) -> pl.DataFrame:
+    """The top (or bottom) `limit` documents of a ranking with rank, source, kind, score and a one-line
+    snippet (the first 300 characters, whitespace collapsed)."""
+    with Catalog.open(ws) as catalog:
+        if catalog.one("SELECT 1 FROM rankings WHERE name = ?", [name]) is None:
+            known = [r[0] for r in catalog.sql("SELECT name FROM rankings ORDER BY name")]
+            raise CuratorError(f"no ranking named {name!r} (rankings: {', '.join(known) or 'none'})")
+        order = "DESC" if bottom else "ASC"
+        return catalog.frame(
+            "SELECT r.rank, r.doc_id, d.source, d.kind, r.score, "
+            "regexp_replace(left(d.text, 300), '\\s+', ' ', 'g') AS snippet "
+            "FROM ranking_scores r JOIN documents d ON d.id = r.doc_id WHERE r.ranking = ? "
+            f"ORDER BY r.rank {order} LIMIT ?", [name, limit])
