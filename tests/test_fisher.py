@@ -57,6 +57,7 @@ from curator.catalog.ingest import IngestOptions, ingest
 from curator.influence.factors import load_tensors
 from curator.influence.fit import FitConfig, fit
 from curator.model.loading import wrap_model
+from tinylm import tiny_llama, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(14)]          # + <eos> + <unk>: a 16-token vocabulary
 N_DOCS = 512
@@ -67,33 +68,6 @@ MODULES = r"mlp\.(up|down)_proj"             # 4 layers: block 0's see later pos
 TOLERANCE = 0.15                              # relative error of the mean of the K fits, S and Λ
 MAX_SHRINK = 0.5                              # error of the K-fit mean / error of one fit (1/√K ≈ 0.35)
 MIN_GAP = 0.25                                # how far the empirical Fisher must be from the expectation
-
-
-# -- a tiny model with a small vocabulary (built here: nothing from other test files) --------
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<eos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>")
-
-
-def tiny_llama(vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=12, intermediate_size=16, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():   # larger than the default init, so predictions are not all near uniform
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0, 0.3)
-    return model.eval()
 
 
 def documents() -> list[str]:
@@ -194,8 +168,9 @@ def fit_and_brute_force(root: Path) -> dict:
     docs = documents()
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     ingest(ws, [str(root / "docs.jsonl")], IngestOptions(source="words"))
-    tokenizer = word_tokenizer()
-    lm = wrap_model(tiny_llama(len(tokenizer)), tokenizer, name="fisher-tiny")
+    tokenizer = word_tokenizer(WORDS)
+    lm = wrap_model(tiny_llama(vocab_size=len(tokenizer), hidden=12, intermediate=16), tokenizer,
+                    name="fisher-tiny")
 
     def fit_tensors(**settings):
         record = fit(ws, FitConfig(model="fisher-tiny", modules=MODULES, max_seq_len=MAX_LEN, **settings),

@@ -45,6 +45,7 @@ from curator.influence.factors import load_tensors
 from curator.influence.fit import FitConfig, fit
 from curator.influence.score import ScoreConfig, score
 from curator.model.loading import wrap_model
+from tinylm import tiny_llama, word_tokenizer
 
 WORDS = ("the a one two three four five six seven eight nine ten plus minus times is equals answer "
          "slope line point solve for x y capital of france paris river nile city and step first then").split()
@@ -57,31 +58,6 @@ QUERIES = [
     Query(id="q-capital", task="factual", prompt="the capital of france", completion="is paris"),
     Query(id="q-river", task="factual", prompt="the river of the city", completion="is the nile"),
 ]
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<eos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>")
-
-
-def tiny_llama(vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():   # larger than the default init, so gradients are not all tiny and alike
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0, 0.3)
-    return model.eval()
 
 
 def documents() -> list[str]:
@@ -100,8 +76,8 @@ def setup(tmp_path_factory):
     ingest(ws, [str(root / "docs.jsonl")], IngestOptions(source="words"))
     with Catalog.open(ws, write=True) as catalog:
         store_queries(catalog, QUERIES)
-    tokenizer = word_tokenizer()
-    model = tiny_llama(len(tokenizer))
+    tokenizer = word_tokenizer(WORDS)
+    model = tiny_llama(vocab_size=len(tokenizer), hidden=16, intermediate=64)
     folder = root / "model"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

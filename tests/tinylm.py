@@ -30,6 +30,17 @@ def tiny_tokenizer(vocab_size: int = 320):
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
 
 
+def word_tokenizer(words: list[str]):
+    """A word-level tokenizer over `words` plus <eos> and <unk>: a vocabulary small enough to sum over."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>")
+
+
 def tiny_llama(vocab_size: int | None = None, layers: int = 2, hidden: int = 16, intermediate: int = 24,
                seed: int = 0, bias: bool = False):
     import torch
