@@ -91,7 +91,7 @@ def main() -> None:
             start = time.perf_counter()
             result = score(ws, ScoreConfig(queries=",".join(query_ids), query_rank=setting, max_docs=args.docs,
                                            chat_template="none", device=args.device,
-                                           batch_tokens=args.batch_tokens), loaded=lm)
+                                           batch_tokens=args.batch_tokens), loaded=lm, force=True)
             runs[setting] = (time.perf_counter() - start, result)
             print(setting, runs[setting][0], result.stats["query_batches"], result.stats["query_rank_reason"],
                   flush=True)
