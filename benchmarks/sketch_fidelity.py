@@ -68,7 +68,7 @@ def truncation_columns(store, k: int) -> np.ndarray:
 
 
 def pct(n: int, percent: int) -> int:
-    """How many documents the top `percent`% holds (as curator.fidelity counts them)."""
+    """How many documents the top `percent`% holds (as curator.sketch.fidelity counts them)."""
     return max(1, int(np.ceil(n * percent / 100)))
 
 
@@ -132,6 +132,7 @@ def main() -> None:
                                    max_docs=args.fit_docs,
                                    device=args.device, batch_tokens=args.batch_tokens), loaded=lm).record
         result = score(ws, ScoreConfig(queries=",".join(q.id for q in held), device=args.device,
+                                       query_rank="dense",
                                        batch_tokens=args.batch_tokens), loaded=lm)
         exact = pl.read_parquet(result.out_path)
 

@@ -21,7 +21,6 @@ from curator.demo import CPU_DEMO, GPU_DEMO
 
 SEARCH_PROMPT = "Solve for x: 4x + 7 = 31\n\nThink step-by-step."
 SEARCH_COMPLETION = "Subtract 7 from both sides: 4x = 24. Divide both sides by 4: x = 6. The answer is 6."
-BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"
 
 
 def demo(
@@ -73,7 +72,7 @@ def demo(
     (docs/quickstart.md goes through them one at a time). A second run reuses what the first computed.
     """
     from curator.catalog.database import create_workspace
-    from curator.demo import build_demo_corpus
+    from curator.demo import build_demo_corpus, record_timings
 
     overrides = {"model": model, "docs_per_source": docs_per_source, "max_chars": max_chars,
                  "max_seq_len": max_seq_len, "layers": layers, "fit_docs": fit_docs,
@@ -110,7 +109,7 @@ def demo(
     console.print(f"[bold]Shards:[/] {shards}  (manifest: {shards / 'manifest.json'})")
     console.print(f"[bold]Workspace:[/] {ws.root}  (try: curator runs -w {ws.root})")
     if record:
-        _record(record, settings, timings, total)
+        record_timings(record, settings, timings, total)
         console.print(f"Recorded the settings and timings in {record}.")
 
 
@@ -206,22 +205,3 @@ def _print_timings(timings, total: float) -> None:
         table.add_row(name, f"{seconds:,.1f}")
     table.add_row("[bold]total", f"[bold]{total:,.1f}")
     console.print(table)
-
-
-def _record(path: Path, settings, timings, total: float) -> None:
-    from curator.demo import machine_description
-
-    lines = [BEGIN, f"Measured {time.strftime('%Y-%m-%d')} with `curator demo"
-             f"{' --gpu' if settings.device != 'cpu' else ''}` (settings below; the defaults of that mode).", "",
-             "| setting | value |", "|---|---|",
-             *(f"| {k} | {v} |" for k, v in settings.model_dump().items()), "",
-             "| stage | seconds |", "|---|---|", *(f"| {n} | {s:,.1f} |" for n, s in timings),
-             f"| **total** | **{total:,.1f}** |", "",
-             f"Machine: {machine_description(settings.device)}.", END]
-    text = path.read_text() if path.is_file() else ""
-    section = "\n".join(lines)
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## End-to-end demo: `make demo`\n\n" + section + "\n"
-    path.write_text(text)

@@ -10,7 +10,7 @@ from curator.cli.common import err_console
 
 
 class PassBar:
-    """Implements curator.passes.PassProgress on a rich progress bar (on stderr)."""
+    """Implements curator.model.document_pass.PassProgress on a rich progress bar (on stderr)."""
 
     def __init__(self) -> None:
         self.progress = Progress(

@@ -52,12 +52,20 @@ def atomic_file(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(path)
-    part.unlink(missing_ok=True)
+    _remove(part)
     try:
         yield part
         os.replace(part, path)
     finally:
         part.unlink(missing_ok=True)
+
+
+def _remove(path: Path) -> None:
+    """A leftover at a `.part` name: a file, or (scores before chunks had their own folder) a folder."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from curator.artifacts import atomic_file
+from curator.artifacts import atomic_file, write_text_atomic
 from curator.errors import CuratorError
 
 # Parts of the stdlib folder that are not the library's own modules, or are test
@@ -323,3 +323,26 @@ def machine_description(device: str) -> str:
 
     return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
             f"threads, device {device}, torch {torch.__version__}")
+
+
+BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"
+
+
+def record_timings(path: Path, settings: DemoSettings, timings: list[tuple[str, float]], total: float) -> None:
+    """Write the settings and stage timings into a Markdown file, between the demo's markers."""
+    import time
+
+    lines = [BEGIN, f"Measured {time.strftime('%Y-%m-%d')} with `curator demo"
+             f"{' --gpu' if settings.device != 'cpu' else ''}` (settings below; the defaults of that mode).", "",
+             "| setting | value |", "|---|---|",
+             *(f"| {k} | {v} |" for k, v in settings.model_dump().items()), "",
+             "| stage | seconds |", "|---|---|", *(f"| {n} | {s:,.1f} |" for n, s in timings),
+             f"| **total** | **{total:,.1f}** |", "",
+             f"Machine: {machine_description(settings.device)}.", END]
+    text = path.read_text() if path.is_file() else ""
+    section = "\n".join(lines)
+    if BEGIN in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## End-to-end demo: `make demo`\n\n" + section + "\n"
+    write_text_atomic(path, text)

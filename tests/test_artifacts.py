@@ -6,6 +6,7 @@ the damaged-file checks then run the `curator` command as a user would.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 
 import numpy as np
@@ -23,7 +24,7 @@ from curator.model.loading import load_model
 from curator.sketch.build import sketch
 from curator.sketch.fidelity import measure_store
 from curator.sketch.index import build_index
-from curator.sketch.store import SketchConfig, decode, encode, iter_shards, store_dir
+from curator.sketch.store import SketchConfig, decode, encode, iter_shards, load_store, store_dir
 
 DOCS = TRAINING_TEXT + [t.upper() for t in TRAINING_TEXT] + ["x = 1", "y = x * 2", "print(y)"]
 QUERIES = [Query(id=f"q{i}", task="arithmetic", prompt=f"Calculate the answer: ({i} + 3) * 2",
@@ -84,26 +85,39 @@ def one_line_error(result, *words):
     return message
 
 
+def run_the_fix(message: str, ws) -> None:
+    """Run the command the error names (between backticks) as the user would."""
+    command = shlex.split(message.split("`")[1])
+    assert command[0] == "curator"
+    curator(*command[1:], "-w", ws.root)
+
+
 @pytest.mark.parametrize("how", ["truncate", "garbage", "missing"])
 def test_a_damaged_factors_file_names_itself_and_the_fit_that_rebuilds_it(built, how):
     _, ws, _, record, _, _, _ = built
     restore = damaged(ws.root / record.path, how)
+    score_q3 = ("score", "-q", "q3", "--factors", record.id, "--batch-tokens", "96", "-w", ws.root)
     try:
-        result = curator("score", "-q", "q3", "--batch-tokens", "96", "-w", ws.root, check=False)
+        message = one_line_error(curator(*score_q3, check=False), record.path.split("/")[-1], "curator fit")
+        if how == "missing":
+            run_the_fix(message, ws)        # the named command rebuilds the same fit ...
+            assert (ws.root / record.path).is_file()
+            curator(*score_q3)              # ... and the command that failed now runs
     finally:
         restore()
-    one_line_error(result, record.path.split("/")[-1], "curator fit --model", "--force")
 
 
 def test_damaged_sketch_shards_manifest_and_index_are_one_line_errors(built):
     _, ws, _, _, _, store, index = built
     shard = store_dir(ws, store.id) / store.shards[0]["file"]
     restore = damaged(shard)
+    score_q3 = ("score", "--method", "sketch", "-q", "q3", "--store", store.id, "-w", ws.root)
     try:
-        result = curator("score", "--method", "sketch", "-q", "q3", "-w", ws.root, check=False)
-        one_line_error(result, "sketch shard", shard.name, "curator sketch")
+        one_line_error(curator(*score_q3, check=False), "sketch shard", shard.name, "curator sketch")
         result = curator("index", "build", "--store", store.id, "--name", "again", "-w", ws.root, check=False)
-        one_line_error(result, "sketch shard", "curator sketch")
+        message = one_line_error(result, "sketch shard", "curator sketch")
+        run_the_fix(message, ws)            # the named command builds the same store again ...
+        curator(*score_q3)                  # ... and sketch scores come back
     finally:
         restore()
     manifest = store_dir(ws, store.id) / "manifest.json"
@@ -212,11 +226,23 @@ def test_float16_sketches_are_scaled_per_layer_so_nothing_overflows_or_flushes_t
 
 def test_a_float16_store_matches_a_float32_store_to_its_precision(built):
     _, ws, lm, _, _, store, _ = built
+    store = load_store(ws, store.id)     # as it is now (an earlier test may have rebuilt it)
     wide = sketch(ws, SketchConfig(suite="q0,q1,q2", rank=3, shard_docs=5, precision="float32",
                                    factors=store.factors_id), loaded=lm)
     narrow = np.concatenate([v for _, v in iter_shards(ws, store)])
     exact = np.concatenate([v for _, v in iter_shards(ws, wide)])
     np.testing.assert_allclose(narrow, exact, rtol=2e-3, atol=1e-3 * np.abs(exact).max())
+
+
+def test_a_finished_store_the_catalog_never_recorded_is_recorded_on_rerun(built):
+    """As for fits: a store whose last step (the catalog write) failed, e.g. on a locked catalog."""
+    _, ws, lm, _, _, store, _ = built
+    with Catalog.open(ws, write=True) as catalog:
+        catalog.sql("DELETE FROM sketch_stores WHERE id = ?", [store.id])
+    again = sketch(ws, SketchConfig(suite="q0,q1,q2", rank=3, shard_docs=5, factors=store.factors_id), loaded=lm)
+    assert again.id == store.id
+    with Catalog.open(ws) as catalog:
+        assert catalog.one("SELECT 1 FROM sketch_stores WHERE id = ?", [store.id])
 
 
 def test_fidelity_samples_the_store_not_documents_added_after_it(built, tmp_path):

@@ -158,3 +158,20 @@ def test_the_next_export_puts_back_an_orphaned_old_copy(ws, tmp_path):
     with pytest.raises(CuratorError, match="exists; .* pass --force"):
         export(ws, spec(out, "jsonl.zst"))          # without --force the restored export is kept
     assert complete_export(out) == before and not (tmp_path / "shards.old").exists()
+
+
+def test_a_users_folder_where_the_unfinished_export_goes_is_left_alone(ws, tmp_path):
+    out = tmp_path / "shards"
+    files = user_folder(tmp_path / "shards.part", {"notes.txt": "mine"})
+    with pytest.raises(CuratorError, match=r"shards\.part is in the way .*notes\.txt"):
+        export(ws, spec(out))
+    assert {p.name: p.read_text() for p in (tmp_path / "shards.part").iterdir()} == files
+    assert not out.exists()
+
+
+def test_what_an_interrupted_export_left_is_cleared(ws, tmp_path):
+    out = tmp_path / "shards"
+    (tmp_path / "shards.part").mkdir()
+    (tmp_path / "shards.part" / "part-00000.parquet").write_bytes(b"half a shard")
+    export(ws, spec(out))
+    assert (out / "manifest.json").is_file() and not (tmp_path / "shards.part").exists()

@@ -509,7 +509,7 @@ def test_a_run_resumed_with_other_batching_settings_equals_an_uninterrupted_one(
     assert a.select(["query_id", "doc_id"]).equals(b.select(["query_id", "doc_id"]))
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
                                atol=1e-5 * float(a["score"].abs().max()))
-    # And the other way round: chunks written under one batch are reused by a run of many batches.
+    # And the other way round: chunks of one batch are never taken for a run of many batches.
     out2 = tmp_path / "reverse.parquet"
     with pytest.raises(KeyboardInterrupt):
         score(ws, one_batch, out=out2, loaded=lm, progress=StopAfter(chunks=1))
@@ -517,6 +517,32 @@ def test_a_run_resumed_with_other_batching_settings_equals_an_uninterrupted_one(
     assert again.stats["query_batches"] == len(QUERIES)
     c = pl.read_parquet(again.out_path).sort(["query_id", "doc_id"])
     np.testing.assert_allclose(c["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
+                               atol=1e-5 * float(a["score"].abs().max()))
+
+
+class TokenCount(StopAfter):
+    def __init__(self, chunks=None):
+        super().__init__(chunks)
+        self.tokens = 0
+
+    def advance(self, docs, tokens):
+        self.tokens += tokens
+        super().advance(docs, tokens)
+
+
+def test_a_run_resumed_with_another_batch_size_reuses_the_finished_chunks(setup, tmp_path):
+    ws, lm, record, _, result = setup
+    out = tmp_path / "reused.parquet"
+    config = ScoreConfig(batch_tokens=40, chunk_docs=2, factors=record.id, query_rank="dense")
+    with pytest.raises(KeyboardInterrupt):
+        score(ws, config, out=out, loaded=lm, progress=StopAfter(chunks=2))
+    resumed_count, fresh_count = TokenCount(), TokenCount()
+    resumed = score(ws, config.model_copy(update={"batch_tokens": 64}), out=out, loaded=lm, progress=resumed_count)
+    score(ws, config, out=tmp_path / "fresh.parquet", loaded=lm, progress=fresh_count)
+    assert 0 < resumed_count.tokens < fresh_count.tokens      # the two finished chunks were not scored again
+    a = pl.read_parquet(result.out_path).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(resumed.out_path).sort(["query_id", "doc_id"])
+    np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
                                atol=1e-5 * float(a["score"].abs().max()))
 
 

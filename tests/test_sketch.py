@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from helpers import run_ingest, write_jsonl
 from tinylm import TRAINING_TEXT, loaded_tiny
 
@@ -192,3 +193,41 @@ def test_bases_are_nested_so_a_smaller_rank_is_a_block_of_a_larger_store(setup, 
     q_little, _ = sketch_queries(ws, small, lm, HELD_OUT)
     np.testing.assert_allclose(big[:, columns] @ q_big[:, columns].T, little @ q_little.T, rtol=1e-3,
                                atol=1e-5 * float(np.abs(little @ q_little.T).max()))
+
+
+def test_a_sketch_run_resumed_with_another_shard_size_equals_a_fresh_one(setup):
+    """shard_docs does not change the sketches, so a run killed with one shard size and resumed with
+    another must give the fresh store's vectors, and never take a shard of one plan for the other's."""
+    ws, lm, _ = setup
+    config = SketchConfig(suite="s0,s1", rank=3, shard_docs=4, seed=11)
+    with pytest.raises(KeyboardInterrupt):
+        sketch(ws, config, loaded=lm, progress=StopAfterShards(shards=2))
+    resumed = sketch(ws, config.model_copy(update={"shard_docs": 3}), loaded=lm)
+    directory = ws.root / "sketches" / resumed.id
+    listed = {name for shard in resumed.shards for name in (shard["file"], shard["ids"], shard["scales"])}
+    assert {p.name for p in directory.glob("shard-*")} == listed       # the other plan's shards are gone
+    resumed_ids, resumed_vectors = [np.concatenate(x) for x in zip(*iter_shards(ws, resumed))]
+    got = dict(zip(resumed_ids.tolist(), resumed_vectors, strict=True))
+    shutil.rmtree(directory)
+    fresh = sketch(ws, config, loaded=lm)
+    ids, vectors = [np.concatenate(x) for x in zip(*iter_shards(ws, fresh))]
+    assert sorted(got) == sorted(ids.tolist())
+    for doc_id, vector in zip(ids.tolist(), vectors, strict=True):
+        np.testing.assert_allclose(got[doc_id], vector, rtol=1e-5, atol=1e-6 * np.abs(vectors).max())
+
+
+def test_a_bfloat16_model_sketches_close_to_float32(setup, tmp_path):
+    ws, lm, _ = setup
+    from curator.model.loading import wrap_model
+    from tinylm import tiny_llama, tiny_tokenizer
+
+    half = wrap_model(tiny_llama(seed=5, bias=True), tiny_tokenizer(), name="tiny-llama-5", dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16 and half.info.id == lm.info.id
+    config = SketchConfig(suite="s0,s1,s2,s3", rank=3, precision="float32")
+    wide = np.concatenate([v for _, v in iter_shards(ws, sketch(ws, config, loaded=lm))])
+    narrow_store = sketch(ws, config.model_copy(update={"dtype": "bfloat16"}), loaded=half)
+    narrow = np.concatenate([v for _, v in iter_shards(ws, narrow_store)])
+    assert np.isfinite(narrow).all() and not np.array_equal(narrow, wide)
+    assert np.corrcoef(narrow.reshape(-1), wide.reshape(-1))[0, 1] > 0.98
+    queries, _ = sketch_queries(ws, narrow_store, half, HELD_OUT)
+    assert np.isfinite(queries).all()

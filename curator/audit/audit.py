@@ -1,8 +1,8 @@
 """`curator audit` and `curator compare`: the numbers behind the report.
 
 The audit gathers the corpus composition from the catalog and, when a scored
-run exists, the paper's analyses (curator/analyses.py) on its scores. The
-result is one JSON-ready dict; curator/report.py draws the HTML from it, so
+run exists, the paper's analyses (curator/audit/analyses.py) on its scores. The
+result is one JSON-ready dict; curator/audit/report.py draws the HTML from it, so
 every figure's numbers are in the JSON.
 """
 

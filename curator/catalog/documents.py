@@ -78,9 +78,14 @@ def seeded_sample(catalog: Catalog, ids: Sequence[int], limit: int, seed: int = 
     """`limit` of `ids`, in id order: the same seed picks the same ones, and a sample of the whole
     catalog is the same whichever list it is drawn from (ordered by a seeded hash of the id, which
     is deterministic, unlike DuckDB's parallel sampling)."""
-    return sorted(r[0] for r in catalog.sql(
-        "SELECT id FROM (SELECT unnest(?::BIGINT[]) AS id) ORDER BY hash(id, ?), id LIMIT ?",
-        [list(ids), seed, limit]))
+    import pyarrow as pa
+
+    catalog.con.register("sample_candidates", pa.table({"id": pa.array(ids, pa.int64())}))
+    try:
+        return sorted(r[0] for r in catalog.sql(
+            "SELECT id FROM sample_candidates ORDER BY hash(id, ?), id LIMIT ?", [seed, limit]))
+    finally:
+        catalog.con.unregister("sample_candidates")
 
 
 def read_texts(catalog: Catalog, ids: Sequence[int], chunk: int = 256) -> Iterator[list[tuple[int, str]]]:

@@ -31,6 +31,7 @@ import orjson
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
+from curator.artifacts import NOT_IDENTITY, Settings
 from curator.catalog.database import Catalog
 from curator.connectors import (
     BadRecord,
@@ -49,7 +50,7 @@ from curator.catalog.workspace import Workspace
 MAX_LISTED_PROBLEMS = 50
 
 
-class IngestOptions(BaseModel):
+class IngestOptions(Settings):
     """Settings of one ingest; stored with its batch."""
 
     source: str = Field(min_length=1, description="Source label given to every document")
@@ -58,9 +59,11 @@ class IngestOptions(BaseModel):
     text_field: str = Field("text", description="Field (dotted path allowed) holding the text")
     id_field: str | None = Field(None, description="Field holding the record's own id; default `id` when present")
     glob: str | None = Field(None, description="Only files whose path inside a directory matches")
-    strict: bool = Field(False, description="Abort at the first bad record instead of skipping it")
-    chunk_docs: int = Field(20_000, gt=0, description="Documents committed per chunk")
-    chunk_bytes: int = Field(64 << 20, gt=0, description="Text bytes committed per chunk")
+    strict: bool = Field(False, description="Abort at the first bad record instead of skipping it",
+                         json_schema_extra=NOT_IDENTITY)
+    chunk_docs: int = Field(20_000, gt=0, description="Documents committed per chunk", json_schema_extra=NOT_IDENTITY)
+    chunk_bytes: int = Field(64 << 20, gt=0, description="Text bytes committed per chunk",
+                             json_schema_extra=NOT_IDENTITY)
 
 
 class Problem(BaseModel):
@@ -105,7 +108,7 @@ def content_hash(text: str) -> str:
 
 def input_fingerprint(files: Sequence[InputFile], options: IngestOptions) -> str:
     described = {
-        "options": options.model_dump(exclude={"strict", "chunk_docs", "chunk_bytes"}),
+        "options": options.identity(),
         "files": [[str(f.path.resolve()), f.size, f.mtime_ns] for f in files],
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()

@@ -36,9 +36,18 @@ def get_run(catalog: Catalog, run_id: str | None = None) -> RunRecord:
 
 def rescore_command(run: RunRecord) -> str:
     """The command that writes a run's scores again."""
-    queries = ",".join(run.query_ids) if len(run.query_ids) <= 5 else ",".join(run.query_ids[:5]) + ",..."
-    method = f" --method sketch --store {run.settings.get('store')}" if run.method == "sketch" else ""
-    return f"curator score --queries {queries}{method} --factors {run.factors_id} --force"
+    import shlex
+
+    s = run.settings
+    parts = ["curator", "score", "--queries", s.get("queries") or ",".join(run.query_ids), "--out", run.out_path]
+    if run.method == "sketch":
+        parts += ["--method", "sketch", "--store", str(s.get("store"))]
+    else:
+        parts += ["--factors", str(run.factors_id), "--query-rank", str(s.get("query_rank", "auto"))]
+        for flag, key in (("--max-docs", "max_docs"), ("--max-seq-len", "max_seq_len"), ("--dtype", "dtype")):
+            if s.get(key) is not None:
+                parts += [flag, str(s[key])]
+    return shlex.join(parts) + " --force"
 
 
 def load_run_scores(run: RunRecord, columns: list[str] | None = None, query_ids: list[str] | None = None):

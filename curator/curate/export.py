@@ -3,7 +3,7 @@
 Formats:
   parquet    columns id, text, source, score, metadata (zstd-compressed)
   jsonl.zst  one JSON object per line with the same fields
-  megatron   tokenized `.bin`/`.idx` pairs (curator/megatron.py), EOS after each document
+  megatron   tokenized `.bin`/`.idx` pairs (curator/curate/megatron.py), EOS after each document
 Shards roll over at --shard-tokens or --shard-bytes (of text). Everything is
 written into `OUT.part/` and renamed to OUT when the manifest is written, so an
 interrupted export never leaves a directory that looks complete.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -155,7 +156,7 @@ def export(ws: Workspace, spec: ExportSpec, *, force: bool = False,
             tokenizer_name = spec.tokenizer or _ranking_model(catalog, mixture.spec.ranking)
             tokenizer = load_tokenizer(tokenizer_name)
         part = out.with_name(out.name + ".part")
-        shutil.rmtree(part, ignore_errors=True)
+        _clear_unfinished(part)
         part.mkdir(parents=True)
         shards, seen = [], set()
         writer = None
@@ -190,6 +191,26 @@ def export(ws: Workspace, spec: ExportSpec, *, force: bool = False,
         catalog.sql("INSERT INTO exports (path, mixture, format, manifest) VALUES (?, ?, ?, ?)",
                     [str(out), spec.mixture, spec.format, json.dumps(manifest)])
     return ExportResult(out=str(out), manifest=manifest)
+
+
+# What an unfinished export leaves in OUT.part: shards (part-00000.parquet, .jsonl.zst, .bin/.idx)
+# and, at the very end, its manifest.
+_UNFINISHED = re.compile(r"^(part-\d{5}\.(parquet|jsonl\.zst|bin|idx)|manifest\.json)$")
+
+
+def _clear_unfinished(part: Path) -> None:
+    """Remove what an interrupted export left in OUT.part, and nothing else: a file there, or a folder
+    holding anything an export does not write, is the user's."""
+    if not part.exists():
+        return
+    if not part.is_dir():
+        raise CuratorError(f"{part} is in the way: the export is written there before it takes its name; "
+                           f"move it away")
+    foreign = sorted(p.name for p in part.iterdir() if not (p.is_file() and _UNFINISHED.match(p.name)))
+    if foreign:
+        raise CuratorError(f"{part} is in the way and holds what an export does not write ({', '.join(foreign[:5])}); "
+                           f"move it away")
+    shutil.rmtree(part)
 
 
 def not_an_export(folder: Path) -> str | None:

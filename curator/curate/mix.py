@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
+from curator.artifacts import write_text_atomic
 from curator.catalog.database import Catalog
 from curator.catalog.workspace import Workspace
 from curator.constants import MixStrategy as Strategy
@@ -97,7 +98,7 @@ def save_weights(path: Path, ranking: str, frame: pl.DataFrame) -> dict[str, flo
     """Write `mixture_weights`' frame as the JSON that `read_weights` (`curator mix --weights`) reads;
     returns the {source: weight} it wrote."""
     by_source = dict(zip(frame["source"].to_list(), frame["weight"].to_list(), strict=True))
-    path.write_text(json.dumps({"ranking": ranking, "weights": by_source}, indent=2) + "\n")
+    write_text_atomic(path, json.dumps({"ranking": ranking, "weights": by_source}, indent=2) + "\n")
     return by_source
 
 

@@ -110,14 +110,18 @@ def load_layer_factors(ws: Workspace, record: FactorsRecord) -> dict[str, LayerF
 
 def refit_command(record: FactorsRecord) -> str:
     """The command that fits these factors again."""
+    import shlex
+
     s = record.settings
-    parts = [f"curator fit --model {s.get('model')}", f"--modules {s.get('modules')}", f"--layers {s.get('layers')}",
-             f"--max-seq-len {s.get('max_seq_len')}"]
+    parts = ["curator", "fit", "--model", str(s.get("model")), "--modules", str(s.get("modules")),
+             "--layers", str(s.get("layers")), "--max-seq-len", str(s.get("max_seq_len")),
+             "--fisher", str(s.get("fisher", "sampled")), "--seed", str(s.get("seed", 0)),
+             "--dtype", str(s.get("dtype", "float32"))]
     if s.get("max_docs"):
-        parts.append(f"--max-docs {s['max_docs']}")
-    if s.get("fisher") == "empirical":
-        parts.append("--fisher empirical")
-    return " ".join(parts) + " --force"
+        parts += ["--max-docs", str(s["max_docs"])]
+    if s.get("damping") is not None:
+        parts += ["--damping", str(s["damping"])]
+    return shlex.join(parts) + " --force"
 
 
 def load_model_for(ws: Workspace, record: FactorsRecord, *, model: str | None = None, device: str = "cpu",

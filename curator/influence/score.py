@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from curator.influence.scoring import (
     layer_scores,
     multiply_out_within,
 )
-from curator.model.document_pass import NoProgress, PassProgress, PassSettings, Timer, document_pass
+from curator.model.document_pass import NoProgress, PassProgress, PassSettings, Timer, chunks_of, document_pass
 from curator.model.loading import LoadedModel
 
 
@@ -58,7 +58,7 @@ class ScoreConfig(Settings):
                               json_schema_extra=NOT_IDENTITY)
     modules: str | None = Field(None, description="must equal the fit's module set when given",
                                 json_schema_extra=NOT_IDENTITY)
-    query_rank: int | Literal["auto", "dense"] = Field(
+    query_rank: Annotated[int, Field(ge=1)] | Literal["auto", "dense"] = Field(
         "auto", description="auto (dense if the suite fits the query memory, else rank 32 or the largest rank "
                             "that fits it in one pass), dense, or a rank K per layer")
     query_memory_mb: float = Field(2048, gt=0, description="budget for preconditioned queries per pass",
@@ -127,7 +127,7 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
     with Catalog.open(ws) as catalog:
         for number, query_batch in enumerate(query_batches):
             planned = {n: chunks_dir / _chunk_name(query_batch, chunk)
-                       for n, chunk in enumerate(_doc_chunks(ids, config.chunk_docs))}
+                       for n, chunk in enumerate(chunks_of(ids, config.chunk_docs))}
             files.extend(planned.values())
             if all(path.is_file() for path in planned.values()) and _losses_known(chunks_dir, query_batch):
                 losses.update(_read_losses(chunks_dir, query_batch))
@@ -183,10 +183,6 @@ def record_run(ws: Workspace, run_id: str, config: ScoreConfig, loaded: LoadedMo
 
 
 # -- the resumable output: one Parquet file per (query batch, document chunk) ---------------------
-
-def _doc_chunks(ids: list[int], size: int) -> list[list[int]]:
-    return [ids[start:start + size] for start in range(0, len(ids), size)]
-
 
 def _chunk_name(queries: list[Query], doc_ids: list[int]) -> str:
     """Named by what it holds, so a resumed run with another query batching or chunk size

@@ -113,6 +113,8 @@ def choose_query_rank(setting: int | str, n_queries: int, shapes: list[tuple[int
     dense_passes = -(-n_queries * bytes_per_query(shapes, None) // budget_bytes)
     if dense_passes <= 1:
         return None, "dense: the whole suite fits the query memory"
+    if bytes_per_query(shapes, AUTO_QUERY_RANK) >= bytes_per_query(shapes, None):
+        return None, f"dense: on layers this small rank {AUTO_QUERY_RANK} would take as much memory"
     fitting = budget_bytes // (n_queries * bytes_per_query(shapes, 1))
     if fitting >= AUTO_QUERY_RANK:
         return AUTO_QUERY_RANK, f"rank {AUTO_QUERY_RANK} (auto): dense would take {dense_passes} passes"

@@ -116,8 +116,9 @@ def document_pass(model, modules: dict, tokenizer, catalog: Catalog, ids: Sequen
 
     `on_chunk(number, chunk ids, sums)` receives each finished chunk with `sums`
     (documents × width, float64, CPU): the per-window output rows summed over each
-    document's windows. Sampled labels come from one generator seeded once, so a
-    pass draws the same labels however it is timed.
+    document's windows. Sampled labels come from one generator seeded once per pass
+    and drawn batch by batch, so the same documents, chunks and batch size draw the
+    same labels (a pass that skips finished chunks draws no labels for them).
     """
     progress = progress or NoProgress()
     counts = counts if counts is not None else {}

@@ -33,6 +33,7 @@ from curator.sketch.store import (
     read_manifest,
     rebuild_command,
     record_store,
+    store_recorded,
     shard_entry,
     shard_name,
     store_dir,
@@ -63,6 +64,9 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
     if manifest_path.is_file() and (directory / "bases.safetensors").is_file():
         store = read_manifest(manifest_path)
         if store.complete:
+            # Recorded unless the catalog was locked when the run ended: then recording is all that is left.
+            if not store_recorded(ws, store.id):
+                record_store(ws, store)
             return store
         bases, _ = load_bases(directory / "bases.safetensors", store.modules, rebuild_command(store))
     else:
@@ -75,7 +79,8 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
                             tokenizer_id=loaded.info.tokenizer_id, method=config.method,
                             suite=[q.id for q in suite], modules=list(modules), ranks=info["ranks"],
                             dim=sum(a * b for a, b in info["ranks"].values()), precision=config.precision,
-                            seed=config.seed, max_seq_len=max_len, chat_template=config.chat_template)
+                            seed=config.seed, max_seq_len=max_len, chat_template=config.chat_template,
+                            settings=config.model_dump(mode="json"))
         write_manifest(directory, store)
     device_bases = {n: (u.to(loaded.device), v.to(loaded.device)) for n, (u, v) in bases.items()}
     offsets, start = {}, 0
@@ -119,7 +124,7 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
 def _remove_unlisted_shards(directory, store: SketchStore) -> None:
     """Shards of an earlier plan (another shard size) that this store does not list."""
     listed = {name for shard in store.shards for name in (shard["file"], shard["ids"], shard["scales"])}
-    for path in directory.glob("shard-*.npy"):
+    for path in directory.glob("shard-*"):      # with the .part of a shard a killed run was writing
         if path.name not in listed:
             path.unlink()
 

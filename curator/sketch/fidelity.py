@@ -78,7 +78,7 @@ def sample_store_documents(ws: Workspace, store: SketchStore, sample: int, seed:
     """A seeded sample of the documents the store holds (documents added to the catalog later have no
     sketch), in id order; the same seed gives the same sample."""
     with Catalog.open(ws) as catalog:
-        return seeded_sample(catalog, store_doc_ids(ws, store).tolist(), sample, seed)
+        return seeded_sample(catalog, store_doc_ids(ws, store), sample, seed)
 
 
 def fidelity(ws: Workspace, store: SketchStore, loaded, queries: list[Query], sample: int = 1000,

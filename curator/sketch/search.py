@@ -14,6 +14,7 @@ from curator.catalog.database import Catalog
 from curator.catalog.documents import snippets
 from curator.catalog.queries import Query, select_queries
 from curator.catalog.workspace import Workspace
+from curator.constants import ModelDType
 from curator.errors import CuratorError
 from curator.influence.factors import get_factors, load_model_for
 from curator.influence.score import ScoreConfig, score
@@ -55,7 +56,7 @@ class SearchRequest(BaseModel):
     rerank: int = Field(0, ge=0, description="score the N best index candidates exactly and rank by that")
     index: str | None = Field(None, description="index name (or prefix); default: the latest")
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: ModelDType = "float32"
 
 
 class DocumentHit(BaseModel):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,7 @@ class SketchStore(BaseModel):
     fidelity: dict | None = None     # mean agreement with exact scores on held-out queries
     seconds: dict[str, float] = Field(default_factory=dict)   # "bases", "documents" (this run's part)
     tokens: int = 0                  # tokens sketched, padding excluded
+    settings: dict = Field(default_factory=dict)   # the SketchConfig that built it, as given
 
     @property
     def bytes_per_doc(self) -> int:
@@ -93,7 +95,20 @@ def store_dir(ws: Workspace, store_id: str) -> Path:
 
 
 def rebuild_command(store: SketchStore) -> str:
-    return f"curator sketch --suite {','.join(store.suite)} --method {store.method} --force"
+    """The `curator sketch` command that builds this store again (same settings, so the same id)."""
+    s = store.settings
+    parts = ["curator", "sketch", "--suite", s.get("suite") or ",".join(store.suite), "--method", store.method,
+             "--factors", store.factors_id, "--precision", store.precision, "--seed", str(store.seed)]
+    if s.get("rank") is not None:
+        parts += ["--rank", str(s["rank"])]
+    if s.get("budget_bytes") is not None:
+        parts += ["--budget-bytes", str(s["budget_bytes"])]
+    if s.get("dtype", "float32") != "float32":
+        parts += ["--dtype", s["dtype"]]
+    return shlex.join(parts) + " --force"
+
+
+MANIFEST_REBUILD = "curator sketch --suite QUERIES --force (with the store's settings)"
 
 
 def shard_name(doc_ids: list[int]) -> str:
@@ -108,7 +123,7 @@ def encode(vectors: np.ndarray, layer_sizes: list[int], precision: str) -> tuple
     float32 stores keep scale 1. float16 divides each layer's block by a power of two that
     brings its largest magnitude to about 2¹⁴; the result is checked after the cast.
     """
-    scales = np.ones(len(layer_sizes), dtype=np.float32)
+    scales = np.ones(len(layer_sizes), dtype=np.float64)     # float64: a tiny layer's scale must not underflow
     if not np.isfinite(vectors).all():
         raise CuratorError("a sketch is not finite (the model overflowed); nothing was written")
     if precision == "float32":
@@ -130,7 +145,7 @@ def encode(vectors: np.ndarray, layer_sizes: list[int], precision: str) -> tuple
 
 def decode(stored: np.ndarray, scales: np.ndarray, layer_sizes: list[int]) -> np.ndarray:
     """float32 sketches from stored values and per-layer scales."""
-    return stored.astype(np.float32) * np.repeat(scales.astype(np.float32), layer_sizes)[None, :]
+    return (stored.astype(np.float64) * np.repeat(scales, layer_sizes)[None, :]).astype(np.float32)
 
 
 # -- files ----------------------------------------------------------------------------
@@ -154,18 +169,19 @@ def write_manifest(directory: Path, store: SketchStore) -> None:
 
 def read_manifest(path: Path) -> SketchStore:
     """A store's manifest; one from another store version, or damaged, is an error saying how to rebuild."""
-    with reading(path, "sketch store manifest", "curator sketch --suite ... --force"):
+    with reading(path, "sketch store manifest", MANIFEST_REBUILD):
         data = json.loads(path.read_text())
-    version = data.get("version") if isinstance(data, dict) else None
-    if version != STORE_VERSION:
-        raise ArtifactError(f"the sketch store {path.parent} has format version {version}; this curator reads "
-                            f"version {STORE_VERSION}. Rebuild it with `curator sketch --suite "
-                            f"{','.join(data.get('suite', ['...']))} --force`")
+    if not isinstance(data, dict):
+        raise ArtifactError(f"the sketch store manifest {path} is damaged (not a JSON object); rebuild it with "
+                            f"`{MANIFEST_REBUILD}`")
+    if data.get("version") != STORE_VERSION:
+        raise ArtifactError(f"the sketch store {path.parent} has format version {data.get('version')!r}; this "
+                            f"curator reads version {STORE_VERSION}. Rebuild it with `{MANIFEST_REBUILD}`")
     try:
         return SketchStore.model_validate(data)
     except ValidationError as exc:
         raise ArtifactError(f"the sketch store manifest {path} is damaged ({exc.errors()[0]['msg']}); rebuild it "
-                            f"with `curator sketch --suite ... --force`") from None
+                            f"with `{MANIFEST_REBUILD}`") from None
 
 
 def iter_shards(ws: Workspace, store: SketchStore) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -174,9 +190,11 @@ def iter_shards(ws: Workspace, store: SketchStore) -> Iterator[tuple[np.ndarray,
     sizes = store.layer_sizes()
     for shard in store.shards:
         path = directory / shard["file"]
-        with reading(path, "sketch shard", rebuild_command(store)):
+        with reading(directory / shard["ids"], "sketch shard's document ids", rebuild_command(store)):
             ids = np.load(directory / shard["ids"])
+        with reading(directory / shard["scales"], "sketch shard's layer scales", rebuild_command(store)):
             scales = np.load(directory / shard["scales"])
+        with reading(path, "sketch shard", rebuild_command(store)):
             vectors = np.load(path)
             if vectors.shape != (len(ids), store.dim) or scales.shape != (len(sizes),):
                 raise ValueError(f"shape {vectors.shape} for {len(ids)} documents of {store.dim} dimensions")
@@ -212,6 +230,11 @@ def record_store(ws: Workspace, store: SketchStore) -> None:
                     [store.id, str(directory.relative_to(ws.root)), store.factors_id, store.method,
                      store.model_dump_json()])
         catalog.sql("COMMIT")
+
+
+def store_recorded(ws: Workspace, store_id: str) -> bool:
+    with Catalog.open(ws) as catalog:
+        return catalog.one("SELECT 1 FROM sketch_stores WHERE id = ?", [store_id]) is not None
 
 
 def record_fidelity(ws: Workspace, store: SketchStore, result: dict) -> SketchStore:
