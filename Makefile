@@ -36,6 +36,7 @@ bench: $(VENV)/.installed
 bench-influence: $(VENV)/.installed
 	$(BIN)/python benchmarks/influence_smollm2.py --docs 32 --record docs/benchmarks.md
 	$(BIN)/python benchmarks/sketch_fidelity.py --record docs/benchmarks.md
+	$(BIN)/python benchmarks/suite_passes.py --record docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) demo-workspace
