@@ -19,9 +19,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-
-from curator.errors import CuratorError
 from curator.catalog.queries import Query
+from curator.errors import CuratorError
 
 STEP_BY_STEP = "\n\nThink step-by-step."
 
