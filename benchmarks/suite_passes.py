@@ -34,7 +34,7 @@ from curator.constants import REASONING_TASKS  # noqa: E402
 from curator.demo import DemoSettings, build_demo_corpus  # noqa: E402
 from curator.influence.fit import FitConfig, fit  # noqa: E402
 from curator.influence.score import ScoreConfig, score  # noqa: E402
-from curator.influence.scoring import bytes_per_query, choose_query_rank  # noqa: E402
+from curator.influence.scoring import bytes_per_query, choose_query_rank, passes_needed  # noqa: E402
 from curator.model.loading import tracked_modules  # noqa: E402
 
 BUDGET_MB = 2048
@@ -46,9 +46,9 @@ def plan_table(model) -> list[str]:
         shapes = [(m.out_features, m.in_features) for m in tracked_modules(model, "mlp", layers).values()]
         for n in (16, 100, 400):
             budget = BUDGET_MB * 2**20
-            dense_passes = -(-n // max(1, budget // bytes_per_query(shapes, None)))
+            dense_passes = passes_needed(n, bytes_per_query(shapes, None), budget)
             rank, _ = choose_query_rank("auto", n, shapes, budget)
-            passes = -(-n // max(1, budget // bytes_per_query(shapes, rank)))
+            passes = passes_needed(n, bytes_per_query(shapes, rank), budget)
             kept = "dense" if rank is None else f"rank {rank}"
             lines.append(f"| {layers} ({len(shapes)} linears) | {n} | {dense_passes} | {kept} | {passes} |")
     return lines

@@ -97,6 +97,12 @@ def bytes_per_query(shapes: list[tuple[int, int]], rank: int | None) -> int:
     return 4 * sum((d_out + d_in) * rank if rank else d_out * d_in for d_out, d_in in shapes)
 
 
+def passes_needed(n_queries: int, query_bytes: int, budget_bytes: int) -> int:
+    """Document passes for a suite: whole queries per pass, at least one query per pass."""
+    per_pass = max(1, budget_bytes // query_bytes)
+    return -(-n_queries // per_pass)
+
+
 def choose_query_rank(setting: int | str, n_queries: int, shapes: list[tuple[int, int]], budget_bytes: int
                       ) -> tuple[int | None, str]:
     """The rank to keep queries at (None: dense) and why, for `--query-rank auto|dense|K`.
@@ -110,7 +116,7 @@ def choose_query_rank(setting: int | str, n_queries: int, shapes: list[tuple[int
     if not isinstance(setting, str):
         return int(setting), f"rank {setting} (as asked)"
     n_queries = max(n_queries, 1)
-    dense_passes = -(-n_queries * bytes_per_query(shapes, None) // budget_bytes)
+    dense_passes = passes_needed(n_queries, bytes_per_query(shapes, None), budget_bytes)
     if dense_passes <= 1:
         return None, "dense: the whole suite fits the query memory"
     if bytes_per_query(shapes, AUTO_QUERY_RANK) >= bytes_per_query(shapes, None):
