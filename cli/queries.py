@@ -7,32 +7,40 @@ from typing import Annotated
 
 import typer
 
-from curator.constants import GENERATED_TASKS
+from curator.constants import GENERATED_TASKS, QUERY_FAMILIES
 from curator.cli.common import OutputFormat, OutputOption, WorkspaceOption, choices, console, print_frame, workspace_from
 
 app = typer.Typer(help="Queries: the prompts and completions whose influence is measured.", no_args_is_help=True)
 
 Task = choices("Task", GENERATED_TASKS)
+Family = choices("Family", QUERY_FAMILIES)
 
 
 @app.command("generate")
 def generate(
-    task: Annotated[Task, typer.Option(help="Which of the paper's formats to generate.", show_default=False)],
+    task: Annotated[Task, typer.Option(help="The task: one of the paper's three reasoning tasks or its two "
+                                            "controls.", show_default=False)],
     n: Annotated[int, typer.Option("--n", help="How many queries.")] = 10,
     seed: Annotated[int, typer.Option(help="The same seed gives the same queries; --n 20 extends --n 10.")] = 0,
+    family: Annotated[Family, typer.Option(
+        help="How the queries are written: paper (Ruis et al.'s step-by-step format, what sketch suites are "
+             "built from), or a held-out family written the way other people write: terse, prose, code "
+             "(a program to run in your head) or chat.")] = "paper",
     workspace: WorkspaceOption = None,
 ) -> None:
-    """Generate queries in the formats of Ruis et al. (2024), with step-by-step completions.
+    """Generate queries in the formats of Ruis et al. (2024), with step-by-step completions, or in other
+    families of formats for the same reasoning tasks.
 
     arithmetic: (a + b) * c or (a - b) * c, operands 0-20; slope: through two points with coordinates 0-100;
     linear: ax + b = c, coefficients 0-100, positive integer x; reasoning-control: restate a number from the
     prompt; factual-control: recall a fictional fact stated in the prompt. Ids are TASK-sSEED-NNNN and the
-    query set is TASK-sSEED.
+    query set is TASK-sSEED (TASK-FAMILY-sSEED-NNNN and TASK-FAMILY-sSEED for the other families). Every
+    answer is checked by recomputing it (tests/test_queries.py).
     """
     from curator.catalog.queries import add_queries
     from curator.catalog.querygen import generate as make
 
-    queries = make(task.value, n, seed)
+    queries = make(task.value, n, seed, family.value)
     result = add_queries(workspace_from(workspace), queries)
     console.print(f"Query set [bold]{result.query_set}[/]: {result.added} added, {result.unchanged} already there.")
     console.print(f"Example: {queries[0].prompt!r} → {queries[0].completion!r}", markup=False, highlight=False)

@@ -13,6 +13,9 @@ from typing import Literal, get_args
 REASONING_TASKS = ("arithmetic", "slope", "linear")
 CONTROL_TASKS = ("factual-control", "reasoning-control")
 GENERATED_TASKS = (*REASONING_TASKS, *CONTROL_TASKS)
+# How a reasoning query is written: the paper's step-by-step format (what sketch suites are built
+# from) and held-out families that other people's queries look like.
+QUERY_FAMILIES = ("paper", "terse", "prose", "code", "chat")
 
 Kind = Literal["code", "math", "web", "wiki", "qa", "trivia", "markdown", "arxiv", "stackexchange", "other"]
 InputFormat = Literal["auto", "jsonl", "parquet", "text", "hf"]

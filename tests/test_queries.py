@@ -9,7 +9,7 @@ from helpers import catalog_rows
 
 from curator.catalog.database import Catalog
 from curator.errors import BadInputError, CuratorError
-from curator.catalog.querygen import GENERATORS, generate
+from curator.catalog.querygen import FAMILIES, GENERATORS, generate
 from curator.catalog.queries import read_query_file, select_queries, store_queries
 
 EQUATION = re.compile(r"(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)")
@@ -108,3 +108,74 @@ def test_bad_query_files_name_file_line_and_field(tmp_path, line, message):
     path.write_text('{"id": "a", "task": "t", "prompt": "p", "completion": "c"}\n' + line + "\n")
     with pytest.raises(BadInputError, match=message):
         read_query_file(path)
+
+
+# -- held-out families: the same tasks written the way other people write them ----------------
+
+REASONING = ("arithmetic", "slope", "linear")
+
+
+def skeleton_lines(text: str) -> set[str]:
+    """A text's lines with every number replaced, so two queries share a line only by template."""
+    return {re.sub(r"-?\d+(\.\d+)?", "#", line).strip() for line in text.splitlines() if line.strip()}
+
+
+def test_held_out_families_share_no_template_with_each_other():
+    for task in REASONING:
+        lines = {family: set() for family in FAMILIES}
+        for family in FAMILIES:
+            for q in generate(task, 40, seed=5, family=family):
+                lines[family] |= skeleton_lines(q.prompt) | skeleton_lines(q.completion)
+        for a in FAMILIES:
+            for b in FAMILIES:
+                if a < b:
+                    shared = lines[a] & lines[b]
+                    assert not shared, f"{task}: {a} and {b} share {sorted(shared)[:3]}"
+
+
+def run_program(prompt: str) -> str:
+    """The output of the Python program in a code-family prompt."""
+    import contextlib
+    import io
+
+    source = re.search(r"```python\n(.*?)```", prompt, re.S).group(1)
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        exec(source, {})       # generated arithmetic only: no imports, no I/O
+    return buffer.getvalue().strip()
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "paper"])
+def test_every_family_is_recomputed_from_its_own_text(family):
+    for task in REASONING:
+        for q in generate(task, 100, seed=9, family=family):
+            answer = int(q.answer)
+            assert q.id.startswith(f"{task}-{family}-s9-") and q.metadata == {"family": family}
+            last_number = re.findall(r"-?\d+(?:\.\d+)?", q.completion)[-1]
+            assert float(last_number) == answer, q.completion      # the completion ends on the answer
+            if family == "code":
+                printed = run_program(q.prompt)
+                assert float(printed) == answer and q.completion.rstrip("`\n").endswith(printed)
+                continue
+            numbers = [int(n) for n in re.findall(r"\d+", q.prompt)]
+            if task == "arithmetic":
+                a, b, c = numbers
+                plus = "+" in q.prompt or "plus" in q.prompt or "add " in q.prompt
+                assert answer == (a + b if plus else a - b) * c
+            elif task == "slope":
+                x1, y1, x2, y2 = [int(n) for n in re.findall(r"\d+", q.prompt)]
+                assert answer * (x2 - x1) == y2 - y1
+            else:
+                a, b, c = numbers[:3]
+                assert a * answer + b == c
+
+
+def test_families_draw_their_own_problems_and_controls_have_only_the_papers():
+    paper = {q.prompt for q in generate("linear", 50, seed=0)}
+    terse = generate("linear", 50, seed=0, family="terse")
+    assert paper.isdisjoint(q.prompt for q in terse)
+    assert generate("linear", 5, seed=0, family="paper") == generate("linear", 5, seed=0)
+    with pytest.raises(CuratorError, match="only the paper's family"):
+        generate("reasoning-control", 3, family="chat")
+    with pytest.raises(CuratorError, match="no query family"):
+        generate("slope", 3, family="haiku")
