@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 
 from curator import constants
-from curator.cli.common import OutputFormat, OutputOption, WorkspaceOption, choices, console, print_frame, workspace_from
+from curator.cli.common import (
+    OutputFormat,
+    OutputOption,
+    WorkspaceOption,
+    choices,
+    console,
+    print_frame,
+    workspace_from,
+)
 from curator.constants import REASONING_TASKS, values
 
 Aggregate = choices("Aggregate", values(constants.Aggregate))

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 
 from curator.constants import GENERATED_TASKS, QUERY_FAMILIES
-from curator.cli.common import OutputFormat, OutputOption, WorkspaceOption, choices, console, print_frame, workspace_from
+from curator.cli.common import (
+    OutputFormat,
+    OutputOption,
+    WorkspaceOption,
+    choices,
+    console,
+    print_frame,
+    workspace_from,
+)
 
 app = typer.Typer(help="Queries: the prompts and completions whose influence is measured.", no_args_is_help=True)
 

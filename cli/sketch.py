@@ -34,6 +34,11 @@ def _fidelity_table(result: dict, title: str) -> None:
     frame = pl.DataFrame([{"query": q, **v} for q, v in result["per_query"].items()])
     print_frame(frame, OutputFormat.table, title=title, formats={c: ".3f" for c in frame.columns[1:]},
                 footer={"query": "mean", **result["mean"]})
+    for name, group in result.get("groups", {}).items():
+        mean = group["mean"]
+        console.print(f"  {name} ({', '.join(group['families'])}): Spearman {mean['spearman']:.3f}, top-10 "
+                      f"recall in the top 5% {mean['top10_recall_at_5pct']:.2f}, over {group['queries']} queries",
+                      highlight=False)
 
 
 def sketch(
@@ -141,10 +146,13 @@ def search(
                             rerank=rerank, index=index, device=device, dtype=dtype.value)
     results = run_search(workspace_from(workspace), request)
     if results and not rerank and results[0].fidelity:
-        mean = results[0].fidelity["mean"]
+        measured = results[0].fidelity
+        cross = measured.get("groups", {}).get("cross-format")
+        mean, count, kind = ((cross["mean"], cross["queries"], "held-out queries in other formats than the suite's")
+                             if cross else (measured["mean"], measured["queries"], "held-out queries"))
         console.print(f"Sketch scores (store {results[0].store}) agree with exact ones at Spearman "
-                      f"{mean['spearman']:.2f} on {results[0].fidelity['queries']} held-out queries; --rerank N "
-                      f"scores the candidates exactly.", highlight=False)
+                      f"{mean['spearman']:.2f} on {count} {kind}; --rerank N scores the candidates exactly.",
+                      highlight=False)
     for result in results:
         console.print(f"\n[bold]{result.query_id}[/]: {result.prompt[:100]!r}", highlight=False)
         for hits, label in ((result.top, f"top {top}" + (f" (exact re-rank of {rerank})" if rerank else "")),

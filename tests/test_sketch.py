@@ -231,3 +231,25 @@ def test_a_bfloat16_model_sketches_close_to_float32(setup, tmp_path):
     assert np.corrcoef(narrow.reshape(-1), wide.reshape(-1))[0, 1] > 0.98
     queries, _ = sketch_queries(ws, narrow_store, half, HELD_OUT)
     assert np.isfinite(queries).all()
+
+
+def test_fidelity_reports_queries_of_the_suites_family_apart_from_other_formats(setup):
+    """Another seed of the suite's own generator says little about what users send: the two are
+    reported separately."""
+    from curator.catalog.querygen import generate
+    from curator.sketch.fidelity import measure_store
+
+    ws, lm, _ = setup
+    others = generate("arithmetic", 2, seed=3, family="terse") + generate("arithmetic", 1, seed=3, family="chat")
+    with Catalog.open(ws, write=True) as catalog:
+        store_queries(catalog, others)
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", rank=3), loaded=lm)
+    result = measure_store(ws, store, ",".join(["h0", *(q.id for q in others)]), loaded=lm)
+    groups = result["groups"]
+    assert groups["same family"]["queries"] == 1 and groups["same family"]["families"] == ["paper"]
+    assert groups["cross-format"]["queries"] == 3 and groups["cross-format"]["families"] == ["chat", "terse"]
+    spearman = {q: v["spearman"] for q, v in result["per_query"].items()}
+    assert groups["same family"]["mean"]["spearman"] == pytest.approx(spearman["h0"])
+    assert groups["cross-format"]["mean"]["spearman"] == pytest.approx(np.mean([spearman[q.id] for q in others]))
+    from curator.sketch.store import load_store
+    assert load_store(ws, store.id).fidelity["groups"]["cross-format"]["queries"] == 3

@@ -19,6 +19,7 @@ from curator.artifacts import reading
 from curator.catalog.database import Catalog
 from curator.catalog.documents import seeded_sample
 from curator.catalog.queries import Query, select_queries
+from curator.catalog.querygen import family_of
 from curator.catalog.workspace import Workspace
 from curator.errors import CuratorError
 from curator.influence.factors import get_factors, load_model_for
@@ -107,10 +108,33 @@ def fidelity(ws: Workspace, store: SketchStore, loaded, queries: list[Query], sa
         rows = [position[int(d)] for d in mine["doc_id"]]
         per_query[query.id] = ranking_agreement(mine["score"].to_numpy().astype(np.float64),
                                                 products[rows, column].astype(np.float64))
-    keys = next(iter(per_query.values())).keys()
-    mean = {k: float(np.mean([v[k] for v in per_query.values()])) for k in keys}
+    groups = family_groups(ws, store, held_out)
     return {"store": store.id, "documents": len(ids), "queries": len(held_out), "reference": reference,
-            "bytes_per_doc": store.bytes_per_doc, "dim": store.dim, "per_query": per_query, "mean": mean}
+            "bytes_per_doc": store.bytes_per_doc, "dim": store.dim, "per_query": per_query,
+            "mean": _mean(per_query.values()),
+            "groups": {name: {"queries": len(members), "families": families,
+                              "mean": _mean(per_query[q] for q in members)}
+                       for name, (families, members) in groups.items() if members}}
+
+
+def _mean(rows) -> dict:
+    rows = list(rows)
+    return {k: float(np.mean([row[k] for row in rows])) for k in rows[0]}
+
+
+SAME_FAMILY, CROSS_FORMAT = "same family", "cross-format"
+
+
+def family_groups(ws: Workspace, store: SketchStore, held_out: list[Query]) -> dict[str, tuple[list[str], list[str]]]:
+    """Held-out queries split by whether their family of formats is one the suite was written in
+    (another seed of the same generator says little) or another one (what users send)."""
+    with Catalog.open(ws) as catalog:
+        suite = select_queries(catalog, ",".join(store.suite))
+    suite_families = {family_of(q) for q in suite}
+    same = [q.id for q in held_out if family_of(q) in suite_families]
+    other = [q.id for q in held_out if family_of(q) not in suite_families]
+    return {SAME_FAMILY: (sorted(suite_families), same),
+            CROSS_FORMAT: (sorted({family_of(q) for q in held_out} - suite_families), other)}
 
 
 def default_holdout(ws: Workspace, store: SketchStore) -> list[Query]:

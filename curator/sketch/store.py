@@ -239,7 +239,7 @@ def store_recorded(ws: Workspace, store_id: str) -> bool:
 
 def record_fidelity(ws: Workspace, store: SketchStore, result: dict) -> SketchStore:
     """Keep a fidelity measurement with the store (manifest and catalog)."""
-    store = store.model_copy(update={"fidelity": {k: result[k] for k in ("queries", "documents", "mean")}})
+    store = store.model_copy(update={"fidelity": {k: result[k] for k in ("queries", "documents", "mean", "groups")}})
     write_manifest(store_dir(ws, store.id), store)
     with Catalog.open(ws, write=True) as catalog:
         catalog.sql("UPDATE sketch_stores SET manifest = ? WHERE id = ?", [store.model_dump_json(), store.id])
