@@ -6,8 +6,12 @@ sketch method and suite size; and the sketching pass against plain training. Smo
         [--methods query-subspace,whitened-subspace,eigen,random] [--device cpu] [--record docs/benchmarks.md]
 
 The corpus is the demo's (stdlib code, package Markdown, trivia, mpmath docs).
-The reference is one exact EK-FAC scoring pass of the held-out queries (the
-paper's three tasks, seed 1) over every document. Each method and suite size
+The reference is one exact EK-FAC scoring pass of the held-out queries over
+every document. Held out are two groups, reported apart: queries of the
+suite's own family (the paper's format, seed 1: another seed of the same
+generator) and queries of the same three tasks in the other families of
+formats (terse, prose, code, chat: what other people send), which share no
+template with the suite. Each method and suite size
 (suite queries: seed 0, first N per task) builds one store at the largest rank.
 Every basis is nested (top singular or eigen-vectors, or Gram-Schmidt of a
 fixed Gaussian draw), so the rank-k sketch is the top-left k × k block of each
@@ -45,7 +49,7 @@ from curator.influence.fit import FitConfig, fit  # noqa: E402
 from curator.catalog.ingest import IngestOptions, ingest  # noqa: E402
 from curator.model.document_pass import document_batches  # noqa: E402
 from curator.catalog.queries import select_queries, store_queries  # noqa: E402
-from curator.catalog.querygen import generate  # noqa: E402
+from curator.catalog.querygen import HELD_OUT_FAMILIES, family_of, generate  # noqa: E402
 from curator.influence.score import ScoreConfig, score  # noqa: E402
 from curator.sketch.build import sketch, sketch_queries  # noqa: E402
 from curator.sketch.store import SketchConfig, iter_shards  # noqa: E402
@@ -72,16 +76,21 @@ def pct(n: int, percent: int) -> int:
     return max(1, int(np.ceil(n * percent / 100)))
 
 
+KEYS = ("spearman", "pearson", "top10_overlap", "top10_recall_at_1pct", "top10_recall_at_5pct")
+
+
 def measure(exact: pl.DataFrame, held, doc_ids: np.ndarray, products: np.ndarray) -> dict:
+    """Mean agreement over the held-out queries of the suite's family (plain keys) and over the other
+    families (keys with a `cross_` prefix)."""
     position = {int(d): i for i, d in enumerate(doc_ids)}
-    agreement = []
+    groups: dict[str, list] = {"": [], "cross_": []}
     for column, query in enumerate(held):
         mine = exact.filter(pl.col("query_id") == query.id).sort("doc_id")
         rows = [position[int(d)] for d in mine["doc_id"]]
-        agreement.append(ranking_agreement(mine["score"].to_numpy().astype(float),
-                                           products[rows, column].astype(float)))
-    return {key: float(np.mean([a[key] for a in agreement]))
-            for key in ("spearman", "pearson", "top10_overlap", "top10_recall_at_1pct", "top10_recall_at_5pct")}
+        groups["" if family_of(query) == "paper" else "cross_"].append(
+            ranking_agreement(mine["score"].to_numpy().astype(float), products[rows, column].astype(float)))
+    return {prefix + key: float(np.mean([a[key] for a in found]))
+            for prefix, found in groups.items() if found for key in KEYS}
 
 
 def main() -> None:
@@ -94,6 +103,8 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--suite-sizes", default="4,16", help="suite queries per task, one store each")
     parser.add_argument("--held-out-per-task", type=int, default=4)
+    parser.add_argument("--cross-format-per-family", type=int, default=1,
+                        help="held-out queries per task and per other family (terse, prose, code, chat)")
     parser.add_argument("--ranks", default="4,8,16,32,64")
     parser.add_argument("--methods", default="query-subspace,whitened-subspace,eigen,random")
     parser.add_argument("--batch-tokens", type=int, default=2048)
@@ -118,10 +129,15 @@ def main() -> None:
             ingest(ws, source.paths, IngestOptions(source=source.name, kind=source.kind, glob=source.glob))
         with Catalog.open(ws, write=True) as catalog:
             ids = document_ids(catalog)
+            held_sets = []
             for task in TASKS:     # suite: seed 0; held out: seed 1 (different problems, same formats)
                 store_queries(catalog, generate(task, suite_sizes[-1], seed=0))
                 store_queries(catalog, generate(task, args.held_out_per_task, seed=1))
-            held = select_queries(catalog, ",".join(f"{t}-s1" for t in TASKS))
+                held_sets.append(f"{task}-s1")
+                for family in HELD_OUT_FAMILIES if args.cross_format_per_family else ():
+                    store_queries(catalog, generate(task, args.cross_format_per_family, seed=1, family=family))
+                    held_sets.append(f"{task}-{family}-s1")
+            held = select_queries(catalog, ",".join(held_sets))
             suite_ids = {task: [q.id for q in select_queries(catalog, f"{task}-s0")] for task in TASKS}
         baseline_s, tokens = (None, None) if args.skip_baseline else baseline_pass(
             lm, ws, ids, args.max_seq_len, args.batch_tokens, args.device)
@@ -164,16 +180,18 @@ def main() -> None:
         f"Model {lm.info.name}; the demo corpus, {len(ids)} documents ({tokens:,} tokens, windows of "
         f"{args.max_seq_len}); MLPs of {args.layers} ({len(record.modules)} linears), fitted on "
         f"{args.fit_docs or 'all'} documents. The top 1% / 5% hold {pct(len(ids), 1)} / {pct(len(ids), 5)} "
-        f"documents. Held out: "
-        f"{args.held_out_per_task} queries per task (seed 1) of arithmetic, slope and linear; suites: the "
-        f"first N per task of seed 0. Float16 sketches; rank k is k × k per layer.",
+        f"documents. Suites: the first N per task of seed 0, in the paper's format. Held out, reported apart: "
+        f"{args.held_out_per_task} queries per task of the same family (seed 1; \"same\") and "
+        f"{args.cross_format_per_family} per task in each of the other families, "
+        f"{', '.join(HELD_OUT_FAMILIES)} (\"cross\"), for arithmetic, slope and linear. Float16 sketches; rank k "
+        f"is k × k per layer.",
         "",
-        "| method | suite/task | rank | bytes/doc | Spearman | Pearson | top-10 overlap "
-        "| exact top-10 in top 1% | in top 5% |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | suite/task | rank | bytes/doc | Spearman same | Spearman cross | Pearson same "
+        "| top-10 overlap same | exact top-10 in top 5%: same | cross |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *(f"| {r['method']} | {r['suite'] or '–'} | {r['rank']} | {r['bytes']:,} | {r['spearman']:.3f} | "
-          f"{r['pearson']:.3f} | {r['top10_overlap']:.2f} | {r['top10_recall_at_1pct']:.2f} "
-          f"| {r['top10_recall_at_5pct']:.2f} |"
+          f"{_cell(r, 'cross_spearman', '.3f')} | {r['pearson']:.3f} | {r['top10_overlap']:.2f} "
+          f"| {r['top10_recall_at_5pct']:.2f} | {_cell(r, 'cross_top10_recall_at_5pct', '.2f')} |"
           for r in frame.iter_rows(named=True)),
         "",
         (f"Baseline, a plain forward + backward of the whole model over the same batches: {baseline_s:.1f} s "
@@ -198,6 +216,10 @@ def main() -> None:
     if args.record:
         record_section(args.record, args.section, f"Sketch fidelity: SmolLM2-135M, {len(ids)} documents",
                        "sketch_fidelity.py", lines)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return "–" if row.get(key) is None else format(row[key], fmt)
 
 
 def plot(frame: pl.DataFrame, path: Path) -> None:
