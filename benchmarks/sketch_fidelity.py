@@ -103,6 +103,10 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--suite-sizes", default="4,16", help="suite queries per task, one store each")
     parser.add_argument("--held-out-per-task", type=int, default=4)
+    parser.add_argument("--suite-families", default="paper",
+                        help="families the suites are written in (comma-separated); cross-format held-out "
+                             "queries come from the other families only")
+    parser.add_argument("--cross-families", help="the held-out families (default: every family the suites do not use)")
     parser.add_argument("--cross-format-per-family", type=int, default=1,
                         help="held-out queries per task and per other family (terse, prose, code, chat)")
     parser.add_argument("--ranks", default="4,8,16,32,64")
@@ -130,15 +134,24 @@ def main() -> None:
         with Catalog.open(ws, write=True) as catalog:
             ids = document_ids(catalog)
             held_sets = []
-            for task in TASKS:     # suite: seed 0; held out: seed 1 (different problems, same formats)
-                store_queries(catalog, generate(task, suite_sizes[-1], seed=0))
+            suite_families = args.suite_families.split(",")
+            cross_families = (args.cross_families.split(",") if args.cross_families else
+                              [f for f in HELD_OUT_FAMILIES if f not in suite_families])
+            if set(cross_families) & set(suite_families):
+                parser.error("--cross-families must not include a suite family")
+            suite_ids = {task: [] for task in TASKS}
+            for task in TASKS:     # suite: seed 0; held out: seed 1 (different problems)
+                for family in suite_families:
+                    made = generate(task, suite_sizes[-1], seed=0, family=family)
+                    store_queries(catalog, made)
+                    suite_ids[task].append([q.id for q in made])
                 store_queries(catalog, generate(task, args.held_out_per_task, seed=1))
                 held_sets.append(f"{task}-s1")
-                for family in HELD_OUT_FAMILIES if args.cross_format_per_family else ():
-                    store_queries(catalog, generate(task, args.cross_format_per_family, seed=1, family=family))
-                    held_sets.append(f"{task}-{family}-s1")
+                for family in cross_families:
+                    if args.cross_format_per_family:
+                        store_queries(catalog, generate(task, args.cross_format_per_family, seed=1, family=family))
+                        held_sets.append(f"{task}-{family}-s1")
             held = select_queries(catalog, ",".join(held_sets))
-            suite_ids = {task: [q.id for q in select_queries(catalog, f"{task}-s0")] for task in TASKS}
         baseline_s, tokens = (None, None) if args.skip_baseline else baseline_pass(
             lm, ws, ids, args.max_seq_len, args.batch_tokens, args.device)
         with Catalog.open(ws) as catalog:
@@ -155,7 +168,8 @@ def main() -> None:
         rows, passes = [], []
         for method in args.methods.split(","):
             for size in (suite_sizes if method in SUBSPACE else suite_sizes[:1]):
-                suite = ",".join(i for task in TASKS for i in suite_ids[task][:size])
+                # The first `size` of each suite family, for each task.
+                suite = ",".join(i for task in TASKS for ids in suite_ids[task] for i in ids[:size])
                 start = time.perf_counter()
                 store = sketch(ws, SketchConfig(suite=suite, method=method, rank=ranks[-1], precision="float16",
                                                 device=args.device, batch_tokens=args.batch_tokens), loaded=lm)
@@ -180,10 +194,11 @@ def main() -> None:
         f"Model {lm.info.name}; the demo corpus, {len(ids)} documents ({tokens:,} tokens, windows of "
         f"{args.max_seq_len}); MLPs of {args.layers} ({len(record.modules)} linears), fitted on "
         f"{args.fit_docs or 'all'} documents. The top 1% / 5% hold {pct(len(ids), 1)} / {pct(len(ids), 5)} "
-        f"documents. Suites: the first N per task of seed 0, in the paper's format. Held out, reported apart: "
-        f"{args.held_out_per_task} queries per task of the same family (seed 1; \"same\") and "
-        f"{args.cross_format_per_family} per task in each of the other families, "
-        f"{', '.join(HELD_OUT_FAMILIES)} (\"cross\"), for arithmetic, slope and linear. Float16 sketches; rank k "
+        f"documents. Suites: the first N per task of seed 0 in each of the families {args.suite_families}. "
+        f"Held out, reported apart: {args.held_out_per_task} queries per task of the paper's family (seed 1; "
+        f"\"same\") and {args.cross_format_per_family} per task in each family the suites do not use, "
+        f"{', '.join(cross_families)} (\"cross\"), for "
+        f"arithmetic, slope and linear. Float16 sketches; rank k "
         f"is k × k per layer.",
         "",
         "| method | suite/task | rank | bytes/doc | Spearman same | Spearman cross | Pearson same "
