@@ -10,6 +10,8 @@ stage 2; the factors file appears under its final name only when complete.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from pydantic import BaseModel, Field
 
@@ -140,7 +142,7 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
         progress.stage("fit 2/2: eigenvalue correction", len(ids))
         with timer("eigenvalue correction"):
             seen = document_pass(loaded.model, modules, loaded.tokenizer, catalog, ids,
-                                 PassSettings(**{**settings.__dict__, "seed": config.seed + 1}),
+                                 dataclasses.replace(settings, seed=config.seed + 1),
                                  accumulate_corrections, progress=progress)
 
     for name in modules:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from curator.artifacts import NOT_IDENTITY, Settings, atomic_file, content_id
+from curator.artifacts import NOT_IDENTITY, Settings, atomic_file, content_id, write_text_atomic
 from curator.catalog.database import Catalog
 from curator.catalog.documents import document_ids
 from curator.catalog.queries import Query, select_queries
@@ -129,8 +129,9 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
             planned = {n: chunks_dir / _chunk_name(query_batch, chunk)
                        for n, chunk in enumerate(chunks_of(ids, config.chunk_docs))}
             files.extend(planned.values())
-            if all(path.is_file() for path in planned.values()) and _losses_known(chunks_dir, query_batch):
-                losses.update(_read_losses(chunks_dir, query_batch))
+            losses_path = chunks_dir / (content_id("losses", [q.id for q in query_batch]) + ".json")
+            if all(path.is_file() for path in [*planned.values(), losses_path]):
+                losses.update(json.loads(losses_path.read_text()))
                 continue
             with timer("query gradients"):
                 prepared, batch_losses = prepare_queries(loaded, modules, factors, query_batch, max_len,
@@ -139,7 +140,7 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
                     prepared = multiply_out_within(prepared, budget, max_len, loaded.model.dtype)
                 prepared = for_documents(prepared, loaded.model.dtype)
             losses.update(batch_losses)
-            _write_losses(chunks_dir, query_batch, batch_losses)
+            write_text_atomic(losses_path, json.dumps(batch_losses))
             progress.stage(f"score {number + 1}/{len(query_batches)}: {len(query_batch)} queries", len(ids))
 
             def add_scores(name, a, delta, _batch, output, prepared=prepared):
@@ -216,24 +217,6 @@ def _chunk_writer(planned: dict[int, Path], queries: list[Query], losses: dict[s
             pq.write_table(table, part)
 
     return write
-
-
-def _losses_path(chunks_dir: Path, queries: list[Query]) -> Path:
-    return chunks_dir / (content_id("losses", [q.id for q in queries]) + ".json")
-
-
-def _write_losses(chunks_dir: Path, queries: list[Query], losses: dict[str, float]) -> None:
-    from curator.artifacts import write_text_atomic
-
-    write_text_atomic(_losses_path(chunks_dir, queries), json.dumps(losses))
-
-
-def _losses_known(chunks_dir: Path, queries: list[Query]) -> bool:
-    return _losses_path(chunks_dir, queries).is_file()
-
-
-def _read_losses(chunks_dir: Path, queries: list[Query]) -> dict[str, float]:
-    return json.loads(_losses_path(chunks_dir, queries).read_text())
 
 
 def _resumable_dir(out: Path, run_id: str) -> Path:

@@ -12,6 +12,8 @@ resumes at the first shard not on disk.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -83,10 +85,8 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
                             settings=config.model_dump(mode="json"))
         write_manifest(directory, store)
     device_bases = {n: (u.to(loaded.device), v.to(loaded.device)) for n, (u, v) in bases.items()}
-    offsets, start = {}, 0
-    for name in store.modules:
-        offsets[name] = (start, start + store.ranks[name][0] * store.ranks[name][1])
-        start = offsets[name][1]
+    bounds = list(itertools.accumulate(store.layer_sizes(), initial=0))
+    offsets = {name: (bounds[i], bounds[i + 1]) for i, name in enumerate(store.modules)}
 
     def sketch_layer(name, a, delta, _batch, output):
         lo, hi = offsets[name]
