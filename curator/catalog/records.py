@@ -50,6 +50,18 @@ def rescore_command(run: RunRecord) -> str:
     return shlex.join(parts) + " --force"
 
 
+def score_source(path: str | Path) -> str:
+    """What DuckDB's `read_parquet` and polars' `scan_parquet` read for a run's scores.
+
+    A run writes a score dataset: a folder of Parquet parts (one per query batch and document
+    chunk, written by whichever rank scored them), every part with the columns query_id, doc_id,
+    score, score_per_nat. Runs written as a single Parquet file (sketch scores, older runs) are
+    read as that file.
+    """
+    path = Path(path)
+    return str(path / "*.parquet") if path.is_dir() else str(path)
+
+
 def load_run_scores(run: RunRecord, columns: list[str] | None = None, query_ids: list[str] | None = None):
     """A run's score table (polars), optionally only some columns and queries; a missing or damaged file
     is one error naming it and the command that writes it again."""
@@ -59,7 +71,7 @@ def load_run_scores(run: RunRecord, columns: list[str] | None = None, query_ids:
 
     path = Path(run.out_path)
     with reading(path, f"score file of run {run.id}", rescore_command(run)):
-        frame = pl.scan_parquet(path)
+        frame = pl.scan_parquet(score_source(path))
         if query_ids is not None:
             frame = frame.filter(pl.col("query_id").is_in(query_ids))
         return frame.select(columns).collect() if columns else frame.collect()
