@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,11 +29,11 @@ from curator.artifacts import write_text_atomic
 from curator.catalog.database import Catalog
 from curator.catalog.workspace import Workspace
 from curator.constants import MixStrategy as Strategy
+from curator.curate.scores import arrow_batches, bounded, spill_folder
 from curator.errors import CuratorError
 
 if TYPE_CHECKING:
     import polars as pl
-
 
 
 class Quota(BaseModel):
@@ -102,78 +103,130 @@ def save_weights(path: Path, ranking: str, frame: pl.DataFrame) -> dict[str, flo
     return by_source
 
 
-# -- the pure core -----------------------------------------------------------------
+# -- the fill, streamed ------------------------------------------------------------
+#
+# Candidates are ordered in DuckDB (which spills a large sort to disk) and read back in record
+# batches; the fill keeps only running totals, the ids taken for minimum shares, and the rows it
+# has chosen so far, which go to a Parquet file a batch at a time.
 
-@dataclass(frozen=True)
-class Candidate:
-    doc_id: int
-    source: str
-    tokens: int
-    score: float
+# Seeded, order-free randomness: a uniform (0, 1) number per document from a hash of its id and the
+# seed, so the same seed picks the same documents however DuckDB happens to read them.
+_UNIFORM = "((hash(doc_id, {seed}) >> 11)::DOUBLE + 0.5) / 9007199254740992.0"
 
 
-def order_candidates(candidates: list[Candidate], strategy: str, temperature: float = 1.0,
-                     seed: int = 0) -> list[Candidate]:
-    import numpy as np
-
+def order_key(strategy: str, temperature: float = 1.0, seed: int = 0) -> str:
+    """SQL for each candidate's sort key (descending, ties by the smaller doc id) over a relation with
+    doc_id and score:
+      top        the score;
+      threshold  a seeded uniform number: an even shuffle;
+      sample     z / T + Gumbel noise (z the score standardised over the candidates): taking the
+                 largest keys samples without replacement with probability ∝ exp(z / T)."""
+    uniform = _UNIFORM.format(seed=int(seed))
     if strategy == "top":
-        return sorted(candidates, key=lambda c: (-c.score, c.doc_id))
-    rng = np.random.default_rng(seed)
+        return "score"
     if strategy == "threshold":
-        return [candidates[i] for i in rng.permutation(len(candidates))]
+        return uniform
     if strategy == "sample":
-        scores = np.array([c.score for c in candidates], dtype=np.float64)
-        std = scores.std()
-        z = (scores - scores.mean()) / std if std > 0 else np.zeros_like(scores)
-        keys = z / temperature + rng.gumbel(size=len(candidates))
-        return [candidates[i] for i in np.argsort(-keys, kind="stable")]
+        z = ("CASE WHEN stddev_pop(score) OVER () > 0 THEN (score - avg(score) OVER ()) / stddev_pop(score) OVER () "
+             "ELSE 0.0 END")
+        return f"({z}) / {float(temperature)!r} - ln(-ln({uniform}))"
     raise CuratorError(f"--strategy {strategy!r}: expected top, threshold or sample")
 
 
-def fill(ordered: list[Candidate], budget: int, quotas: dict[str, Quota]) -> list[Candidate]:
-    """Select documents in order: minimum shares first, then the rest of the budget."""
-    chosen: list[Candidate] = []
-    taken: set[int] = set()
-    per_source: dict[str, int] = {}
-    total = 0
-    maximum = {s: math.floor(q.max * budget) for s, q in quotas.items()}
+@dataclass
+class Fill:
+    """The running state of a fill: totals, the documents taken, and the chosen rows not yet written."""
 
-    def admit(c: Candidate) -> bool:
-        nonlocal total
-        if c.doc_id in taken or total + c.tokens > budget:
+    budget: int
+    maximum: dict[str, int]
+    out: object                      # a pyarrow ParquetWriter for the chosen rows, in order
+    total: int = 0
+    documents: int = 0
+    per_source: dict[str, int] = field(default_factory=dict)
+    per_source_docs: dict[str, int] = field(default_factory=dict)
+    taken: set[int] = field(default_factory=set)    # only the picks for minimum shares, checked in the rest
+    rows: list[tuple] = field(default_factory=list)
+
+    def admit(self, doc_id: int, source: str, tokens: int, score: float, *, remember: bool = False) -> bool:
+        if doc_id in self.taken or self.total + tokens > self.budget:
             return False
-        if per_source.get(c.source, 0) + c.tokens > maximum.get(c.source, budget):
+        if self.per_source.get(source, 0) + tokens > self.maximum.get(source, self.budget):
             return False
-        chosen.append(c)
-        taken.add(c.doc_id)
-        per_source[c.source] = per_source.get(c.source, 0) + c.tokens
-        total += c.tokens
+        self.rows.append((self.documents, doc_id, tokens, score))
+        if remember:
+            self.taken.add(doc_id)
+        self.per_source[source] = self.per_source.get(source, 0) + tokens
+        self.per_source_docs[source] = self.per_source_docs.get(source, 0) + 1
+        self.total += tokens
+        self.documents += 1
+        if len(self.rows) >= 65_536:
+            self.flush()
         return True
 
+    def flush(self) -> None:
+        import pyarrow as pa
+
+        if self.rows:
+            position, doc_id, tokens, score = zip(*self.rows, strict=True)
+            self.out.write_table(pa.table({"position": pa.array(position, pa.int64()),
+                                           "doc_id": pa.array(doc_id, pa.int64()),
+                                           "tokens": pa.array(tokens, pa.int64()),
+                                           "score": pa.array(score, pa.float64())}))
+            self.rows = []
+
+
+CHOSEN_SCHEMA = (("position", "int64"), ("doc_id", "int64"), ("tokens", "int64"), ("score", "float64"))
+
+
+def _ordered(catalog: Catalog, source: str | None = None):
+    """The candidates (doc_id, source, tokens, score) in fill order, a batch at a time."""
+    where = "WHERE source = ?" if source is not None else ""
+    reader = arrow_batches(catalog, f"SELECT doc_id, source, tokens, score FROM mix_candidates {where} "
+                                    "ORDER BY key DESC, doc_id", [source] if source is not None else None)
+    for batch in reader:
+        yield zip(*(batch.column(i).to_pylist() for i in range(4)), strict=True)
+
+
+def fill(catalog: Catalog, fill_state: Fill, quotas: dict[str, Quota], available: dict[str, int],
+         smallest: int) -> None:
+    """Select documents in order: minimum shares first, then the rest of the budget (the rule of this
+    module's docstring), reading `mix_candidates` in order as it goes."""
+    budget = fill_state.budget
     for source, quota in quotas.items():
         need = math.ceil(quota.min * budget)
         if need == 0:
             continue
-        available = sum(c.tokens for c in ordered if c.source == source)
-        for c in ordered:
-            if per_source.get(source, 0) >= need:
+        for rows in _ordered(catalog, source):
+            for row in rows:
+                if fill_state.per_source.get(source, 0) >= need:
+                    break
+                fill_state.admit(*row, remember=True)
+            if fill_state.per_source.get(source, 0) >= need:
                 break
-            if c.source == source:
-                admit(c)
-        if per_source.get(source, 0) < need:
-            reason = (f"the candidates of {source!r} hold only {available:,} tokens" if available < need else
+        if fill_state.per_source.get(source, 0) < need:
+            have = available.get(source, 0)
+            reason = (f"the candidates of {source!r} hold only {have:,} tokens" if have < need else
                       "its documents do not fit under the budget and its maximum share")
             raise CuratorError(f"quota {source}={quota.min:g}:{quota.max:g} cannot be met: it needs {need:,} "
                                f"tokens ({quota.min:.0%} of {budget:,}), but {reason}")
-    for c in ordered:
-        if total == budget:
+    left_smallest = None      # the smallest document left out, once every candidate has been seen
+    done = False
+    for rows in _ordered(catalog):
+        for doc_id, source, tokens, score in rows:
+            if fill_state.total == budget:
+                done = True
+                break
+            if not fill_state.admit(doc_id, source, tokens, score) and doc_id not in fill_state.taken:
+                left_smallest = tokens if left_smallest is None else min(left_smallest, tokens)
+        if done:
             break
-        admit(c)
-    _check_budget(ordered, budget, total, taken, per_source, maximum)
-    return chosen
+    fill_state.flush()
+    if not done:
+        _check_budget(budget, fill_state.total, left_smallest, available, fill_state.maximum, smallest)
 
 
-def _check_budget(ordered, budget, total, taken, per_source, maximum) -> None:
+def _check_budget(budget: int, total: int, left_smallest: int | None, available: dict[str, int],
+                  maximum: dict[str, int], smallest: int) -> None:
     """Accept the fill or say which constraint stopped it.
 
     Met: the gap is smaller than any document left out, or every source with
@@ -181,19 +234,15 @@ def _check_budget(ordered, budget, total, taken, per_source, maximum) -> None:
     shares and candidates together could reach the budget (whole documents
     cannot hit a share exactly).
     """
-    left = [c for c in ordered if c.doc_id not in taken]
-    if total == budget or (left and budget - total < min(c.tokens for c in left)):
+    if total == budget or (left_smallest is not None and budget - total < left_smallest):
         return
-    if not left:
+    if left_smallest is None:
         raise CuratorError(f"the budget of {budget:,} tokens cannot be met: all candidates together hold only "
                            f"{total:,} tokens (lower --budget-tokens or --min-score)")
-    available: dict[str, int] = {}
-    for c in ordered:
-        available[c.source] = available.get(c.source, 0) + c.tokens
     reachable = {s: min(maximum.get(s, budget), tokens) for s, tokens in available.items()}
-    smallest = min(c.tokens for c in ordered)
     if sum(reachable.values()) + smallest > budget:
         return
+
     def limit(s: str) -> str:
         capped = s in maximum and maximum[s] < available[s]
         return f"{s}: {reachable[s]:,} ({f'max {maximum[s] / budget:.0%}' if capped else 'all it has'})"
@@ -230,64 +279,78 @@ class MixResult(BaseModel):
     per_source: dict[str, dict]
 
 
-def build_mixture(catalog_ro: Catalog, spec: MixSpec) -> tuple[list[Candidate], dict[str, dict]]:
-    """Select the documents (read-only); returns them and the per-source summary."""
+def build_mixture(catalog_ro: Catalog, spec: MixSpec, chosen_path: Path) -> dict[str, dict]:
+    """Select the documents (read-only) into the Parquet file `chosen_path` (position, doc_id, tokens,
+    score, in selection order); returns the per-source summary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     ranking = catalog_ro.one("SELECT tokenizer_id FROM rankings WHERE name = ?", [spec.ranking])
     if ranking is None:
         known = [r[0] for r in catalog_ro.sql("SELECT name FROM rankings ORDER BY name")]
         raise CuratorError(f"no ranking named {spec.ranking!r} (rankings: {', '.join(known) or 'none'})")
-    rows = catalog_ro.sql(
-        "SELECT r.doc_id, d.source, coalesce(t.tokens, 0), r.score FROM ranking_scores r "
-        "JOIN documents d ON d.id = r.doc_id "
-        "LEFT JOIN token_counts t ON t.doc_id = r.doc_id AND t.tokenizer = ? "
-        "WHERE r.ranking = ? AND (? IS NULL OR r.score >= ?)",
+    bounded(catalog_ro)
+    catalog_ro.sql(
+        "CREATE OR REPLACE TEMP TABLE mix_candidates AS "
+        f"SELECT *, {order_key(spec.strategy, spec.temperature, spec.seed)} AS key FROM ("
+        "SELECT r.doc_id, d.source, t.tokens, r.score FROM ranking_scores r JOIN documents d ON d.id = r.doc_id "
+        "JOIN token_counts t ON t.doc_id = r.doc_id AND t.tokenizer = ? "
+        "WHERE r.ranking = ? AND (?::DOUBLE IS NULL OR r.score >= ?) AND t.tokens > 0)",
         [ranking[0], spec.ranking, spec.min_score, spec.min_score])
-    candidates = [Candidate(*row) for row in rows if row[2] > 0]
-    if not candidates:
+    available = dict(catalog_ro.sql("SELECT source, sum(tokens) FROM mix_candidates GROUP BY source"))
+    if not available:
         raise CuratorError(f"ranking {spec.ranking!r} has no candidate documents"
                            + (f" with score ≥ {spec.min_score}" if spec.min_score is not None else ""))
     if spec.strategy == "threshold" and spec.min_score is None:
         raise CuratorError("--strategy threshold needs --min-score: the documents above it are sampled evenly")
-    sources = sorted({c.source for c in candidates})
+    smallest = catalog_ro.one("SELECT min(tokens) FROM mix_candidates")[0]
+    sources = sorted(available)
     quotas = effective_quotas(spec, sources)
-    chosen = fill(order_candidates(candidates, spec.strategy, spec.temperature, spec.seed),
-                  spec.budget_tokens, quotas)
-    total = sum(c.tokens for c in chosen)
+    maximum = {s: math.floor(q.max * spec.budget_tokens) for s, q in quotas.items()}
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in CHOSEN_SCHEMA])
+    with pq.ParquetWriter(chosen_path, schema) as out:
+        state = Fill(budget=spec.budget_tokens, maximum=maximum, out=out)
+        fill(catalog_ro, state, quotas, available, smallest)
     per_source = {}
     for source in sources:
-        mine = [c for c in chosen if c.source == source]
-        tokens = sum(c.tokens for c in mine)
+        tokens = state.per_source.get(source, 0)
         quota = quotas.get(source)
-        per_source[source] = {"documents": len(mine), "tokens": tokens, "share": tokens / total if total else 0.0,
+        per_source[source] = {"documents": state.per_source_docs.get(source, 0), "tokens": tokens,
+                              "share": tokens / state.total if state.total else 0.0,
                               "min": quota.min if quota else 0.0, "max": quota.max if quota else 1.0}
-    return chosen, per_source
+    return per_source
 
 
 def mix(ws: Workspace, spec: MixSpec, *, replace: bool = False) -> MixResult:
-    import pyarrow as pa
-
+    """Build the mixture through a read-only connection into a Parquet file in DuckDB's spill folder,
+    then record it in one short write."""
     with Catalog.open(ws) as catalog:
         if catalog.one("SELECT 1 FROM mixtures WHERE name = ?", [spec.name]) and not replace:
             raise CuratorError(f"a mixture named {spec.name!r} exists; choose another name or pass --replace")
-        chosen, per_source = build_mixture(catalog, spec)
-    table = pa.table({
-        "mixture": pa.array([spec.name] * len(chosen), pa.string()),
-        "position": pa.array(range(len(chosen)), pa.int64()),
-        "doc_id": pa.array([c.doc_id for c in chosen], pa.int64()),
-        "tokens": pa.array([c.tokens for c in chosen], pa.int64()),
-        "score": pa.array([c.score for c in chosen], pa.float64()),
-    })
-    total = sum(c.tokens for c in chosen)
-    with Catalog.open(ws, write=True) as catalog:
-        catalog.sql("BEGIN")
-        catalog.sql("DELETE FROM mixture_docs WHERE mixture = ?", [spec.name])
-        catalog.sql("DELETE FROM mixtures WHERE name = ?", [spec.name])
-        catalog.sql("INSERT INTO mixtures (name, ranking, spec, documents, tokens, per_source) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    [spec.name, spec.ranking, spec.model_dump_json(), len(chosen), total, json.dumps(per_source)])
-        catalog.insert_arrow("mixture_docs", table)
-        catalog.sql("COMMIT")
-    return MixResult(spec=spec, documents=len(chosen), tokens=total, per_source=per_source)
+        chosen = spill_folder(catalog) / f"mixture-{uuid.uuid4().hex}.parquet"
+        chosen.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            per_source = build_mixture(catalog, spec, chosen)
+        except BaseException:
+            chosen.unlink(missing_ok=True)
+            raise
+    try:
+        with Catalog.open(ws, write=True) as catalog:
+            bounded(catalog)
+            catalog.sql("BEGIN")
+            catalog.sql("DELETE FROM mixture_docs WHERE mixture = ?", [spec.name])
+            catalog.sql("DELETE FROM mixtures WHERE name = ?", [spec.name])
+            catalog.sql("INSERT INTO mixture_docs (mixture, position, doc_id, tokens, score) "
+                        "SELECT ?, position, doc_id, tokens, score FROM read_parquet(?)", [spec.name, str(chosen)])
+            documents, total = catalog.one("SELECT count(*), coalesce(sum(tokens), 0) FROM mixture_docs "
+                                           "WHERE mixture = ?", [spec.name])
+            catalog.sql("INSERT INTO mixtures (name, ranking, spec, documents, tokens, per_source) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        [spec.name, spec.ranking, spec.model_dump_json(), documents, total, json.dumps(per_source)])
+            catalog.sql("COMMIT")
+    finally:
+        chosen.unlink(missing_ok=True)
+    return MixResult(spec=spec, documents=documents, tokens=int(total), per_source=per_source)
 
 
 def get_mixture(catalog: Catalog, name: str) -> MixResult:

@@ -21,14 +21,16 @@ aggregate over the selected queries
 from __future__ import annotations
 
 import json
+import uuid
 from typing import TYPE_CHECKING, get_args
 
 from pydantic import BaseModel, Field
 
 from curator.catalog.database import Catalog
-from curator.catalog.records import RunRecord, get_run, load_run_scores
+from curator.catalog.records import RunRecord, get_run
 from curator.catalog.workspace import Workspace
 from curator.constants import REASONING_TASKS, Aggregate, Normalize
+from curator.curate.scores import bounded, reading_scores, scores_view, spill_folder, sql_text
 from curator.errors import CuratorError
 
 if TYPE_CHECKING:
@@ -53,80 +55,82 @@ class RankResult(BaseModel):
     documents: int
 
 
-def normalized_scores(scores, normalize: str, tokens=None):
-    """(query_id, doc_id, value) from a run's (query_id, doc_id, score, score_per_nat) frame."""
-    import polars as pl
-
-    if normalize == "raw":
-        return scores.select("query_id", "doc_id", pl.col("score").cast(pl.Float64).alias("value"))
-    frame = scores.select("query_id", "doc_id", pl.col("score_per_nat").cast(pl.Float64).alias("value"))
-    if normalize == "per-nat":
-        return frame
+def normalized_values(catalog: Catalog, queries: list[str], normalize: str, tokenizer_id: str) -> str:
+    """Define the temporary view `run_values` (query_id, doc_id, value): the selected queries' scores,
+    normalised; returns its name. Nothing is read yet: the ranking query streams it."""
+    if normalize not in NORMALIZATIONS:
+        raise CuratorError(f"--normalize {normalize!r}: expected one of {', '.join(NORMALIZATIONS)}")
+    catalog.sql("CREATE OR REPLACE TEMP TABLE rank_queries AS SELECT unnest(?::VARCHAR[]) AS query_id", [queries])
+    column = "score" if normalize == "raw" else "score_per_nat"
+    chosen = f"SELECT query_id, doc_id, CAST({column} AS DOUBLE) AS value FROM scores " \
+             f"WHERE query_id IN (SELECT query_id FROM rank_queries)"
     if normalize == "per-token":
-        frame = frame.join(tokens.select("doc_id", "tokens"), on="doc_id", how="left")
-        missing = frame.filter(pl.col("tokens").is_null())
-        if missing.height:
-            raise CuratorError(f"no token count for document {missing['doc_id'][0]}; score the run again to "
-                               f"count its tokens")
-        return frame.select("query_id", "doc_id",
-                            (pl.col("value") / pl.col("tokens").clip(lower_bound=1)).alias("value"))
-    raise CuratorError(f"--normalize {normalize!r}: expected one of {', '.join(NORMALIZATIONS)}")
+        catalog.sql("CREATE OR REPLACE TEMP TABLE rank_tokens AS "
+                    "SELECT doc_id, tokens FROM token_counts WHERE tokenizer = ?", [tokenizer_id])
+        missing = catalog.one(f"SELECT v.doc_id FROM ({chosen}) v ANTI JOIN rank_tokens t USING (doc_id) LIMIT 1")
+        if missing:
+            raise CuratorError(f"no token count for document {missing[0]}; score the run again to count its tokens")
+        chosen = f"SELECT v.query_id, v.doc_id, v.value / greatest(t.tokens, 1) AS value " \
+                 f"FROM ({chosen}) v JOIN rank_tokens t USING (doc_id)"
+    catalog.sql(f"CREATE OR REPLACE TEMP VIEW run_values AS {chosen}")
+    return "run_values"
 
 
-def aggregate_scores(values, aggregate: str):
-    """(doc_id, score, rank) from (query_id, doc_id, value); rank 1 is the most helpful document."""
-    import polars as pl
-
-    if aggregate == "mean-z":
-        mean = pl.col("value").mean().over("query_id")
-        std = pl.col("value").std(ddof=0).over("query_id")
-        per_query = pl.when(std > 0).then((pl.col("value") - mean) / std).otherwise(0.0)
-        combine = pl.col("x").mean()
-    elif aggregate == "mean":
-        per_query, combine = pl.col("value"), pl.col("x").mean()
-    elif aggregate == "max":
-        per_query, combine = pl.col("value"), pl.col("x").max()
-    elif aggregate == "rank-vote":
-        count = pl.len().over("query_id")
-        rank = pl.col("value").rank(method="average").over("query_id")
-        per_query = pl.when(count > 1).then((rank - 1) / (count - 1)).otherwise(0.5)
-        combine = pl.col("x").mean()
+def aggregate_sql(aggregate: str, values: str = "run_values") -> str:
+    """SQL for (doc_id, score, rank) from the relation `values` (query_id, doc_id, value); rank 1 is the
+    most helpful document, ties broken by the smaller id. DuckDB streams the groupings and spills the
+    sorts, so the whole query × document table is never in memory."""
+    if aggregate == "mean-z":   # population standard deviation: every query's z-scores have variance 1
+        combined = (f"WITH stats AS (SELECT query_id, avg(value) AS m, stddev_pop(value) AS sd FROM {values} "
+                    f"GROUP BY query_id) SELECT v.doc_id, avg(CASE WHEN s.sd > 0 THEN (v.value - s.m) / s.sd "
+                    f"ELSE 0.0 END) AS score FROM {values} v JOIN stats s USING (query_id) GROUP BY v.doc_id")
+    elif aggregate in ("mean", "max"):
+        combined = f"SELECT doc_id, {'avg' if aggregate == 'mean' else 'max'}(value) AS score FROM {values} " \
+                   f"GROUP BY doc_id"
+    elif aggregate == "rank-vote":   # ties share the average of their ranks, as a Borda count does
+        combined = (f"SELECT doc_id, avg(CASE WHEN n > 1 THEN (low - 1 + (ties - 1) / 2) / (n - 1) ELSE 0.5 END) "
+                    f"AS score FROM (SELECT doc_id, rank() OVER (PARTITION BY query_id ORDER BY value) AS low, "
+                    f"count(*) OVER (PARTITION BY query_id, value) AS ties, "
+                    f"count(*) OVER (PARTITION BY query_id) AS n FROM {values}) GROUP BY doc_id")
     else:
         raise CuratorError(f"--aggregate {aggregate!r}: expected one of {', '.join(AGGREGATES)}")
-    combined = (values.with_columns(per_query.alias("x")).group_by("doc_id").agg(combine.alias("score"))
-                .sort(["score", "doc_id"], descending=[True, False]))
-    return combined.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("rank"))
+    return (f"SELECT doc_id, score, row_number() OVER (ORDER BY score DESC, doc_id) AS rank "
+            f"FROM ({combined})")
 
 
 def rank(ws: Workspace, config: RankConfig, *, replace: bool = False) -> RankResult:
-    import polars as pl
-
+    """Rank the run's documents into the catalog's `ranking_scores`. The ranking is computed through a
+    read-only connection into a Parquet file in DuckDB's spill folder, then inserted in one short write."""
     with Catalog.open(ws) as catalog:
         run = get_run(catalog, config.run)
         queries = _run_queries(catalog, run, config.tasks)
         tokenizer_id = catalog.one("SELECT tokenizer_id FROM models WHERE id = ?", [run.model_id])[0]
-        tokens = catalog.frame("SELECT doc_id, tokens FROM token_counts WHERE tokenizer = ?", [tokenizer_id])
-        exists = catalog.one("SELECT 1 FROM rankings WHERE name = ?", [config.name])
-    if exists and not replace:
-        raise CuratorError(f"a ranking named {config.name!r} exists; choose another --name or pass --replace")
-    scores = load_run_scores(run, query_ids=queries)
-    if tokens.is_empty():
-        tokens = pl.DataFrame(schema={"doc_id": pl.Int64, "tokens": pl.Int64})
-    ranked = aggregate_scores(normalized_scores(scores, config.normalize, tokens), config.aggregate)
-    with Catalog.open(ws, write=True) as catalog:
-        catalog.sql("BEGIN")
-        catalog.sql("DELETE FROM ranking_scores WHERE ranking = ?", [config.name])
-        catalog.sql("DELETE FROM rankings WHERE name = ?", [config.name])
-        catalog.sql(
-            "INSERT INTO rankings (name, run_id, tasks, query_ids, aggregate, normalize, tokenizer_id, documents) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [config.name, run.id, json.dumps(config.tasks), json.dumps(queries), config.aggregate,
-             config.normalize, tokenizer_id, ranked.height])
-        table = ranked.with_columns(pl.lit(config.name).alias("ranking")).select(
-            "ranking", "doc_id", "score", "rank").to_arrow()
-        catalog.insert_arrow("ranking_scores", table)
-        catalog.sql("COMMIT")
-    return RankResult(name=config.name, run_id=run.id, query_ids=queries, documents=ranked.height)
+        if catalog.one("SELECT 1 FROM rankings WHERE name = ?", [config.name]) and not replace:
+            raise CuratorError(f"a ranking named {config.name!r} exists; choose another --name or pass --replace")
+        scores_view(catalog, run)
+        values = normalized_values(catalog, queries, config.normalize, tokenizer_id)
+        staged = spill_folder(catalog) / f"ranking-{uuid.uuid4().hex}.parquet"
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        with reading_scores(run):
+            catalog.sql(f"COPY ({aggregate_sql(config.aggregate, values)}) TO '{sql_text(staged)}' (FORMAT parquet)")
+    try:
+        with Catalog.open(ws, write=True) as catalog:
+            bounded(catalog)
+            catalog.sql("BEGIN")
+            catalog.sql("DELETE FROM ranking_scores WHERE ranking = ?", [config.name])
+            catalog.sql("DELETE FROM rankings WHERE name = ?", [config.name])
+            catalog.sql("INSERT INTO ranking_scores (ranking, doc_id, score, rank) "
+                        "SELECT ?, doc_id, score, rank FROM read_parquet(?)", [config.name, str(staged)])
+            documents = catalog.one("SELECT count(*) FROM ranking_scores WHERE ranking = ?", [config.name])[0]
+            catalog.sql(
+                "INSERT INTO rankings (name, run_id, tasks, query_ids, aggregate, normalize, tokenizer_id, "
+                "documents) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [config.name, run.id, json.dumps(config.tasks), json.dumps(queries), config.aggregate,
+                 config.normalize, tokenizer_id, documents])
+            catalog.sql("COMMIT")
+    finally:
+        staged.unlink(missing_ok=True)
+    return RankResult(name=config.name, run_id=run.id, query_ids=queries, documents=documents)
 
 
 def _run_queries(catalog: Catalog, run: RunRecord, tasks: list[str]) -> list[str]:
