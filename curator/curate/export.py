@@ -34,6 +34,7 @@ from curator.artifacts import recover_dir, replace_dir
 from curator.catalog.database import Catalog
 from curator.catalog.workspace import Workspace
 from curator.curate.mix import get_mixture
+from curator.curate.scores import arrow_batches, bounded
 from curator.constants import ShardFormat
 from curator.errors import CuratorError
 
@@ -42,6 +43,15 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 MANIFEST = "manifest.json"
 # Keys every manifest that `export` writes has; a folder whose manifest lacks one is not a curator export.
 MANIFEST_KEYS = ("curator_version", "format", "mixture", "documents", "tokens", "shards")
+# Parquet shards are written a row group at a time, so a shard of any size needs one group in memory.
+ROW_GROUP = 10_000
+
+
+def _parquet_schema():
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.int64()), ("text", pa.string()), ("source", pa.string()),
+                      ("score", pa.float64()), ("metadata", pa.string())])
 
 
 class ExportSpec(BaseModel):
@@ -66,17 +76,20 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def mixture_rows(catalog: Catalog, name: str, chunk: int = 1000) -> Iterator[dict]:
-    """The mixture's documents in selection order, with text, source, score and metadata."""
-    total = catalog.one("SELECT count(*) FROM mixture_docs WHERE mixture = ?", [name])[0]
-    for start in range(0, total, chunk):
-        rows = catalog.sql(
-            "SELECT m.doc_id, d.text, d.source, m.score, d.metadata, m.tokens FROM mixture_docs m "
-            "JOIN documents d ON d.id = m.doc_id WHERE m.mixture = ? AND m.position >= ? AND m.position < ? "
-            "ORDER BY m.position", [name, start, start + chunk])
-        for doc_id, text, source, score, metadata, tokens in rows:
-            yield {"id": doc_id, "text": text, "source": source, "score": score, "metadata": metadata,
-                   "tokens": tokens}
+def mixture_rows(catalog: Catalog, name: str, chunk: int = 10_000) -> Iterator[dict]:
+    """The mixture's documents in selection order, with text, source, score and metadata: one ordered
+    query read `chunk` rows at a time (DuckDB spills the sort; only a chunk is in Python)."""
+    bounded(catalog)
+    twice = catalog.one("SELECT doc_id FROM mixture_docs WHERE mixture = ? GROUP BY doc_id HAVING count(*) > 1 "
+                        "LIMIT 1", [name])
+    if twice:   # cannot happen (the catalog's key forbids it); checked, not assumed
+        raise CuratorError(f"document {twice[0]} appears twice in mixture {name}")
+    batches = arrow_batches(
+        catalog, "SELECT m.doc_id AS id, d.text, d.source, m.score, d.metadata::VARCHAR AS metadata, m.tokens "
+                 "FROM mixture_docs m JOIN documents d ON d.id = m.doc_id WHERE m.mixture = ? "
+                 "ORDER BY m.position", [name], rows=chunk)
+    for batch in batches:
+        yield from batch.to_pylist()
 
 
 class _ShardWriter:
@@ -87,8 +100,11 @@ class _ShardWriter:
         stem = directory / f"part-{index:05d}"
         self.documents = self.tokens = self.bytes = 0
         if fmt == "parquet":
+            import pyarrow.parquet as pq
+
             self.files = [stem.with_suffix(".parquet")]
             self.rows: list[dict] = []
+            self.parquet = pq.ParquetWriter(self.files[0], _parquet_schema(), compression="zstd")
         elif fmt == "jsonl.zst":
             import zstandard
 
@@ -117,17 +133,22 @@ class _ShardWriter:
             else json.dumps(row["metadata"])
         if self.fmt == "parquet":
             self.rows.append(record)
+            if len(self.rows) >= ROW_GROUP:
+                self._write_rows()
         else:
             self.stream.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
 
+    def _write_rows(self) -> None:
+        import pyarrow as pa
+
+        if self.rows:
+            self.parquet.write_table(pa.Table.from_pylist(self.rows, schema=_parquet_schema()))
+            self.rows = []
+
     def close(self) -> dict:
         if self.fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            schema = pa.schema([("id", pa.int64()), ("text", pa.string()), ("source", pa.string()),
-                                ("score", pa.float64()), ("metadata", pa.string())])
-            pq.write_table(pa.Table.from_pylist(self.rows, schema=schema), self.files[0], compression="zstd")
+            self._write_rows()
+            self.parquet.close()
         elif self.fmt == "jsonl.zst":
             self.stream.close()
             self.raw.close()
@@ -158,18 +179,16 @@ def export(ws: Workspace, spec: ExportSpec, *, force: bool = False,
         part = out.with_name(out.name + ".part")
         _clear_unfinished(part)
         part.mkdir(parents=True)
-        shards, seen = [], set()
+        shards, done = [], 0
         writer = None
         limit_tokens = spec.shard_tokens or (None if spec.shard_bytes else DEFAULT_SHARD_TOKENS)
         for row in mixture_rows(catalog, spec.mixture):
-            if row["id"] in seen:   # cannot happen (the catalog's key forbids it); checked, not assumed
-                raise CuratorError(f"document {row['id']} appears twice in mixture {spec.mixture}")
-            seen.add(row["id"])
+            done += 1
             if writer is None:
                 writer = _ShardWriter(part, len(shards), spec.format, tokenizer)
             writer.add(row)
             if progress:
-                progress(len(seen), mixture.documents)
+                progress(done, mixture.documents)
             full = (limit_tokens and writer.tokens >= limit_tokens) or (
                 spec.shard_bytes and writer.bytes >= spec.shard_bytes)
             if full:
