@@ -261,17 +261,20 @@ class _Chunk:
         return table.append_column("seq", pa.array(range(len(self)), pa.int64()))
 
 
-# Rows whose hash is already in the catalog (this batch's earlier chunks
-# included) are dropped, then the first of each hash within the chunk is kept.
+# Rows whose content is already in the catalog (this batch's earlier chunks
+# included) are dropped, then the first of each content within the chunk is
+# kept. The check compares content_key, the hash as a 128-bit integer: DuckDB
+# builds its hash table on the chunk and streams the stored keys past it, which
+# costs a few nanoseconds per stored document.
 _INSERT_NEW = """
 INSERT INTO document_rows
-    (id, source, kind, external_id, origin, text, chars, bytes, content_hash, metadata, batch_id)
+    (id, source, kind, external_id, origin, text, chars, bytes, content_hash, content_key, metadata, batch_id)
 SELECT ? + row_number() OVER (ORDER BY seq), ?, kind, external_id, origin, text, chars, bytes,
-       content_hash, metadata::JSON, ?
+       content_hash, content_key, metadata::JSON, ?
 FROM (
-    SELECT * FROM staging s
-    WHERE NOT EXISTS (SELECT 1 FROM document_rows d WHERE d.content_hash = s.content_hash)
-    QUALIFY row_number() OVER (PARTITION BY content_hash ORDER BY seq) = 1
+    SELECT * FROM (SELECT *, ('0x' || content_hash)::UHUGEINT AS content_key FROM staging) s
+    WHERE NOT EXISTS (SELECT 1 FROM document_rows d WHERE d.content_key = s.content_key)
+    QUALIFY row_number() OVER (PARTITION BY content_key ORDER BY seq) = 1
 )
 """
 
