@@ -12,6 +12,7 @@ from helpers import curator, plant_run, run_ingest, write_jsonl
 from curator.audit import analyses
 from curator.audit.audit import audit, compare
 from curator.catalog.database import Catalog
+from curator.catalog.records import score_source
 from curator.catalog.queries import Query, store_queries
 from curator.audit.report import render
 
@@ -89,13 +90,31 @@ def test_planted_answer_strings_are_counted_exactly(planted):
 
 def test_the_rank_of_the_first_document_with_the_answer_counts_all_documents():
     matrix = np.array([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 0.0, 0.0, 9.0]])
-    texts = {1: "no", 2: "no", 3: "no", 4: "Paris is here", 5: "no"}
-    result = analyses.answer_occurrence(matrix, ["a", "b", "c"], np.arange(1, 6), texts,
-                                        {"a": "Paris", "b": "Paris", "c": "Rome"}, dict.fromkeys("abc", "factual"),
-                                        top=2)
+    texts = ["no", "no", "no", "Paris is here", "no"]
+    answers = {"a": "Paris", "b": "Paris", "c": "Rome"}
+    per_query = {}
+    for q, row in zip("abc", matrix, strict=True):
+        contains = np.array([bool(analyses.answer_pattern(answers[q]).search(t)) for t in texts])
+        per_query[q] = {"answer": answers[q], **analyses.query_answer(row, contains, top=2)}
+    result = analyses.answer_occurrence(per_query, dict.fromkeys("abc", "factual"), top=2)
     assert [result["per_query"][q]["first_rank"] for q in "abc"] == [4, 2, None]
     assert [result["per_query"][q]["contains"] for q in "abc"] == [0, 1, 0]
     assert result["summary"]["factual"]["median_first_rank"] == 3.0
+
+
+def test_answers_are_found_by_duckdb_exactly_as_by_the_python_pattern():
+    import duckdb
+
+    texts = ["x = 42.", "142", "4.2 and 42.5", "42", "a42", "_42", "é42", "42é", "(42)", "the 42\n", "\n42", ".42",
+             "42.x", "42.\n", "42_", "42,5", "٣42", "42٣", "42.٣", "Paris", "PARIS!", "parisian", "in paris.",
+             "New York!", "new yorkers", "C++ rocks", "C+++", "$5 off", "1/2 cup", "11/2"]
+    con = duckdb.connect()
+    for answer in ("42", "Paris", "4.2", "New York", "C++", "$5", "1/2"):
+        python = [bool(analyses.answer_pattern(answer).search(t)) for t in texts]
+        re2 = [con.execute("SELECT regexp_matches(?, ?)", [t, analyses.answer_re2(answer)]).fetchone()[0]
+               for t in texts]
+        assert re2 == python, answer
+        assert any(python) and not all(python)
 
 
 def test_json_numbers_equal_direct_recomputation_from_the_parquet(planted, tmp_path):
@@ -105,7 +124,7 @@ def test_json_numbers_equal_direct_recomputation_from_the_parquet(planted, tmp_p
         path = catalog.one("SELECT out_path FROM runs")[0]
         texts = dict(catalog.sql("SELECT id, text FROM documents"))
         sources = dict(catalog.sql("SELECT id, source FROM documents"))
-    scores = pl.read_parquet(path)
+    scores = pl.read_parquet(score_source(path))
     wide = scores.pivot(on="doc_id", index="query_id", values="score").sort("query_id")
     matrix = wide.drop("query_id").to_numpy()
     np.testing.assert_allclose(np.array(data["correlations"]["matrix"]), np.corrcoef(matrix), atol=1e-12)

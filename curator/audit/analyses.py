@@ -26,34 +26,51 @@ def k_values(n_docs: int) -> list[int]:
     return ks or ([max(1, n_docs // 5)] if n_docs else [])
 
 
-def score_matrix(scores) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(query ids, doc ids, Q × D matrix) from a long (query_id, doc_id, score) frame."""
-    wide = scores.pivot(on="doc_id", index="query_id", values="score").sort("query_id")
-    query_ids = wide["query_id"].to_list()
-    doc_ids = np.array([int(c) for c in wide.columns[1:]])
-    matrix = wide.drop("query_id").to_numpy().astype(np.float64)
-    order = np.argsort(doc_ids)
-    return query_ids, doc_ids[order], matrix[:, order]
+def source_counts(row: np.ndarray, doc_codes: np.ndarray, n_sources: int, ks: list[int]) -> dict:
+    """For each k: how many of a query's top-k and bottom-k documents each source holds (by source code).
+    Documents are in doc-id order; ties keep that order, as a stable sort does."""
+    order = np.argsort(-row, kind="stable")
+    return {side: {k: np.bincount(doc_codes[picks[:k]], minlength=n_sources)
+                   for k in ks} for side, picks in (("top", order), ("bottom", order[::-1]))}
 
 
-def source_ratios(matrix: np.ndarray, doc_sources: list[str], ks: list[int]) -> dict:
+def source_ratios(per_query_counts: list[dict], sources: list[str], doc_codes: np.ndarray, ks: list[int]) -> dict:
     """For each k: each source's share of a query's top-k and bottom-k documents, averaged over the
     queries, divided by the source's share of the corpus (documents). 1 = as often as chance."""
-    sources = sorted(set(doc_sources))
-    labels = np.array(doc_sources)
-    corpus = {s: float(np.mean(labels == s)) for s in sources}
+    corpus_counts = np.bincount(doc_codes, minlength=len(sources))
+    corpus = {s: float(corpus_counts[i] / len(doc_codes)) for i, s in enumerate(sources)}
     result = {"corpus_share": corpus, "top": {}, "bottom": {}}
-    order = np.argsort(-matrix, axis=1, kind="stable")
     for k in ks:
-        for side, picks in (("top", order[:, :k]), ("bottom", order[:, ::-1][:, :k])):
-            shares = {s: float(np.mean([(labels[row] == s).mean() for row in picks])) for s in sources}
+        for side in ("top", "bottom"):
+            shares = {s: float(np.mean([counts[side][k][i] / min(k, len(doc_codes)) for counts in per_query_counts]))
+                      for i, s in enumerate(sources)}
             result[side][str(k)] = {s: shares[s] / corpus[s] for s in sources}
     return result
 
 
-def correlations(matrix: np.ndarray, query_ids: list[str], tasks: dict[str, str]) -> dict:
-    """Query-by-query Pearson correlation over documents, with means within and across tasks."""
-    corr = np.corrcoef(matrix) if len(query_ids) > 1 else np.ones((1, 1))
+class Gram:
+    """Query-by-query sums of products of centred scores, added a block of documents at a time: the
+    Pearson correlation of every pair of queries without the whole query × document matrix."""
+
+    def __init__(self, means: np.ndarray):
+        self.means = means
+        self.products = np.zeros((len(means), len(means)))
+
+    def add(self, block: np.ndarray) -> None:
+        """`block`: queries × a set of documents (every query's scores of the same documents)."""
+        centred = block - self.means[:, None]
+        self.products += centred @ centred.T
+
+    def correlation(self) -> np.ndarray:
+        if len(self.means) == 1:
+            return np.ones((1, 1))
+        scale = np.sqrt(np.diag(self.products))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.clip(self.products / np.outer(scale, scale), -1, 1)
+
+
+def correlations(corr: np.ndarray, query_ids: list[str], tasks: dict[str, str]) -> dict:
+    """Query-by-query Pearson correlation over documents (from `Gram`), with means within and across tasks."""
     names = [tasks[q] for q in query_ids]
     within, across = {}, []
     for task in sorted(set(names)):
@@ -100,10 +117,14 @@ def power_law(row: np.ndarray, top: int = 500) -> dict | None:
 PERCENTS = [0.1, 0.5, 1, 2, 5, 10, 20, 50, 100]
 
 
-def concentration(matrix: np.ndarray, query_ids: list[str], tasks: dict[str, str]) -> dict:
-    per_query = {}
-    for q, row in zip(query_ids, matrix, strict=True):
-        per_query[q] = {"task": tasks[q], "cumulative": cumulative_positive(row, PERCENTS), "power_law": power_law(row)}
+def query_concentration(row: np.ndarray) -> dict:
+    """One query's cumulative positive shares at PERCENTS and its power-law fit."""
+    return {"cumulative": cumulative_positive(row, PERCENTS), "power_law": power_law(row)}
+
+
+def concentration(per_query: dict[str, dict], query_ids: list[str], tasks: dict[str, str]) -> dict:
+    """`query_concentration` of every query, with each task's means."""
+    per_query = {q: {"task": tasks[q], **per_query[q]} for q in query_ids}
     per_task = {}
     for task in sorted(set(tasks[q] for q in query_ids)):
         mine = [per_query[q] for q in query_ids if tasks[q] == task]
@@ -122,27 +143,33 @@ def answer_pattern(answer: str) -> re.Pattern:
     return re.compile(rf"(?<![\w.]){escaped}(?![\w]|\.\d)", re.IGNORECASE)
 
 
-def answer_occurrence(matrix: np.ndarray, query_ids: list[str], doc_ids: np.ndarray, texts: dict[int, str],
-                      answers: dict[str, str | None], tasks: dict[str, str], top: int = 500) -> dict:
-    """For each query with an answer: how many of its top documents contain the answer string, and the rank
-    (1 = most helpful) of the best-placed document that contains it, over all documents (None: none does).
+def answer_re2(answer: str) -> str:
+    """`answer_pattern` for DuckDB's RE2 (which has no look-around): the answer as a whole token, not inside
+    a word or number, case-insensitive. Word characters are letters, numbers and '_' (Python's \\w), digits
+    are decimal digits (Python's \\d); the preceding and following characters are matched, not looked at,
+    which finds the same texts."""
+    literal = "".join("\\" + c if c.isascii() and not c.isalnum() else c for c in answer.strip())
+    word = r"\pL\pN_"
+    return rf"(?is)(?:^|[^{word}.]){literal}(?:$|[^{word}.]|\.$|\.[^\p{{Nd}}])"
+
+
+def query_answer(row: np.ndarray, contains: np.ndarray, top: int = 500) -> dict:
+    """How many of a query's top documents contain its answer, and the rank (1 = most helpful) of the
+    best-placed document that contains it, over all documents (None: none does). `contains` is a
+    boolean per document, in the row's (doc-id) order.
 
     The rank says what the count cannot when the corpus is not much larger than `top`:
     whether the document holding a fact is the one that drives its answer."""
-    containing = {}
-    per_query = {}
-    for q, row in zip(query_ids, matrix, strict=True):
-        answer = answers.get(q)
-        if not answer or not answer.strip():
-            continue
-        if answer not in containing:
-            pattern = answer_pattern(answer)
-            containing[answer] = np.array([bool(pattern.search(texts[int(d)])) for d in doc_ids])
-        has = containing[answer][np.argsort(-row, kind="stable")]
-        hits = int(has[:top].sum())
-        first = int(np.argmax(has)) + 1 if has.any() else None
-        per_query[q] = {"task": tasks[q], "answer": answer, "top": int(min(top, len(has))), "contains": hits,
-                        "first_rank": first}
+    has = contains[np.argsort(-row, kind="stable")]
+    first = int(np.argmax(has)) + 1 if has.any() else None
+    return {"top": int(min(top, len(has))), "contains": int(has[:top].sum()), "first_rank": first}
+
+
+def answer_occurrence(per_query: dict[str, dict], tasks: dict[str, str], top: int = 500) -> dict:
+    """`query_answer` of every query with an answer (each entry also holding "answer"), with the
+    reasoning and factual summaries."""
+    per_query = {q: {"task": tasks[q], "answer": r["answer"], "top": r["top"], "contains": r["contains"],
+                     "first_rank": r["first_rank"]} for q, r in per_query.items()}
     summary = {}
     for group, members in (("reasoning", [q for q in per_query if per_query[q]["task"] in REASONING_TASKS]),
                            ("factual", [q for q in per_query if per_query[q]["task"] == "factual"])):
@@ -153,19 +180,3 @@ def answer_occurrence(matrix: np.ndarray, query_ids: list[str], doc_ids: np.ndar
                               "queries_with_any": int(sum(c > 0 for c in counts)),
                               "median_first_rank": float(np.median(ranks)) if ranks else None}
     return {"top": top, "per_query": per_query, "summary": summary}
-
-
-def compare_runs(a, b) -> dict:
-    """Per-query Pearson and Spearman between two runs' scores over their common documents."""
-    import polars as pl
-
-    joined = a.join(b, on=["query_id", "doc_id"], suffix="_b")
-    out = {}
-    for (query_id,), group in joined.group_by(["query_id"], maintain_order=True):
-        x, y = group["score"].to_numpy().astype(float), group["score_b"].to_numpy().astype(float)
-        if len(x) < 2:
-            continue
-        rx, ry = pl.Series(x).rank().to_numpy(), pl.Series(y).rank().to_numpy()
-        out[query_id] = {"pearson": float(np.corrcoef(x, y)[0, 1]), "spearman": float(np.corrcoef(rx, ry)[0, 1]),
-                         "documents": len(x)}
-    return dict(sorted(out.items()))

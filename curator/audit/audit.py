@@ -4,6 +4,15 @@ The audit gathers the corpus composition from the catalog and, when a scored
 run exists, the paper's analyses (curator/audit/analyses.py) on its scores. The
 result is one JSON-ready dict; curator/audit/report.py draws the HTML from it, so
 every figure's numbers are in the JSON.
+
+The scores are never held whole (curator/curate/scores.py): DuckDB reads the
+run's dataset in passes that each hold a bounded slice in numpy,
+  documents  blocks of documents with every query's scores: the query-by-query
+             correlations (sums of products, `analyses.Gram`);
+  queries    groups of queries with all their documents: each query's
+             concentration, top and bottom documents per source and answer ranks;
+and the answers are found in the texts by DuckDB (`analyses.answer_re2`).
+Each slice is at most SLICE_BYTES of scores.
 """
 
 from __future__ import annotations
@@ -11,15 +20,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from curator import __version__
 from curator.audit import analyses
-from curator.catalog.database import Catalog
 from curator.catalog.composition import composition, token_counts_available
-from curator.errors import CuratorError
-from curator.catalog.records import RunRecord, get_run, load_run_scores
+from curator.catalog.database import Catalog
+from curator.catalog.records import RunRecord, get_run
 from curator.catalog.workspace import Workspace
+from curator.curate.scores import arrow_batches, reading_scores, scores_view
+from curator.errors import CuratorError
 
 SECTIONS_NEEDING_SCORES = ["influence by source", "query correlations", "concentration", "answer occurrence"]
+SLICE_BYTES = 256 * 2**20      # float32 scores per pass slice: 256 MiB (2M documents × 32 queries)
 
 
 def audit(ws: Workspace, run_id: str | None = None) -> dict:
@@ -41,28 +54,133 @@ def audit(ws: Workspace, run_id: str | None = None) -> dict:
         if run is None:
             report["missing"] = SECTIONS_NEEDING_SCORES
             return report
-        queries = catalog.frame("SELECT id, task, answer FROM queries WHERE id IN (SELECT unnest(?))",
-                                [run.query_ids])
         model = catalog.one("SELECT name FROM models WHERE id = ?", [run.model_id])
-        scores = load_run_scores(run, ["query_id", "doc_id", "score"])
-        query_ids, doc_ids, matrix = analyses.score_matrix(scores)
-        docs = catalog.sql("SELECT id, source, text FROM documents WHERE id IN (SELECT unnest(?))",
-                           [doc_ids.tolist()])
-    source_of = {d: s for d, s, _ in docs}
-    texts = {d: t for d, _, t in docs}
-    tasks = dict(zip(queries["id"], queries["task"], strict=True))
-    answers = dict(zip(queries["id"], queries["answer"], strict=True))
-    report["run"] = _run_summary(run, model[0] if model else run.model_id, len(query_ids), len(doc_ids), tasks)
-    doc_sources = [source_of[int(d)] for d in doc_ids]
-    ks = analyses.k_values(len(doc_ids))
-    report["influence_by_source"] = {
-        task: analyses.source_ratios(matrix[[i for i, q in enumerate(query_ids) if tasks[q] == task]],
-                                     doc_sources, ks)
-        for task in sorted(set(tasks.values()))}
-    report["correlations"] = analyses.correlations(matrix, query_ids, tasks)
-    report["concentration"] = analyses.concentration(matrix, query_ids, tasks)
-    report["answer_occurrence"] = analyses.answer_occurrence(matrix, query_ids, doc_ids, texts, answers, tasks)
+        with reading_scores(run):
+            report.update(_run_analyses(catalog, run, model[0] if model else run.model_id))
     return report
+
+
+def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
+    scores_view(catalog, run)
+    query_ids, means = _queries_of(catalog, run)
+    doc_ids, doc_codes, sources = _documents_of(catalog, run, len(query_ids))
+    queries = catalog.frame("SELECT id, task, answer FROM queries WHERE id IN (SELECT unnest(?))", [query_ids])
+    tasks = dict(zip(queries["id"], queries["task"], strict=True))
+    unknown = [q for q in query_ids if q not in tasks]
+    if unknown:
+        raise CuratorError(f"the scores of run {run.id} hold queries the catalog does not know: {', '.join(unknown[:5])}")
+    answers = {q: a for q, a in zip(queries["id"], queries["answer"], strict=True) if a and a.strip()}
+    contains = _answer_documents(catalog, doc_ids, set(answers.values()))
+    ks = analyses.k_values(len(doc_ids))
+    gram = analyses.Gram(means)
+    for block in _document_blocks(catalog, query_ids, doc_ids):
+        gram.add(block)
+    counts, concentration, occurrence = {}, {}, {}
+    for group, matrix in _query_groups(catalog, query_ids, doc_ids):
+        for query_id, row in zip(group, matrix, strict=True):
+            row = row.astype(np.float64)
+            counts[query_id] = analyses.source_counts(row, doc_codes, len(sources), ks)
+            concentration[query_id] = analyses.query_concentration(row)
+            if query_id in answers:
+                occurrence[query_id] = {"answer": answers[query_id],
+                                        **analyses.query_answer(row, contains[answers[query_id]])}
+    return {
+        "run": _run_summary(run, model, len(query_ids), len(doc_ids), tasks),
+        "influence_by_source": {
+            task: analyses.source_ratios([counts[q] for q in query_ids if tasks[q] == task], sources, doc_codes, ks)
+            for task in sorted(set(tasks.values()))},
+        "correlations": analyses.correlations(gram.correlation(), query_ids, tasks),
+        "concentration": analyses.concentration(concentration, query_ids, tasks),
+        "answer_occurrence": analyses.answer_occurrence(occurrence, tasks),
+    }
+
+
+def _queries_of(catalog: Catalog, run: RunRecord) -> tuple[list[str], np.ndarray]:
+    """The run's queries in id order (also as the temporary table audit_queries: query_id, i) and the
+    mean score of each, from one aggregate scan."""
+    rows = catalog.sql("SELECT query_id, avg(score::DOUBLE) FROM scores GROUP BY query_id ORDER BY query_id")
+    if not rows:
+        raise CuratorError(f"the scores of run {run.id} ({run.out_path}) are empty")
+    query_ids = [r[0] for r in rows]
+    catalog.sql("CREATE OR REPLACE TEMP TABLE audit_queries AS "
+                "SELECT query_id, (row_number() OVER (ORDER BY query_id) - 1)::INTEGER AS i "
+                "FROM (SELECT unnest(?::VARCHAR[]) AS query_id)", [query_ids])
+    return query_ids, np.array([r[1] for r in rows], dtype=np.float64)
+
+
+def _documents_of(catalog: Catalog, run: RunRecord, n_queries: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The run's document ids in order (also as the temporary table audit_docs), each one's source as a
+    code into the sorted source names, and those names. Every query must score every document."""
+    catalog.sql("CREATE OR REPLACE TEMP TABLE audit_docs AS "
+                "SELECT doc_id, count(*) AS n FROM scores GROUP BY doc_id ORDER BY doc_id")
+    partial = catalog.one("SELECT doc_id, n FROM audit_docs WHERE n <> ? LIMIT 1", [n_queries])
+    if partial:
+        raise CuratorError(f"the scores of run {run.id} are not a full query × document table: document "
+                           f"{partial[0]} has {partial[1]} scores for {n_queries} queries")
+    table = catalog.con.sql("SELECT a.doc_id, d.source FROM audit_docs a LEFT JOIN documents d ON d.id = a.doc_id "
+                            "ORDER BY a.doc_id").to_arrow_table()
+    doc_ids = table.column("doc_id").to_numpy()
+    source = table.column("source")
+    if source.null_count:
+        missing = doc_ids[np.flatnonzero(source.is_null().to_numpy(zero_copy_only=False))[0]]
+        raise CuratorError(f"run {run.id} scored document {missing}, which the catalog no longer holds")
+    encoded = source.dictionary_encode().combine_chunks()
+    names = encoded.dictionary.to_pylist()
+    order = np.argsort(names)                        # codes into the sorted names
+    codes = np.argsort(order)[encoded.indices.to_numpy()]
+    return doc_ids, codes.astype(np.int64), [names[i] for i in order]
+
+
+def _answer_documents(catalog: Catalog, doc_ids: np.ndarray, answers: set[str]) -> dict[str, np.ndarray]:
+    """For each answer, a boolean per run document (doc-id order): does its text contain the answer as a
+    whole token? One scan of the texts for all answers."""
+    found = {answer: np.zeros(len(doc_ids), dtype=bool) for answer in answers}
+    if not answers:
+        return found
+    ordered = sorted(answers)
+    tests = ", ".join("regexp_matches(d.text, ?)" for _ in ordered)
+    query = (f"SELECT a.doc_id, [{tests}] AS hits FROM audit_docs a JOIN documents d ON d.id = a.doc_id "
+             f"WHERE list_bool_or([{tests}])")
+    patterns = [analyses.answer_re2(a) for a in ordered]
+    for batch in arrow_batches(catalog, query, patterns + patterns):
+        positions = np.searchsorted(doc_ids, batch.column("doc_id").to_numpy())
+        hits = np.array(batch.column("hits").to_pylist(), dtype=bool).reshape(len(positions), len(ordered))
+        for j, answer in enumerate(ordered):
+            found[answer][positions[hits[:, j]]] = True
+    return found
+
+
+def _document_blocks(catalog: Catalog, query_ids: list[str], doc_ids: np.ndarray):
+    """Queries × documents blocks of float64 scores, every query's scores of the same consecutive documents.
+    A block is a doc-id range, which Parquet row-group statistics let DuckDB find without reading the rest
+    when the parts are written by document chunk (as `curator score` writes them)."""
+    size = max(1, SLICE_BYTES // (8 * len(query_ids)))
+    for start in range(0, len(doc_ids), size):
+        ids = doc_ids[start:start + size]
+        block = np.zeros((len(query_ids), len(ids)))
+        query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
+                 "WHERE s.doc_id BETWEEN ? AND ?")
+        for batch in arrow_batches(catalog, query, [int(ids[0]), int(ids[-1])]):
+            columns = np.searchsorted(ids, batch.column("doc_id").to_numpy())
+            block[batch.column("i").to_numpy(), columns] = batch.column("score").to_numpy()
+        yield block
+
+
+def _query_groups(catalog: Catalog, query_ids: list[str], doc_ids: np.ndarray):
+    """(query ids, their scores × all documents in doc-id order), a group of queries at a time. Scores
+    keep the dataset's precision (float32 as `curator score` writes them; float64 in older files)."""
+    kind = dict((row[0], row[1]) for row in catalog.sql("DESCRIBE scores"))["score"]
+    dtype = np.float32 if kind in ("FLOAT", "REAL") else np.float64
+    size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(doc_ids)))
+    for start in range(0, len(query_ids), size):
+        group = query_ids[start:start + size]
+        matrix = np.zeros((len(group), len(doc_ids)), dtype=dtype)
+        query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
+                 "WHERE q.i BETWEEN ? AND ?")
+        for batch in arrow_batches(catalog, query, [start, start + len(group) - 1]):
+            rows = batch.column("i").to_numpy() - start
+            matrix[rows, np.searchsorted(doc_ids, batch.column("doc_id").to_numpy())] = batch.column("score").to_numpy()
+        yield group, matrix
 
 
 def _run_summary(run: RunRecord, model: str, n_queries: int, n_docs: int, tasks: dict) -> dict:
@@ -73,15 +191,34 @@ def _run_summary(run: RunRecord, model: str, n_queries: int, n_docs: int, tasks:
             "documents": n_docs, "queries_per_task": dict(sorted(per_task.items()))}
 
 
+# Spearman is Pearson of the ranks; ties share the average of their ranks (as polars' and scipy's do).
+_COMPARE = """
+WITH joined AS (
+    SELECT a.query_id, a.score::DOUBLE AS x, b.score::DOUBLE AS y
+    FROM run_a a JOIN run_b b ON a.query_id = b.query_id AND a.doc_id = b.doc_id),
+ranked AS (
+    SELECT query_id, x, y,
+           rank() OVER (PARTITION BY query_id ORDER BY x) + (count(*) OVER (PARTITION BY query_id, x) - 1) / 2 AS rx,
+           rank() OVER (PARTITION BY query_id ORDER BY y) + (count(*) OVER (PARTITION BY query_id, y) - 1) / 2 AS ry
+    FROM joined)
+SELECT query_id, corr(x, y), corr(rx, ry), count(*) FROM ranked GROUP BY query_id HAVING count(*) >= 2
+ORDER BY query_id
+"""
+
+
 def compare(ws: Workspace, run_a: str, run_b: str, plot: Path | None = None) -> dict:
     """Per-query correlation of two runs over their common documents; writes the SVG plot to `plot`
-    (default: reports/compare-A-B.svg in the workspace) and names it in the result."""
+    (default: reports/compare-A-B.svg in the workspace) and names it in the result. DuckDB joins the two
+    score datasets and ranks them, spilling what does not fit."""
     from curator.audit.report import write_compare_plot
 
     with Catalog.open(ws) as catalog:
         a, b = get_run(catalog, run_a), get_run(catalog, run_b)
-    frames = [load_run_scores(run, ["query_id", "doc_id", "score"]) for run in (a, b)]
-    per_query = analyses.compare_runs(*frames)
+        scores_view(catalog, a, "run_a")
+        scores_view(catalog, b, "run_b")
+        with reading_scores(a), reading_scores(b):
+            rows = catalog.sql(_COMPARE)
+    per_query = {q: {"pearson": float(p), "spearman": float(s), "documents": int(n)} for q, p, s, n in rows}
     if not per_query:
         raise CuratorError(f"runs {a.id} and {b.id} share no (query, document) pairs to compare")
     values = list(per_query.values())
