@@ -63,8 +63,10 @@ def score_source(path: str | Path) -> str:
 
 
 def load_run_scores(run: RunRecord, columns: list[str] | None = None, query_ids: list[str] | None = None):
-    """A run's score table (polars), optionally only some columns and queries; a missing or damaged file
-    is one error naming it and the command that writes it again."""
+    """A run's scores as a polars LazyFrame (nothing is read until the caller collects or streams it),
+    optionally only some columns and queries; a missing or damaged dataset is one error naming it and
+    the command that writes it again. The stages after the model read scores through DuckDB in bounded
+    memory (curator/curate/scores.py); this is for callers that want a polars plan."""
     import polars as pl
 
     from curator.artifacts import reading
@@ -72,9 +74,10 @@ def load_run_scores(run: RunRecord, columns: list[str] | None = None, query_ids:
     path = Path(run.out_path)
     with reading(path, f"score file of run {run.id}", rescore_command(run)):
         frame = pl.scan_parquet(score_source(path))
-        if query_ids is not None:
-            frame = frame.filter(pl.col("query_id").is_in(query_ids))
-        return frame.select(columns).collect() if columns else frame.collect()
+        frame.collect_schema()      # reads the footers only: a damaged file fails here, inside `reading`
+    if query_ids is not None:
+        frame = frame.filter(pl.col("query_id").is_in(query_ids))
+    return frame.select(columns) if columns else frame
 
 
 def runs_table(ws: Workspace):
