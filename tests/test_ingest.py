@@ -13,6 +13,8 @@ from helpers import catalog_rows, run_ingest, snapshot, write_jsonl
 
 from curator.catalog.database import Catalog
 from curator.catalog.ingest import IngestOptions, content_hash, ingest
+from curator.catalog.schema import LATEST_VERSION, MIGRATIONS
+from curator.catalog.workspace import Workspace
 
 
 def test_normalised_hash_ignores_line_endings_outer_space_and_unicode_form():
@@ -37,6 +39,26 @@ def test_duplicates_across_chunk_boundaries(ws, tmp_path):
     summary = run_ingest(ws, [write_jsonl(tmp_path / "a.jsonl", records)], chunk_docs=3)
     assert (summary.inserted, summary.duplicates) == (7, 93)
     assert catalog_rows(ws, "SELECT list(id ORDER BY id) FROM documents") == [(list(range(1, 8)),)]
+
+
+def test_duplicates_across_files_of_one_ingest_keep_the_first_file_s_copy(ws, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}, {"text": "shared"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": "shared\r\n"}, {"text": "z"}, {"text": "x"}])
+    summary = run_ingest(ws, [a, b])
+    assert (summary.inserted, summary.duplicates) == (3, 2)
+    assert catalog_rows(ws, "SELECT id, text, origin FROM documents ORDER BY id") == [
+        (1, "x", f"{a}:1"), (2, "shared", f"{a}:2"), (3, "z", f"{b}:2")]
+
+
+def test_every_stored_key_is_its_hash_as_an_integer_and_unique(ws, tmp_path):
+    """The duplicate check compares content_key; it must say exactly what content_hash says."""
+    texts = [f"document {i} caf\u00e9" for i in range(300)]
+    run_ingest(ws, [write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts])], chunk_docs=7)
+    run_ingest(ws, [write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in texts[::-1] + ["new"]])], source="b")
+    rows = catalog_rows(ws, "SELECT content_hash, content_key FROM document_rows")
+    assert len(rows) == 301 and len({key for _, key in rows}) == 301
+    assert all(key == int(digest, 16) for digest, key in rows)
+    assert max(key for _, key in rows) >= 1 << 127  # the top bit survives: keys are unsigned
 
 
 def test_reingesting_unchanged_input_is_a_no_op_that_says_so(ws, tmp_path):
@@ -154,3 +176,43 @@ def test_python_memory_does_not_grow_with_the_input(tmp_path):
         assert run.returncode == 0, run.stderr
         peaks.append(int(run.stdout))
     assert peaks[1] < 1.2 * peaks[0], f"peaks {peaks} grew with the input"
+
+
+def _old_layout_catalog(root, texts: list[str]) -> Workspace:
+    """A catalog as curator left it before content keys (schema 4), holding one complete batch."""
+    root.mkdir()
+    ws = Workspace(root)
+    with Catalog.open(ws, write=True, migrations=MIGRATIONS[:4]) as catalog:
+        catalog.sql("INSERT INTO ingest_batches (id, source, status, fingerprint, inputs, options, started_at) "
+                    "VALUES (1, 'old', 'complete', 'f', '[]', '{}', current_timestamp)")
+        catalog.sql("INSERT INTO sources (name, kind) VALUES ('old', 'web')")
+        for i, text in enumerate(texts, start=1):
+            catalog.sql("INSERT INTO document_rows (id, source, kind, origin, text, chars, bytes, content_hash, "
+                        "batch_id) VALUES (?, 'old', 'web', ?, ?, ?, ?, ?, 1)",
+                        [i, f"old.jsonl:{i}", text, len(text), len(text.encode()), content_hash(text)])
+    return ws
+
+
+def test_an_old_layout_catalog_is_migrated_and_its_documents_stay_duplicates(tmp_path):
+    ws = _old_layout_catalog(tmp_path / "ws", ["kept from before", "caf\u00e9"])
+    columns_before = catalog_rows(ws, "SELECT column_name FROM information_schema.columns "
+                                      "WHERE table_name = 'documents' ORDER BY ordinal_position")
+    path = write_jsonl(tmp_path / "new.jsonl", [{"text": "kept from before\n"}, {"text": "cafe\u0301"},
+                                                 {"text": "new"}])
+    summary = run_ingest(ws, [path], source="new")
+    assert (summary.inserted, summary.duplicates) == (1, 2)
+    assert catalog_rows(ws, "SELECT id, source, text FROM documents ORDER BY id") == [
+        (1, "old", "kept from before"), (2, "old", "caf\u00e9"), (3, "new", "new")]
+    with Catalog.open(ws) as catalog:
+        assert catalog.schema_version() == LATEST_VERSION
+        # Readers of the documents view see the columns they saw before.
+        assert catalog.sql("SELECT column_name FROM information_schema.columns "
+                           "WHERE table_name = 'documents' ORDER BY ordinal_position") == columns_before
+
+
+def test_reading_an_old_layout_catalog_migrates_it(tmp_path):
+    ws = _old_layout_catalog(tmp_path / "ws", ["a", "b"])
+    with Catalog.open(ws) as catalog:  # read-only: migrated once, then opened for reading
+        assert not catalog.write
+        assert catalog.sql("SELECT id, content_key FROM document_rows ORDER BY id") == [
+            (1, int(content_hash("a"), 16)), (2, int(content_hash("b"), 16))]
