@@ -1,0 +1,203 @@
+"""The bounded-memory stages against a straightforward in-memory computation of the same numbers.
+
+The audit reads scores in slices (document blocks, query groups); SLICE_BYTES is made tiny here so
+every analysis crosses many slice boundaries, and each number is compared with the whole
+query × document matrix computed the obvious way (the audit as it was before it streamed).
+Both score layouts are read: one Parquet file, and a folder of parts per (query batch, document chunk).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+from helpers import curator, write_jsonl
+from test_audit import planted  # noqa: F401  (a fixture)
+from tinylm import TRAINING_TEXT, save_tiny
+
+from curator.audit import analyses
+from curator.audit import audit as audit_module
+from curator.audit.audit import audit, compare
+from curator.catalog.database import Catalog
+from curator.catalog.records import score_source
+from curator.catalog.workspace import Workspace
+from curator.constants import REASONING_TASKS
+from curator.curate.rank import RankConfig, rank
+
+
+# -- the reference: the whole matrix in memory ----------------------------------------------------
+
+def reference_audit(ws: Workspace, run_id: str) -> dict:
+    with Catalog.open(ws) as catalog:
+        path = catalog.one("SELECT out_path FROM runs WHERE id = ?", [run_id])[0]
+        scores = pl.read_parquet(score_source(path))
+        docs = dict((d, (s, t)) for d, s, t in catalog.sql("SELECT id, source, text FROM documents"))
+        queries = catalog.sql("SELECT id, task, answer FROM queries")
+    wide = scores.pivot(on="doc_id", index="query_id", values="score").sort("query_id")
+    query_ids = wide["query_id"].to_list()
+    doc_ids = np.array([int(c) for c in wide.columns[1:]])
+    order = np.argsort(doc_ids)
+    doc_ids, matrix = doc_ids[order], wide.drop("query_id").to_numpy().astype(np.float64)[:, order]
+    tasks = {q: t for q, t, _ in queries if q in query_ids}
+    answers = {q: a for q, _, a in queries if q in query_ids}
+    labels = np.array([docs[int(d)][0] for d in doc_ids])
+    ks = analyses.k_values(len(doc_ids))
+    ratios = {}
+    for task in sorted(set(tasks.values())):
+        rows = matrix[[i for i, q in enumerate(query_ids) if tasks[q] == task]]
+        sorted_rows = np.argsort(-rows, axis=1, kind="stable")
+        result = {"corpus_share": {s: float(np.mean(labels == s)) for s in sorted(set(labels))}, "top": {},
+                  "bottom": {}}
+        for k in ks:
+            for side, picks in (("top", sorted_rows[:, :k]), ("bottom", sorted_rows[:, ::-1][:, :k])):
+                result[side][str(k)] = {s: float(np.mean([(labels[p] == s).mean() for p in picks]))
+                                        / result["corpus_share"][s] for s in result["corpus_share"]}
+        ratios[task] = result
+    corr = np.corrcoef(matrix) if len(query_ids) > 1 else np.ones((1, 1))
+    per_query = {}
+    for q, row in zip(query_ids, matrix, strict=True):
+        positive = np.sort(np.clip(row, 0, None))[::-1]
+        cumulative = [float(positive[:max(1, math.ceil(len(row) * p / 100))].sum() / positive.sum())
+                      if positive.sum() > 0 else 0.0 for p in analyses.PERCENTS]
+        per_query[q] = {"cumulative": cumulative, "power_law": analyses.power_law(row)}
+    occurrence = {}
+    for q, row in zip(query_ids, matrix, strict=True):
+        if not answers[q] or not answers[q].strip():
+            continue
+        pattern = analyses.answer_pattern(answers[q])
+        has = np.array([bool(pattern.search(docs[int(d)][1])) for d in doc_ids])[np.argsort(-row, kind="stable")]
+        occurrence[q] = {"answer": answers[q], "top": int(min(500, len(has))), "contains": int(has[:500].sum()),
+                         "first_rank": int(np.argmax(has)) + 1 if has.any() else None}
+    return {"influence_by_source": ratios, "correlations": corr, "concentration": per_query,
+            "answer_occurrence": occurrence, "documents": len(doc_ids)}
+
+
+def assert_audit_equals_reference(data: dict, want: dict) -> None:
+    assert data["run"]["documents"] == want["documents"]
+    np.testing.assert_allclose(np.array(data["correlations"]["matrix"], dtype=float), want["correlations"],
+                               rtol=1e-9, atol=1e-12)
+    assert flat(data["influence_by_source"]) == pytest.approx(flat(want["influence_by_source"]), rel=1e-12)
+    for q, result in want["concentration"].items():
+        got = data["concentration"]["per_query"][q]
+        assert got["cumulative"] == pytest.approx(result["cumulative"], rel=1e-9)
+        assert (got["power_law"] is None) == (result["power_law"] is None)
+        if result["power_law"]:
+            assert got["power_law"] == pytest.approx(result["power_law"], rel=1e-9)
+    assert {q: {k: v for k, v in r.items() if k != "task"}
+            for q, r in data["answer_occurrence"]["per_query"].items()} == want["answer_occurrence"]
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """Nested dicts of numbers as one dict keyed by path (pytest.approx compares flat mappings)."""
+    out = {}
+    for key, value in tree.items():
+        out.update(flat(value, f"{prefix}/{key}") if isinstance(value, dict) else {f"{prefix}/{key}": value})
+    return out
+
+
+@pytest.fixture
+def tiny_slices(monkeypatch):
+    """Slices of a few hundred bytes: many document blocks and one query per group."""
+    monkeypatch.setattr(audit_module, "SLICE_BYTES", 8 * 40)
+
+
+def test_streamed_audit_equals_the_in_memory_audit_on_planted_scores(planted, tiny_slices):  # noqa: F811
+    ws, _ = planted
+    assert_audit_equals_reference(audit(ws), reference_audit(ws, "score-test"))
+
+
+# -- a real run of a tiny model ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """A run of `curator score` with a tiny model, and the same scores rewritten as a folder of parts
+    (two query batches × three document chunks) recorded as a second run."""
+    root = tmp_path_factory.mktemp("real")
+    ws = root / "ws"
+    curator("init", ws)
+    texts = [t * k for t in TRAINING_TEXT for k in (1, 2, 3)] + ["the answer is 7.", "7 and 14 and 21", "x 7.5"]
+    write_jsonl(root / "a.jsonl", [{"text": t} for t in texts[::2]])
+    write_jsonl(root / "b.jsonl", [{"text": t} for t in texts[1::2]])
+    curator("ingest", root / "a.jsonl", "--source", "alpha", "-w", ws)
+    curator("ingest", root / "b.jsonl", "--source", "beta", "-w", ws)
+    model = save_tiny(root / "tiny", seed=2)
+    curator("fit", "--model", model, "--layers", "last:1", "--max-seq-len", "32", "-w", ws)
+    curator("queries", "generate", "--task", "arithmetic", "--n", "3", "-w", ws)
+    curator("queries", "generate", "--task", "slope", "--n", "2", "--seed", "4", "-w", ws)
+    curator("score", "--queries", "arithmetic,slope", "--out", root / "run.parquet", "-w", ws)
+    workspace = Workspace(ws)
+    with Catalog.open(workspace) as catalog:
+        run = catalog.one("SELECT id, out_path FROM runs")
+    scores = pl.read_parquet(score_source(run[1]))
+    parts = root / "parts"
+    parts.mkdir()
+    queries, docs = sorted(scores["query_id"].unique()), sorted(scores["doc_id"].unique())
+    for b, batch in enumerate((queries[:2], queries[2:])):
+        for c, chunk in enumerate(np.array_split(docs, 3)):
+            scores.filter(pl.col("query_id").is_in(batch) & pl.col("doc_id").is_in(chunk.tolist())).write_parquet(
+                parts / f"part-{b}-{c}.parquet")
+    with Catalog.open(workspace, write=True) as catalog:
+        catalog.sql("INSERT INTO runs SELECT 'score-parts', kind, method, model_id, factors_id, query_ids, settings, "
+                    "?, stats, finished_at + INTERVAL 1 SECOND FROM runs WHERE id = ?", [str(parts), run[0]])
+    return workspace, run[0], scores
+
+
+def test_a_real_run_audits_the_same_streamed_as_in_memory_in_both_layouts(real_run, tiny_slices):
+    ws, run_id, _ = real_run
+    want = reference_audit(ws, run_id)
+    assert want["documents"] > 20
+    one_file, folder = audit(ws, run_id), audit(ws, "score-parts")
+    assert_audit_equals_reference(one_file, want)
+    assert_audit_equals_reference(folder, want)
+    assert folder["correlations"] == one_file["correlations"]
+
+
+def test_ranking_and_compare_of_a_folder_of_parts_equal_polars_on_the_whole_table(real_run):
+    ws, run_id, scores = real_run
+    rank(ws, RankConfig(name="parts", run="score-parts", aggregate="mean-z"), replace=True)
+    with Catalog.open(ws) as catalog:
+        stored = catalog.frame("SELECT doc_id, score, rank FROM ranking_scores WHERE ranking = 'parts' "
+                               "ORDER BY rank")
+        tasks = dict(catalog.sql("SELECT id, task FROM queries"))
+    reasoning = scores.filter(pl.col("query_id").replace_strict(tasks).is_in(list(REASONING_TASKS)))
+    value = pl.col("score_per_nat").cast(pl.Float64)
+    z = (value - value.mean().over("query_id")) / value.std(ddof=0).over("query_id")
+    want = (reasoning.with_columns(z.alias("z")).group_by("doc_id").agg(pl.col("z").mean())
+            .sort(["z", "doc_id"], descending=[True, False]))
+    assert stored["doc_id"].to_list() == want["doc_id"].to_list()
+    np.testing.assert_allclose(stored["score"].to_numpy(), want["z"].to_numpy(), rtol=1e-9, atol=1e-12)
+    result = compare(ws, run_id, "score-parts")
+    assert len(result["per_query"]) == scores["query_id"].n_unique()
+    for values in result["per_query"].values():      # the same scores read two ways
+        assert values["pearson"] == pytest.approx(1.0) and values["spearman"] == pytest.approx(1.0)
+
+
+def test_compare_spearman_equals_numpy_with_ties(planted, tmp_path):  # noqa: F811
+    from helpers import plant_run
+
+    ws, scores = planted
+    rounded = scores.with_columns((pl.col("score") * 3).round(0).alias("score"))     # many ties
+    plant_run(ws, tmp_path, rounded, {q: 1.0 for q in scores["query_id"].unique()}, run_id="score-ties")
+    result = compare(ws, "score-test", "score-ties")
+    for query_id, values in result["per_query"].items():
+        a = scores.filter(pl.col("query_id") == query_id).sort("doc_id")["score"]
+        b = rounded.filter(pl.col("query_id") == query_id).sort("doc_id")["score"]
+        spearman = np.corrcoef(a.rank().to_numpy(), b.rank().to_numpy())[0, 1]
+        assert values["spearman"] == pytest.approx(spearman, rel=1e-9)
+        assert values["pearson"] == pytest.approx(np.corrcoef(a.to_numpy(), b.to_numpy())[0, 1], rel=1e-9)
+
+
+def test_a_partial_score_table_is_one_clear_error(planted, tmp_path):  # noqa: F811
+    from helpers import plant_run
+
+    from curator.errors import CuratorError
+
+    ws, scores = planted
+    plant_run(ws, tmp_path, scores.filter(~((pl.col("query_id") == "fact-1") & (pl.col("doc_id") == 7))),
+              {q: 1.0 for q in scores["query_id"].unique()}, run_id="score-holes")
+    with pytest.raises(CuratorError, match="not a full query × document table: document 7 has 4 scores"):
+        audit(ws, "score-holes")
+    json.dumps(audit(ws, "score-test"))
