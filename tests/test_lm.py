@@ -38,7 +38,8 @@ def test_sampled_labels_come_from_the_models_own_distribution():
     classes = torch.tensor([3, 0, 7, 7, 1])
     weight = torch.eye(8) * 40.0
     hidden = F.one_hot(classes, 8).float()
-    nll = token_losses(hidden, weight, None, None, torch.Generator().manual_seed(0), chunk_tokens=2)
+    nll = token_losses(hidden, weight, None, None, torch.rand(5, generator=torch.Generator().manual_seed(0)),
+                       chunk_tokens=2)
     expected = F.cross_entropy(hidden @ weight.T, classes, reduction="none")
     torch.testing.assert_close(nll, expected)
     assert float(nll.max()) < 1e-6

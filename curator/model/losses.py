@@ -10,6 +10,7 @@ passes through these two functions only.
 from __future__ import annotations
 
 import functools
+import hashlib
 import weakref
 from collections.abc import Callable
 
@@ -27,24 +28,50 @@ def with_bias_column(a: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
 
 
-def sequence_losses(model, batch: TokenBatch, labels: str = "data",
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def sequence_losses(model, batch: TokenBatch, labels: str = "data", seed: int = 0) -> torch.Tensor:
     """Σ_t −log p(y_t | x_<t) over each row's target tokens: (B,).
 
     labels="data" takes y_t = x_t (the document's or completion's own tokens);
     "sampled" draws y_t from the model's predictive distribution, which makes
-    the gradient covariance the true Fisher.
+    the gradient covariance the true Fisher. The draws depend only on `seed`, the
+    window's document and its number in it (`label_uniforms`), so a fit draws the
+    same labels whatever the batching, the chunking or the number of ranks.
     """
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {LABELS}")
     head = _output_head(model, batch)
     if head is None:
-        return _losses_from_logits(model, batch, labels, generator)
-    return _losses_from_hidden(model, head, batch, labels, generator)
+        return _losses_from_logits(model, batch, labels, seed)
+    return _losses_from_hidden(model, head, batch, labels, seed)
+
+
+def label_uniforms(batch: TokenBatch, seed: int) -> torch.Tensor:
+    """(B, T) uniform numbers in [0, 1) for inverse-CDF label sampling, one per token position.
+
+    Each row has its own stream, seeded by (seed, owner, window number) and drawn for the
+    row's real length only, so a row's numbers do not depend on the batch it is in or on
+    the batch's padded width.
+    """
+    rows, width = batch.input_ids.shape
+    out = torch.zeros(rows, width, dtype=torch.float64)
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    numbers = batch.windows.tolist() if batch.windows is not None else [0] * rows
+    for row, (owner, number) in enumerate(zip(batch.owners.tolist(), numbers, strict=True)):
+        key = hashlib.blake2b(f"{seed}:{owner}:{number}".encode(), digest_size=8).digest()
+        stream = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+        out[row, :lengths[row]] = torch.rand(lengths[row], generator=stream, dtype=torch.float64)
+    return out.to(batch.input_ids.device)
+
+
+def _sample_from_exp(exp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws from rows of unnormalised probabilities (N, V), one uniform per row."""
+    cumulative = exp.cumsum(dim=1, dtype=torch.float64)
+    wanted = (uniforms.to(torch.float64) * cumulative[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cumulative, wanted, right=True).flatten().clamp_(max=exp.shape[1] - 1)
 
 
 def _losses_from_hidden(model, head: torch.nn.Linear, batch: TokenBatch, labels: str,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+                        seed: int = 0) -> torch.Tensor:
     """The loss from the final hidden states at the target positions only (`token_losses`).
 
     Padding and a query's prompt never reach the vocabulary projection, and the
@@ -54,16 +81,17 @@ def _losses_from_hidden(model, head: torch.nn.Linear, batch: TokenBatch, labels:
     hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     rows, positions = torch.nonzero(batch.target_mask[:, 1:], as_tuple=True)
     targets = batch.input_ids[rows, positions + 1] if labels == "data" else None
+    # The label at position t + 1 is drawn with that position's number.
+    uniforms = label_uniforms(batch, seed)[rows, positions + 1] if labels == "sampled" else None
     try:
-        nll = token_losses(hidden[rows, positions], head.weight, head.bias, targets, generator,
+        nll = token_losses(hidden[rows, positions], head.weight, head.bias, targets, uniforms,
                            check_finite=labels == "sampled")
     except NonFiniteLogits as error:
         raise _overflow_error(batch.owners[rows[error.tokens]]) from None
     return torch.zeros(batch.input_ids.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
 
 
-def _losses_from_logits(model, batch: TokenBatch, labels: str,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+def _losses_from_logits(model, batch: TokenBatch, labels: str, seed: int = 0) -> torch.Tensor:
     """The loss from the model's own logits: for a head the hidden-state route does not reproduce
     (not a plain linear map), for a head being trained, and as the reference of `_output_head`'s check."""
     predicting = _predicting_positions(model, batch)
@@ -82,7 +110,8 @@ def _losses_from_logits(model, batch: TokenBatch, labels: str,
             if not bool(torch.isfinite(logits).all()):
                 raise _overflow_error(batch.owners[~torch.isfinite(logits).all(dim=-1).all(dim=-1)])
             probs = torch.softmax(logits.detach(), dim=-1).reshape(-1, logits.shape[-1])
-            y = torch.multinomial(probs, 1, generator=generator).reshape(targets.shape)
+            uniforms = label_uniforms(batch, seed)[:, 1:][:, predicting].reshape(-1)
+            y = _sample_from_exp(probs, uniforms).reshape(targets.shape)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
     return (nll.reshape(targets.shape) * targets).sum(dim=1)
 
@@ -108,21 +137,23 @@ class NonFiniteLogits(Exception):
 
 
 def token_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 targets: torch.Tensor | None, generator: torch.Generator | None = None, *,
+                 targets: torch.Tensor | None, uniforms: torch.Tensor | None = None, *,
                  check_finite: bool = False, chunk_tokens: int | None = None) -> torch.Tensor:
     """−log softmax(W h_n + b)[y_n] for N final hidden states (N, d): (N,), in float32 at least.
 
-    `targets` None samples each y_n from the softmax itself (with `generator`). The
+    `targets` None samples each y_n from the softmax itself, by inverse CDF at `uniforms[n]`. The
     gradient with respect to `hidden` is formed here, in the same pass over each chunk's
     logits, as (softmax − onehot(y)) W; the backward only scales it. W and b are frozen.
     """
-    return _TokenCrossEntropy.apply(hidden, weight, bias, targets, generator, check_finite,
+    if targets is None and uniforms is None:
+        raise ValueError("sampled labels need one uniform number per token")
+    return _TokenCrossEntropy.apply(hidden, weight, bias, targets, uniforms, check_finite,
                                     chunk_tokens or LOSS_CHUNK_TOKENS)
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, generator, check_finite, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, targets, uniforms, check_finite, chunk_tokens):
         if weight.requires_grad or (bias is not None and bias.requires_grad):
             raise ValueError("token_losses keeps the output head frozen; its weights must not require grad")
         wants_gradient = ctx.needs_input_grad[0]
@@ -141,7 +172,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
             # exponentiate, normalise. Each step is one pass over chunk × vocabulary.
             logits.sub_(logits.amax(dim=1, keepdim=True))
             if targets is None:
-                y = torch.multinomial(logits.exp(), 1, generator=generator).flatten()
+                y = _sample_from_exp(logits.exp(), uniforms[start:stop])
             else:
                 y = targets[start:stop]
             picked = torch.arange(stop - start, device=logits.device)
@@ -177,7 +208,8 @@ def _output_head(model, batch: TokenBatch) -> torch.nn.Linear | None:
         return None     # someone trains the head (a baseline training step): the model's own route
     agrees = _HEAD_CHECKED.get(model)
     if agrees is None:
-        sample = TokenBatch(batch.input_ids[:2], batch.attention_mask[:2], batch.target_mask[:2], batch.owners[:2])
+        sample = TokenBatch(batch.input_ids[:2], batch.attention_mask[:2], batch.target_mask[:2], batch.owners[:2],
+                            None if batch.windows is None else batch.windows[:2])
         with torch.no_grad():
             ours = _losses_from_hidden(model, head, sample, "data")
             theirs = _losses_from_logits(model, sample, "data")
@@ -251,9 +283,9 @@ class LayerTracker:
 
 
 def backward_layers(model, modules: dict, batch: TokenBatch, on_layer: LayerCallback,
-                    labels: str = "data", generator: torch.Generator | None = None) -> torch.Tensor:
+                    labels: str = "data", seed: int = 0) -> torch.Tensor:
     """One forward + backward of the summed loss; returns the per-row losses (detached)."""
     with LayerTracker(modules, on_layer):
-        losses = sequence_losses(model, batch, labels, generator)
+        losses = sequence_losses(model, batch, labels, seed)
         losses.sum().backward()
     return losses.detach()

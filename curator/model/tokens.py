@@ -19,6 +19,7 @@ class Window:
     owner: int               # document id, or the query's position in its suite
     ids: tuple[int, ...]
     first_target: int = 1    # positions >= first_target are predicted (queries: the completion)
+    index: int = 0           # the window's number within its document (what seeds its sampled labels)
 
     @property
     def targets(self) -> int:
@@ -31,6 +32,7 @@ class TokenBatch:
     attention_mask: object # (B, T) long
     target_mask: object    # (B, T) bool: token t is predicted from tokens < t
     owners: object         # (B,) long
+    windows: object = None # (B,) long: each row's window number within its owner
 
     @property
     def tokens(self) -> int:
@@ -41,8 +43,8 @@ def split_windows(owner: int, ids: Sequence[int], max_len: int) -> list[Window]:
     if max_len < 2:
         raise CuratorError("--max-seq-len must be at least 2 (one token of context, one to predict)")
     step = max_len - 1
-    return [Window(owner, tuple(ids[start:start + max_len]))
-            for start in range(0, max(len(ids) - 1, 0), step)]
+    return [Window(owner, tuple(ids[start:start + max_len]), index=number)
+            for number, start in enumerate(range(0, max(len(ids) - 1, 0), step))]
 
 
 def tokenize_documents(tokenizer, docs: Sequence[tuple[int, str]], max_len: int
@@ -104,7 +106,9 @@ def pad_batch(windows: Sequence[Window], pad_id: int, device="cpu") -> TokenBatc
         attention[row, :n] = 1
         targets[row, window.first_target:n] = True
     owners = torch.tensor([w.owner for w in windows], dtype=torch.long)
-    return TokenBatch(input_ids.to(device), attention.to(device), targets.to(device), owners.to(device))
+    numbers = torch.tensor([w.index for w in windows], dtype=torch.long)
+    return TokenBatch(input_ids.to(device), attention.to(device), targets.to(device), owners.to(device),
+                      numbers.to(device))
 
 
 # Per-sequence gradients take d_out × d_in floats per row and layer, so many short
