@@ -44,6 +44,7 @@ from curator.catalog.queries import Query, store_queries
 from curator.influence.score import ScoreConfig, score
 from curator.influence.scoring import bytes_per_query, for_documents, layer_scores, multiply_out_within
 from curator.catalog.database import create_workspace
+from curator.catalog.records import score_source
 
 MAX_LEN = 12
 DOCS = [TRAINING_TEXT[0], TRAINING_TEXT[1] * 2, "x = 1", TRAINING_TEXT[2], "ab",
@@ -206,7 +207,7 @@ def test_scores_equal_explicit_formula(setup, brute):
                 if owner == doc_id:
                     total += sum(float(preconditioned[n] @ vec(seq[n][2])) for n in record.modules)
             expected[(query.id, doc_id)] = (total, total / loss)
-    table = pl.read_parquet(result.out_path)
+    table = pl.read_parquet(score_source(result.out_path))
     assert table.height == len(QUERIES) * len(DOCS)
     assert table.select(["query_id", "doc_id"]).is_duplicated().sum() == 0
     got = {(r["query_id"], r["doc_id"]): (r["score"], r["score_per_nat"]) for r in table.to_dicts()}
@@ -225,8 +226,8 @@ def test_full_rank_queries_give_the_same_scores(setup):
     ws, lm, record, _, result = setup
     full = score(ws, ScoreConfig(batch_tokens=40, query_rank=64, factors=record.id), loaded=lm)
     assert full.run_id != result.run_id
-    a = pl.read_parquet(result.out_path).sort(["query_id", "doc_id"])
-    b = pl.read_parquet(full.out_path).sort(["query_id", "doc_id"])
+    a = pl.read_parquet(score_source(result.out_path)).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(score_source(full.out_path)).sort(["query_id", "doc_id"])
     scale = float(a["score"].abs().max())
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-3, atol=1e-4 * scale)
 
@@ -467,6 +468,16 @@ class StopAfter:
                 raise KeyboardInterrupt
 
 
+class TokenCount(StopAfter):
+    def __init__(self, chunks=None):
+        super().__init__(chunks)
+        self.tokens = 0
+
+    def advance(self, docs, tokens):
+        self.tokens += tokens
+        super().advance(docs, tokens)
+
+
 def test_a_killed_scoring_run_resumes_from_finished_chunks(setup, tmp_path):
     ws, lm, record, _, result = setup
     out = tmp_path / "resumed.parquet"
@@ -474,12 +485,15 @@ def test_a_killed_scoring_run_resumes_from_finished_chunks(setup, tmp_path):
     config = ScoreConfig(batch_tokens=40, chunk_docs=2, factors=record.id)
     with pytest.raises(KeyboardInterrupt):
         score(ws, config, out=out, loaded=lm, progress=StopAfter(chunks=2))
-    assert not out.exists() and len(list((tmp_path / "resumed.parquet.chunks").glob("*.parquet"))) == 2
-    counter = StopAfter()
+    # Readers see nothing of an unfinished run: its parts wait in pending/.
+    assert not list(out.glob("*.parquet")) and len(list((out / "pending").glob("*.parquet"))) == 2
+    counter = TokenCount()
     resumed = score(ws, config, out=out, loaded=lm, progress=counter)
-    assert counter.finished == 4 and not (tmp_path / "resumed.parquet.chunks").exists()
-    a = pl.read_parquet(result.out_path).sort(["query_id", "doc_id"])
-    b = pl.read_parquet(resumed.out_path).sort(["query_id", "doc_id"])
+    chunks = -(-result.stats["documents"] // 2)
+    assert counter.finished == chunks
+    assert not (out / "pending").exists() and len(list(out.glob("*.parquet"))) == chunks
+    a = pl.read_parquet(score_source(result.out_path)).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(score_source(resumed.out_path)).sort(["query_id", "doc_id"])
     assert a.select(["query_id", "doc_id"]).equals(b.select(["query_id", "doc_id"]))
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
                                atol=1e-5 * float(a["score"].abs().max()))
@@ -492,7 +506,9 @@ def _one_query_mb(ws, record) -> float:
 
 def test_a_run_resumed_with_other_batching_settings_equals_an_uninterrupted_one(setup, tmp_path):
     """Query memory and chunk size do not change the scores, so a run killed under one setting and
-    resumed under another must give the uninterrupted run's scores, never mix chunks of two plans."""
+    resumed under another must give the uninterrupted run's scores, never mix chunks of two plans.
+    The resumed run keeps the batching it began with while that fits the query memory, so its
+    finished parts are used; with less memory it batches anew."""
     ws, lm, record, _, result = setup
     out = tmp_path / "mixed.parquet"
     one_query = _one_query_mb(ws, record)
@@ -500,12 +516,12 @@ def test_a_run_resumed_with_other_batching_settings_equals_an_uninterrupted_one(
                                     query_memory_mb=1.5 * one_query)
     with pytest.raises(KeyboardInterrupt):
         score(ws, per_query_batches, out=out, loaded=lm, progress=StopAfter(chunks=5))
-    assert len(list((tmp_path / "mixed.parquet.chunks").glob("*.parquet"))) >= 2
+    assert len(list((out / "pending").glob("*.parquet"))) >= 2
     one_batch = per_query_batches.model_copy(update={"query_memory_mb": 1000 * one_query, "chunk_docs": 3})
     resumed = score(ws, one_batch, out=out, loaded=lm)
-    assert resumed.run_id == result.run_id and resumed.stats["query_batches"] == 1
-    a = pl.read_parquet(result.out_path).sort(["query_id", "doc_id"])
-    b = pl.read_parquet(resumed.out_path).sort(["query_id", "doc_id"])
+    assert resumed.run_id == result.run_id and resumed.stats["query_batches"] == len(QUERIES)
+    a = pl.read_parquet(score_source(result.out_path)).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(score_source(resumed.out_path)).sort(["query_id", "doc_id"])
     assert a.select(["query_id", "doc_id"]).equals(b.select(["query_id", "doc_id"]))
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
                                atol=1e-5 * float(a["score"].abs().max()))
@@ -514,20 +530,10 @@ def test_a_run_resumed_with_other_batching_settings_equals_an_uninterrupted_one(
     with pytest.raises(KeyboardInterrupt):
         score(ws, one_batch, out=out2, loaded=lm, progress=StopAfter(chunks=1))
     again = score(ws, per_query_batches, out=out2, loaded=lm)
-    assert again.stats["query_batches"] == len(QUERIES)
-    c = pl.read_parquet(again.out_path).sort(["query_id", "doc_id"])
+    assert again.stats["query_batches"] == len(QUERIES)      # one batch of all no longer fits
+    c = pl.read_parquet(score_source(again.out_path)).sort(["query_id", "doc_id"])
     np.testing.assert_allclose(c["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
                                atol=1e-5 * float(a["score"].abs().max()))
-
-
-class TokenCount(StopAfter):
-    def __init__(self, chunks=None):
-        super().__init__(chunks)
-        self.tokens = 0
-
-    def advance(self, docs, tokens):
-        self.tokens += tokens
-        super().advance(docs, tokens)
 
 
 def test_a_run_resumed_with_another_batch_size_reuses_the_finished_chunks(setup, tmp_path):
@@ -540,8 +546,8 @@ def test_a_run_resumed_with_another_batch_size_reuses_the_finished_chunks(setup,
     resumed = score(ws, config.model_copy(update={"batch_tokens": 64}), out=out, loaded=lm, progress=resumed_count)
     score(ws, config, out=tmp_path / "fresh.parquet", loaded=lm, progress=fresh_count)
     assert 0 < resumed_count.tokens < fresh_count.tokens      # the two finished chunks were not scored again
-    a = pl.read_parquet(result.out_path).sort(["query_id", "doc_id"])
-    b = pl.read_parquet(resumed.out_path).sort(["query_id", "doc_id"])
+    a = pl.read_parquet(score_source(result.out_path)).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(score_source(resumed.out_path)).sort(["query_id", "doc_id"])
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
                                atol=1e-5 * float(a["score"].abs().max()))
 
@@ -555,5 +561,5 @@ def test_a_settings_change_that_changes_the_scores_starts_afresh(setup, tmp_path
     rank_one = score(ws, dense.model_copy(update={"query_rank": 1}), out=out, loaded=lm)
     fresh = score(ws, dense.model_copy(update={"query_rank": 1}), out=tmp_path / "fresh.parquet", loaded=lm)
     assert rank_one.run_id == fresh.run_id
-    np.testing.assert_array_equal(pl.read_parquet(rank_one.out_path)["score"].to_numpy(),
-                                  pl.read_parquet(fresh.out_path)["score"].to_numpy())
+    np.testing.assert_array_equal(pl.read_parquet(score_source(rank_one.out_path))["score"].to_numpy(),
+                                  pl.read_parquet(score_source(fresh.out_path))["score"].to_numpy())

@@ -88,6 +88,23 @@ def seeded_sample(catalog: Catalog, ids: Sequence[int], limit: int, seed: int = 
         catalog.con.unregister("sample_candidates")
 
 
+def chunk_sizes(catalog: Catalog, chunks: Sequence[Sequence[int]]) -> list[int]:
+    """The UTF-8 bytes of each chunk of documents: what balances chunks over ranks before any
+    token is counted (tokens are about proportional to bytes for one tokenizer and corpus)."""
+    import pyarrow as pa
+
+    numbers = [n for n, chunk in enumerate(chunks) for _ in chunk]
+    ids = [doc_id for chunk in chunks for doc_id in chunk]
+    catalog.con.register("chunk_members", pa.table({"id": pa.array(ids, pa.int64()),
+                                                    "chunk": pa.array(numbers, pa.int64())}))
+    try:
+        sizes = dict(catalog.sql("SELECT m.chunk, sum(d.bytes) FROM chunk_members m JOIN documents d ON d.id = m.id "
+                                 "GROUP BY m.chunk"))
+    finally:
+        catalog.con.unregister("chunk_members")
+    return [int(sizes.get(n, 0)) for n in range(len(chunks))]
+
+
 def read_texts(catalog: Catalog, ids: Sequence[int], chunk: int = 256) -> Iterator[list[tuple[int, str]]]:
     """(id, text) rows for the given ids, in that order, `chunk` at a time."""
     for start in range(0, len(ids), chunk):

@@ -30,14 +30,17 @@ from curator.influence.ekfac import (
     sequence_gradients,
     token_covariance,
 )
-from curator.model.document_pass import NoProgress, PassProgress, PassSettings, Timer, document_pass
+from curator.model import distributed
+from curator.model.document_pass import NoProgress, PassProgress, PassSettings, PassTotals, Timer, document_pass
 from curator.model.loading import LoadedModel, load_model, tracked_modules
 from curator.catalog.workspace import Workspace
 
 
-# Documents batched together: batches are drawn from each chunk, and the sampled labels
-# follow the batches, so this fixes which labels a fit draws.
+# Documents batched together, and the unit handed to a rank. Sampled labels are drawn per
+# document window, so neither this nor the batch size changes which labels a fit draws.
 FIT_CHUNK_DOCS = 256
+# 2: sampled labels drawn per document window (the same on any chunking, batching or ranks).
+FIT_VERSION = 2
 
 
 class FitConfig(Settings):
@@ -66,14 +69,18 @@ class FitResult(BaseModel):
 
 def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
         progress: PassProgress | None = None, force: bool = False) -> FitResult:
+    """Fit (or reuse, or finish) the factors these settings name. Under torchrun every rank
+    runs this with the same config: each passes over its share of the sample, the sums are
+    all-reduced, and rank 0 alone decomposes, writes and records (the others get its record)."""
+    ranks = distributed.current()
     progress = progress or NoProgress()
     timer = Timer()
     with timer("load model"):
-        loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype)
+        loaded = loaded or load_model(config.model, device=ranks.device(config.device), dtype=config.dtype)
     modules = tracked_modules(loaded.model, config.modules, config.layers)
     with Catalog.open(ws) as catalog:
         ids = document_ids(catalog, config.max_docs, config.seed)
-        fit_id = content_id("fit", loaded.info.id, config.identity(), ids)
+        fit_id = content_id("fit", FIT_VERSION, loaded.info.id, config.identity(), ids)
         existing = catalog.one("SELECT id FROM factors WHERE id = ?", [fit_id])
     path = ws.artifact_dir("factors") / f"{fit_id}.safetensors"
     if existing and path.is_file() and not force:
@@ -83,7 +90,8 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
     # ended) only needs recording.
     finished = None if force else finished_factors(path, fit_id)
     if finished is not None:
-        _record(ws, loaded, finished, {})
+        if ranks.main:
+            _record(ws, loaded, finished, {})
         return FitResult(record=finished)
 
     counts: dict[int, int] = {}
@@ -91,47 +99,45 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
     settings = PassSettings(max_len=config.max_seq_len, batch_tokens=config.batch_tokens, chunk_docs=FIT_CHUNK_DOCS,
                             labels=labels, seed=config.seed)
     covariance_path = path.with_name(f"{fit_id}.covariance.part")
-    stats: dict = {"documents": len(ids)}
+    stats: dict = {"documents": len(ids), "ranks": ranks.world}
+    resuming = ranks.share(covariance_path.is_file() if ranks.main else None)
 
     with Catalog.open(ws) as catalog:
         # Stage 1: covariances (or their saved sums from a run that was killed later).
-        if covariance_path.is_file():
-            sums, meta = load_tensors(covariance_path, rebuild=f"curator fit --force (it is {fit_id}'s first pass)")
-            stats.update(meta["stats"])
-        else:
-            sums = {name: {"a_cov": 0, "s_cov": 0, "tokens": 0} for name in modules}
-
-            def accumulate_covariances(name, a, delta, batch, _output):
-                sums[name]["a_cov"] = sums[name]["a_cov"] + token_covariance(a, batch.attention_mask)
-                sums[name]["s_cov"] = sums[name]["s_cov"] + token_covariance(delta, batch.attention_mask)
-
-            progress.stage("fit 1/2: covariances", len(ids))
+        sums = None
+        if not resuming:
             with timer("covariances"):
-                seen = document_pass(loaded.model, modules, loaded.tokenizer, catalog, ids, settings,
-                                     accumulate_covariances, progress=progress, counts=counts)
-            if seen.tokens == 0:
-                raise CuratorError("the fitting sample has no document with two or more tokens")
-            for name in modules:
-                _require_finite(sums[name]["a_cov"], f"the input covariance of {name}")
-                _require_finite(sums[name]["s_cov"], f"the gradient covariance of {name}")
-                sums[name]["tokens"] = torch.tensor(seen.tokens)
-            stats.update({"sequences": seen.windows, "tokens": seen.tokens})
-            save_tensors(covariance_path, sums, {"fit_id": fit_id, "stats": stats})
+                sums, seen = _covariance_sums(loaded, modules, catalog, ids, settings, progress, counts, ranks)
+        if ranks.main:
+            if resuming:
+                sums, meta = load_tensors(covariance_path,
+                                          rebuild=f"curator fit --force (it is {fit_id}'s first pass)")
+                stats.update(meta["stats"])
+            else:
+                if seen.tokens == 0:
+                    raise CuratorError("the fitting sample has no document with two or more tokens")
+                for name in modules:
+                    _require_finite(sums[name]["a_cov"], f"the input covariance of {name}")
+                    _require_finite(sums[name]["s_cov"], f"the gradient covariance of {name}")
+                stats.update({"sequences": seen.windows, "tokens": seen.tokens})
+                save_tensors(covariance_path, sums, {"fit_id": fit_id, "stats": stats})
 
-        with timer("eigendecomposition"):
-            layers = {}
-            for name in modules:
-                tokens = int(sums[name]["tokens"])
-                a_vals, a_vecs = eigenbasis(sums[name]["a_cov"], tokens)
-                s_vals, s_vecs = eigenbasis(sums[name]["s_cov"], tokens)
-                layers[name] = {"a_cov": sums[name]["a_cov"] / tokens, "s_cov": sums[name]["s_cov"] / tokens,
-                                "a_eigvals": a_vals, "a_eigvecs": a_vecs,
-                                "s_eigvals": s_vals, "s_eigvecs": s_vecs}
+        # Decomposed once, on rank 0; the other ranks receive the eigenbases.
+        layers = {}
+        if ranks.main:
+            with timer("eigendecomposition"):
+                for name in modules:
+                    tokens = int(sums[name]["tokens"])
+                    a_vals, a_vecs = eigenbasis(sums[name]["a_cov"], tokens)
+                    s_vals, s_vecs = eigenbasis(sums[name]["s_cov"], tokens)
+                    layers[name] = {"a_cov": sums[name]["a_cov"] / tokens, "s_cov": sums[name]["s_cov"] / tokens,
+                                    "a_eigvals": a_vals, "a_eigvecs": a_vecs,
+                                    "s_eigvals": s_vals, "s_eigvecs": s_vecs}
+        sums = None
+        bases = {name: (t["s_eigvecs"].float(), t["a_eigvecs"].float()) for name, t in layers.items()}
+        bases = ranks.share(bases if ranks.main else None, device=loaded.device)
 
         # Stage 2: the eigenvalue correction Λ_ij = E_n[(Q_Sᵀ G_n Q_A)_ij²].
-        device = loaded.device
-        bases = {name: (t["s_eigvecs"].to(device, torch.float32), t["a_eigvecs"].to(device, torch.float32))
-                 for name, t in layers.items()}
         corrected_sums = {name: 0 for name in modules}
 
         def accumulate_corrections(name, a, delta, _batch, _output):
@@ -139,14 +145,20 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
             rotated = rotate(sequence_gradients(a, delta), q_s, q_a)
             corrected_sums[name] = corrected_sums[name] + (rotated ** 2).sum(dim=0).double()
 
-        progress.stage("fit 2/2: eigenvalue correction", len(ids))
         with timer("eigenvalue correction"):
             seen = document_pass(loaded.model, modules, loaded.tokenizer, catalog, ids,
-                                 dataclasses.replace(settings, seed=config.seed + 1),
-                                 accumulate_corrections, progress=progress)
+                                 dataclasses.replace(settings, seed=config.seed + 1), accumulate_corrections,
+                                 progress=progress, description="fit 2/2: eigenvalue correction", ranks=ranks)
+    # Every rank has closed its read-only catalog here: rank 0 may write it after the all-reduces.
+    windows = ranks.all_sum(seen.windows)
+    for name in modules:
+        corrected_sums[name] = ranks.all_reduce(_as_tensor(corrected_sums[name], bases[name]))
+    counts = _merged(ranks.gather(counts))
+    if not ranks.main:
+        return ranks.share(None)
 
     for name in modules:
-        corrected = (corrected_sums[name] / seen.windows).cpu()
+        corrected = (corrected_sums[name] / windows).cpu()
         _require_finite(corrected, f"the corrected eigenvalues of {name}")
         layers[name]["corrected"] = corrected
         layers[name]["damping"] = torch.tensor(damping_value(corrected, config.damping), dtype=torch.float64)
@@ -161,7 +173,45 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
                                 "settings": config.model_dump(), "record": record.model_dump()})
     covariance_path.unlink(missing_ok=True)
     _record(ws, loaded, record, counts)
-    return FitResult(record=record)
+    return ranks.share(FitResult(record=record))
+
+
+def _covariance_sums(loaded: LoadedModel, modules: dict, catalog: Catalog, ids: list[int], settings: PassSettings,
+                     progress: PassProgress, counts: dict[int, int], ranks: distributed.Ranks):
+    """Σ a aᵀ and Σ δ δᵀ over every token of the sample (summed over ranks), and the pass's totals."""
+    sums = {name: {"a_cov": 0, "s_cov": 0} for name in modules}
+
+    def accumulate_covariances(name, a, delta, batch, _output):
+        sums[name]["a_cov"] = sums[name]["a_cov"] + token_covariance(a, batch.attention_mask)
+        sums[name]["s_cov"] = sums[name]["s_cov"] + token_covariance(delta, batch.attention_mask)
+
+    seen = document_pass(loaded.model, modules, loaded.tokenizer, catalog, ids, settings, accumulate_covariances,
+                         progress=progress, description="fit 1/2: covariances", counts=counts, ranks=ranks)
+    totals = PassTotals(windows=ranks.all_sum(seen.windows), tokens=ranks.all_sum(seen.tokens))
+    for name, module in modules.items():
+        d_in = module.in_features + (module.bias is not None)
+        for key, size in (("a_cov", d_in), ("s_cov", module.out_features)):
+            sums[name][key] = ranks.all_reduce(_as_tensor(sums[name][key], (size, size), loaded.device)).cpu()
+        sums[name]["tokens"] = torch.tensor(totals.tokens)
+    return sums, totals
+
+
+def _as_tensor(total, like, device=None) -> torch.Tensor:
+    """A running sum that is still the integer 0 (a rank without documents) as a float64 tensor
+    of the shape the other ranks have, so the all-reduce sees the same tensor on every rank."""
+    if isinstance(total, torch.Tensor):
+        return total
+    if isinstance(like, tuple) and like and isinstance(like[0], torch.Tensor):   # (Q_S, Q_A)
+        q_s, q_a = like
+        return torch.zeros(q_s.shape[0], q_a.shape[0], dtype=torch.float64, device=q_s.device)
+    return torch.zeros(like, dtype=torch.float64, device=device)
+
+
+def _merged(parts: list[dict] | None) -> dict:
+    merged: dict = {}
+    for part in parts or []:
+        merged.update(part)
+    return merged
 
 
 def _record(ws: Workspace, loaded: LoadedModel, record: FactorsRecord, counts: dict[int, int]) -> None:

@@ -6,17 +6,20 @@
 2. One pass over the documents (curator/model/document_pass.py) scores the
    whole query batch: per layer and window ⟨P_q, G_d⟩, summed over a
    document's windows.
-Each chunk of documents is written to ``<out>.chunks/`` under a name derived from
-the queries and documents it holds, so a killed run resumes with whatever
-settings that do not change the result (batch size, chunk size, query memory)
-and never mixes chunks of different plans; the Parquet file appears under its
-name only when whole.
+The output is a Parquet dataset (score_dataset.py): one part per query batch and
+chunk of documents, named by what it holds. A killed run resumes with whatever
+settings do not change the result (batch size, chunk size, query memory, number
+of ranks); a run over all documents, repeated after another ingest, scores only
+the new documents and adds their parts to the same run.
+
+Under torchrun every rank runs this with the same config: rank 0 prepares each query
+batch and shares it, every rank writes the parts of its share of the chunks, and rank 0
+publishes the parts and records the run once all ranks are done.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from curator.artifacts import NOT_IDENTITY, Settings, atomic_file, content_id, write_text_atomic
+from curator.artifacts import NOT_IDENTITY, Settings, atomic_file, content_id
 from curator.catalog.database import Catalog
 from curator.catalog.documents import document_ids
 from curator.catalog.queries import Query, select_queries
@@ -41,8 +44,14 @@ from curator.influence.scoring import (
     layer_scores,
     multiply_out_within,
 )
+from curator.influence.score_dataset import ScoreDataset, part_name
+from curator.model import distributed
 from curator.model.document_pass import NoProgress, PassProgress, PassSettings, Timer, chunks_of, document_pass
 from curator.model.loading import LoadedModel
+
+
+# 2: scores are a dataset of parts; a run over the whole catalog is named without its documents.
+SCORE_VERSION = 2
 
 
 class ScoreConfig(Settings):
@@ -89,81 +98,114 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
     document sample (a search re-ranking candidates); `record=False` keeps such a run out of the catalog."""
     if config.method != "exact":
         raise CuratorError("curator.influence.score scores exactly; sketch scores come from curator.sketch.search")
+    ranks = distributed.current()
     progress = progress or NoProgress()
     timer = Timer()
     with Catalog.open(ws) as catalog:
         factors_record = get_factors(catalog, config.factors)
         queries = queries if queries is not None else select_queries(catalog, config.queries)
         ids = sorted(doc_ids) if doc_ids is not None else document_ids(catalog, config.max_docs, config.seed)
+    # A run over the whole catalog is named without its documents, so after another ingest
+    # the same command finds it and adds the new documents.
+    whole_catalog = doc_ids is None and config.max_docs is None
     with timer("load model"):
-        loaded = loaded or load_model_for(ws, factors_record, model=config.model, device=config.device,
-                                          dtype=config.dtype)
+        loaded = loaded or load_model_for(ws, factors_record, model=config.model,
+                                          device=ranks.device(config.device), dtype=config.dtype)
     modules = check_compatible(loaded, factors_record, config.modules)
     max_len = config.max_seq_len or factors_record.settings["max_seq_len"]
-    with timer("load factors"):
-        factors = {name: f.to(loaded.device) for name, f in load_layer_factors(ws, factors_record).items()}
-    shapes = [tuple(f.corrected.shape) for f in factors.values()]
+    factors = None
+    if ranks.main:     # only rank 0 preconditions queries; the others receive them
+        with timer("load factors"):
+            factors = {name: f.to(loaded.device) for name, f in load_layer_factors(ws, factors_record).items()}
+    shapes = ranks.share([tuple(f.corrected.shape) for f in factors.values()] if ranks.main else None)
     budget = int(config.query_memory_mb * 2**20)
     rank, rank_reason = choose_query_rank(config.query_rank, len(queries), shapes, budget)
 
     resolved = config.model_copy(update={"query_rank": rank if rank is not None else "dense"})
-    run_id = content_id("score", factors_record.id, [q.model_dump() for q in queries], ids, resolved.identity(),
-                        max_len)
-    out = Path(out) if out else ws.artifact_dir("scores") / f"{run_id}.parquet"
+    run_id = content_id("score", SCORE_VERSION, factors_record.id, [q.model_dump() for q in queries],
+                        "all documents" if whole_catalog else ids, resolved.identity(), max_len)
+    out = Path(out) if out else ws.artifact_dir("scores") / run_id
+    dataset = ScoreDataset(out)
+    batch_size = max(1, budget // bytes_per_query(shapes, rank))
+    fresh_batches = [[q.id for q in queries[i:i + batch_size]] for i in range(0, len(queries), batch_size)]
+
+    # Rank 0 opens the dataset and decides what is left to score; the others follow its plan.
+    plan = None
+    if ranks.main:
+        manifest = dataset.open(run_id, fresh_batches, force=force)
+        if max(len(batch) for batch in manifest.query_batches) > batch_size:
+            # Less query memory than when the run began (after running out of it, say): batch anew.
+            # Parts of other batches hold other documents, so the dataset stays one of each pair.
+            manifest = manifest.model_copy(update={"query_batches": fresh_batches})
+            dataset.write_manifest(manifest)
+        todo = np.setdiff1d(np.asarray(ids, dtype=np.int64), dataset.scored_documents(manifest)).tolist()
+        plan = {"manifest": manifest, "todo": todo}
+    plan = ranks.share(plan)
+    manifest, todo = plan["manifest"], plan["todo"]
     with Catalog.open(ws) as catalog:
         done = catalog.one("SELECT out_path, stats FROM runs WHERE id = ?", [run_id])
-    if record and done and Path(done[0]) == out.resolve() and out.is_file() and not force:
+    if record and done and Path(done[0]) == out.resolve() and not todo and not force:
         return ScoreResult(run_id=run_id, factors_id=factors_record.id, out_path=done[0],
                            stats=json.loads(done[1]), reused=True)
 
-    chunks_dir = _resumable_dir(out, run_id)
-    batch_size = max(1, budget // bytes_per_query(shapes, rank))
-    query_batches = [queries[i:i + batch_size] for i in range(0, len(queries), batch_size)]
+    by_id = {q.id: q for q in queries}
+    query_batches = [[by_id[qid] for qid in batch] for batch in manifest.query_batches]
+    chunks = chunks_of(todo, config.chunk_docs)
+    planned = [[part_name(b, batch, chunk) for chunk in chunks] for b, batch in enumerate(manifest.query_batches)]
+    if ranks.main:
+        dataset.keep_pending({name for names in planned for name in names})
     settings = PassSettings(max_len=max_len, batch_tokens=config.batch_tokens, chunk_docs=config.chunk_docs)
     losses: dict[str, float] = {}
     counts: dict[int, int] = {}
     windows = tokens = 0
-    files: list[Path] = []
     with Catalog.open(ws) as catalog:
         for number, query_batch in enumerate(query_batches):
-            planned = {n: chunks_dir / _chunk_name(query_batch, chunk)
-                       for n, chunk in enumerate(chunks_of(ids, config.chunk_docs))}
-            files.extend(planned.values())
-            losses_path = chunks_dir / (content_id("losses", [q.id for q in query_batch]) + ".json")
-            if all(path.is_file() for path in [*planned.values(), losses_path]):
-                losses.update(json.loads(losses_path.read_text()))
-                continue
-            with timer("query gradients"):
-                prepared, batch_losses = prepare_queries(loaded, modules, factors, query_batch, max_len,
-                                                         config.chat_template, rank, config.batch_tokens)
-                if rank is not None:
-                    prepared = multiply_out_within(prepared, budget, max_len, loaded.model.dtype)
-                prepared = for_documents(prepared, loaded.model.dtype)
+            if not todo:
+                break
+            prepared, batch_losses = None, None
+            if ranks.main:
+                with timer("query gradients"):
+                    prepared, batch_losses = prepare_queries(loaded, modules, factors, query_batch, max_len,
+                                                             config.chat_template, rank, config.batch_tokens)
+            prepared, batch_losses = ranks.share((prepared, batch_losses), device=loaded.device)
+            if rank is not None:
+                prepared = multiply_out_within(prepared, budget, max_len, loaded.model.dtype)
+            prepared = for_documents(prepared, loaded.model.dtype)
             losses.update(batch_losses)
-            write_text_atomic(losses_path, json.dumps(batch_losses))
-            progress.stage(f"score {number + 1}/{len(query_batches)}: {len(query_batch)} queries", len(ids))
 
             def add_scores(name, a, delta, _batch, output, prepared=prepared):
                 output.add_(layer_scores(a, delta, prepared[name]))
 
-            write_chunk = _chunk_writer(planned, query_batch, batch_losses, chunks_dir)
+            names = planned[number]
+            write_part = _part_writer(dataset.pending, names, query_batch, batch_losses)
             with timer("document pass"):
-                seen = document_pass(loaded.model, modules, loaded.tokenizer, catalog, ids, settings, add_scores,
-                                     width=len(query_batch), on_chunk=write_chunk,
-                                     chunk_done=lambda n, _chunk, planned=planned: planned[n].is_file(),
-                                     progress=progress, counts=counts)
+                seen = document_pass(loaded.model, modules, loaded.tokenizer, catalog, todo, settings, add_scores,
+                                     width=len(query_batch), on_chunk=write_part,
+                                     chunk_done=lambda n, _chunk, names=names: (dataset.pending / names[n]).is_file(),
+                                     progress=progress, counts=counts, ranks=ranks,
+                                     description=f"score {number + 1}/{len(query_batches)}: "
+                                                 f"{len(query_batch)} queries")
             windows += seen.windows
             tokens += seen.tokens
-    with timer("write"):
-        _concatenate(files, out)
-    stats = {"documents": len(ids), "queries": len(queries), "query_batches": len(query_batches),
-             "query_rank": rank, "query_rank_reason": rank_reason, "query_losses": losses,
-             "windows": windows, "tokens": tokens, "seconds": timer.seconds}
-    stats["docs_per_second"] = round(len(ids) / max(timer.seconds.get("document pass", 0), 1e-9), 2)
+    # Every rank has finished its parts and closed the catalog once these sums are in.
+    windows, tokens = ranks.all_sum(windows), ranks.all_sum(tokens)
+    pass_seconds = ranks.gather(timer.seconds.get("document pass", 0.0))
+    counts = {doc: n for part in ranks.gather(counts) or [] for doc, n in part.items()}
+    if not ranks.main:
+        return ranks.share(None)
+
+    with timer("publish"):
+        manifest = dataset.publish(manifest, [name for names in planned for name in names], np.asarray(todo),
+                                   losses)
+    stats = {"documents": manifest.documents, "added_documents": len(todo), "queries": len(queries),
+             "query_batches": len(query_batches), "query_rank": rank, "query_rank_reason": rank_reason,
+             "query_losses": manifest.query_losses, "windows": windows, "tokens": tokens,
+             "ranks": ranks.world, "seconds": timer.seconds}
+    stats["docs_per_second"] = round(len(todo) / max(max(pass_seconds), 1e-9), 2)
     if record:
         record_run(ws, run_id, resolved, loaded, factors_record.id, queries, out, stats, counts)
-    shutil.rmtree(chunks_dir, ignore_errors=True)
-    return ScoreResult(run_id=run_id, factors_id=factors_record.id, out_path=str(out.resolve()), stats=stats)
+    return ranks.share(ScoreResult(run_id=run_id, factors_id=factors_record.id, out_path=str(out.resolve()),
+                                   stats=stats))
 
 
 def record_run(ws: Workspace, run_id: str, config: ScoreConfig, loaded: LoadedModel, factors_id: str,
@@ -183,15 +225,9 @@ def record_run(ws: Workspace, run_id: str, config: ScoreConfig, loaded: LoadedMo
         catalog.sql("COMMIT")
 
 
-# -- the resumable output: one Parquet file per (query batch, document chunk) ---------------------
+# -- the parts: one Parquet file per (query batch, document chunk) ----------------------------
 
-def _chunk_name(queries: list[Query], doc_ids: list[int]) -> str:
-    """Named by what it holds, so a resumed run with another query batching or chunk size
-    reuses only the files that hold exactly the scores it needs."""
-    return content_id("chunk", [q.id for q in queries], doc_ids) + ".parquet"
-
-
-def _chunk_writer(planned: dict[int, Path], queries: list[Query], losses: dict[str, float], chunks_dir: Path):
+def _part_writer(pending: Path, names: list[str], queries: list[Query], losses: dict[str, float]):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -203,8 +239,8 @@ def _chunk_writer(planned: dict[int, Path], queries: list[Query], losses: dict[s
             bad_doc, bad_query = torch.nonzero(~torch.isfinite(totals))[0].tolist()
             raise CuratorError(
                 f"the score of document {chunk_ids[bad_doc]} on query {queries[bad_query].id} is NaN or "
-                f"infinite (the model overflowed on it; try --dtype float32). Finished chunks are kept in "
-                f"{chunks_dir} and a rerun resumes after them.")
+                f"infinite (the model overflowed on it; try --dtype float32). Finished parts are kept in "
+                f"{pending} and a rerun resumes after them.")
         n_docs = len(chunk_ids)
         # Query-major: all of the chunk's documents for the first query, then the next.
         table = pa.table({
@@ -213,29 +249,7 @@ def _chunk_writer(planned: dict[int, Path], queries: list[Query], losses: dict[s
             "score": pa.array(totals.T.reshape(-1).float().numpy()),
             "score_per_nat": pa.array((totals / per_nat).T.reshape(-1).float().numpy()),
         })
-        with atomic_file(planned[number]) as part:
+        with atomic_file(pending / names[number]) as part:
             pq.write_table(table, part)
 
     return write
-
-
-def _resumable_dir(out: Path, run_id: str) -> Path:
-    """`<out>.chunks/`, reused only if it belongs to this same run."""
-    directory = out.with_name(out.name + ".chunks")
-    marker = directory / "RUN"
-    if directory.exists() and (not marker.is_file() or marker.read_text() != run_id):
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    marker.write_text(run_id)
-    return directory
-
-
-def _concatenate(files: list[Path], out: Path) -> None:
-    import pyarrow.parquet as pq
-
-    if not files:
-        raise CuratorError("scoring produced no output chunks")
-    schema = pq.read_schema(files[0]).remove_metadata()
-    with atomic_file(out) as part, pq.ParquetWriter(part, schema) as writer:
-        for file in files:
-            writer.write_table(pq.read_table(file).cast(schema))

@@ -6,8 +6,9 @@ layer's (a, δ) goes to the caller's ``LayerWork``, which may add a per-window
 row of numbers (scores, a sketch) into the batch's output. The pass sums those
 rows over each document's windows and hands every finished chunk of documents
 to ``on_chunk``. A chunk that ``chunk_done`` says exists already is skipped,
-which is how a killed run resumes; chunks are also the unit a distributed run
-will hand out to ranks.
+which is how a killed run resumes. Under torchrun the chunks still to do are
+handed out to ranks balanced by size (curator/model/distributed.py); the chunks
+themselves are the same on any number of ranks, so a run resumes on any number.
 
 Fitting passes ``width=0``: its layer work accumulates statistics itself and
 the chunks carry no output.
@@ -23,7 +24,8 @@ from typing import Protocol
 import torch
 
 from curator.catalog.database import Catalog
-from curator.catalog.documents import read_texts
+from curator.catalog.documents import chunk_sizes, read_texts
+from curator.model.distributed import SINGLE, Ranks, assign
 from curator.model.losses import backward_layers
 from curator.model.tokens import TokenBatch, Window, batches, pad_token_id, tokenize_documents
 
@@ -70,7 +72,7 @@ class PassSettings:
     batch_tokens: int            # tokens per forward + backward, padding included
     chunk_docs: int              # documents per chunk (the unit of output and of resuming)
     labels: str = "data"         # "data", or "sampled" from the model (the true Fisher)
-    seed: int = 0                # of the sampled labels
+    seed: int = 0                # of the sampled labels (drawn per document window: see losses.label_uniforms)
 
 
 @dataclass
@@ -107,29 +109,50 @@ def document_batches(catalog: Catalog, tokenizer, ids: Sequence[int], max_len: i
             yield (len(chunk) if position == len(planned) - 1 else 0), batch
 
 
+def plan_chunks(catalog: Catalog, chunks: list[list[int]], chunk_done, ranks: Ranks) -> list[int]:
+    """The numbers of the chunks this rank does: those not done, balanced over ranks by size.
+
+    Rank 0 decides and tells the others, so no rank sees a chunk that another has just
+    finished as done and the plan covers every chunk once.
+    """
+    plan = None
+    if ranks.main:
+        pending = [n for n, chunk in enumerate(chunks) if chunk_done is None or not chunk_done(n, chunk)]
+        sizes = chunk_sizes(catalog, [chunks[n] for n in pending]) if ranks.distributed else [0] * len(pending)
+        plan = [[pending[i] for i in mine] for mine in assign(sizes, ranks.world)]
+    return ranks.share(plan)[ranks.rank]
+
+
 def document_pass(model, modules: dict, tokenizer, catalog: Catalog, ids: Sequence[int], settings: PassSettings,
                   work: LayerWork, *, width: int = 0,
                   on_chunk: Callable[[int, list[int], torch.Tensor], None] | None = None,
                   chunk_done: Callable[[int, list[int]], bool] | None = None,
-                  progress: PassProgress | None = None, counts: dict[int, int] | None = None) -> PassTotals:
+                  progress: PassProgress | None = None, description: str = "documents",
+                  counts: dict[int, int] | None = None, ranks: Ranks = SINGLE) -> PassTotals:
     """One forward + backward over every window of every document, chunk by chunk.
 
     `on_chunk(number, chunk ids, sums)` receives each finished chunk with `sums`
     (documents × width, float64, CPU): the per-window output rows summed over each
-    document's windows. Sampled labels come from one generator seeded once per pass
-    and drawn batch by batch, so the same documents, chunks and batch size draw the
-    same labels (a pass that skips finished chunks draws no labels for them).
+    document's windows. Under torchrun each rank does its share of the chunks and
+    the totals are this rank's. Sampled labels are drawn per document window from
+    `settings.seed`, so they do not depend on chunks, batches or ranks.
     """
-    progress = progress or NoProgress()
     counts = counts if counts is not None else {}
+    chunks = chunks_of(ids, settings.chunk_docs)
+    mine = plan_chunks(catalog, chunks, chunk_done, ranks)
+    progress = progress or NoProgress()
+    if ranks.distributed:
+        progress = progress if ranks.main else NoProgress()
+        progress.stage(f"{description} (rank 0 of {ranks.world}: its share)", sum(len(chunks[n]) for n in mine))
+    else:
+        progress.stage(description, len(ids))
+        for number in sorted(set(range(len(chunks))) - set(mine)):           # finished by an earlier run
+            progress.advance(len(chunks[number]), 0)
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
     pad = pad_token_id(tokenizer)
     totals = PassTotals()
-    for number, chunk in enumerate(chunks_of(ids, settings.chunk_docs)):
-        if chunk_done is not None and chunk_done(number, chunk):
-            progress.advance(len(chunk), 0)
-            continue
+    for number in mine:
+        chunk = chunks[number]
         position = {doc_id: row for row, doc_id in enumerate(chunk)}
         sums = torch.zeros(len(chunk), width, dtype=torch.float64)
         windows = document_windows(catalog, tokenizer, chunk, settings.max_len, counts)
@@ -139,7 +162,7 @@ def document_pass(model, modules: dict, tokenizer, catalog: Catalog, ids: Sequen
             def on_layer(name, a, delta, batch=batch, output=output):
                 work(name, a, delta, batch, output)
 
-            backward_layers(model, modules, batch, on_layer, labels=settings.labels, generator=generator)
+            backward_layers(model, modules, batch, on_layer, labels=settings.labels, seed=settings.seed)
             if width:
                 rows = torch.tensor([position[owner] for owner in batch.owners.tolist()])
                 sums.index_add_(0, rows, output.double().cpu())

@@ -7,7 +7,8 @@ flattened; a query's is Uᵀ P_q V (with the query bases where a method has its
 own). Their inner product approximates I(q, d).
 
 The store (curator/sketch/store.py) is written shard by shard; a killed run
-resumes at the first shard not on disk.
+resumes with the shards on disk, on any number of ranks, and a store over the
+whole catalog grows by new shards after another ingest.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from curator.errors import CuratorError
 from curator.influence.ekfac import sketch_eigen_frame, sketch_tokens
 from curator.influence.factors import get_factors, load_layer_factors, load_model_for
 from curator.influence.queries import check_compatible, prepare_queries
-from curator.model.document_pass import NoProgress, PassProgress, PassSettings, Timer, document_pass
+from curator.model import distributed
+from curator.model.document_pass import NoProgress, PassProgress, PassSettings, Timer, chunks_of, document_pass
 from curator.model.loading import LoadedModel
 from curator.sketch.bases import build_bases, load_bases, save_bases
 from curator.sketch.store import (
@@ -35,6 +37,7 @@ from curator.sketch.store import (
     read_manifest,
     rebuild_command,
     record_store,
+    store_doc_ids,
     store_recorded,
     shard_entry,
     shard_name,
@@ -46,44 +49,42 @@ from curator.sketch.store import (
 
 def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = None,
            progress: PassProgress | None = None, force: bool = False) -> SketchStore:
-    """Build (or finish, or reuse) the sketch store these settings name."""
-    import shutil
+    """Build (or finish, or extend, or reuse) the sketch store these settings name.
 
+    A store over the whole catalog is named without its documents: after another ingest
+    the same command sketches only the new documents and appends their shards. Under
+    torchrun rank 0 builds the bases and writes the manifest; every rank writes the shards
+    of its share of the chunks.
+    """
+    ranks = distributed.current()
     progress = progress or NoProgress()
     timer = Timer()
     with Catalog.open(ws) as catalog:
         record = get_factors(catalog, config.factors)
         suite = select_queries(catalog, config.suite)
         ids = document_ids(catalog, config.max_docs, config.seed)
-    loaded = loaded or load_model_for(ws, record, model=config.model, device=config.device, dtype=config.dtype)
+    loaded = loaded or load_model_for(ws, record, model=config.model, device=ranks.device(config.device),
+                                      dtype=config.dtype)
     modules = check_compatible(loaded, record, None)
     max_len = record.settings["max_seq_len"]
-    store_id = content_id("sketch", record.id, [q.model_dump() for q in suite], config.identity(), ids, max_len)
+    documents = "all documents" if config.max_docs is None else ids
+    store_id = content_id("sketch", record.id, [q.model_dump() for q in suite], config.identity(), documents, max_len)
     directory = store_dir(ws, store_id)
-    manifest_path = directory / "manifest.json"
-    if force:
-        shutil.rmtree(directory, ignore_errors=True)
-    if manifest_path.is_file() and (directory / "bases.safetensors").is_file():
-        store = read_manifest(manifest_path)
-        if store.complete:
-            # Recorded unless the catalog was locked when the run ended: then recording is all that is left.
-            if not store_recorded(ws, store.id):
-                record_store(ws, store)
-            return store
-        bases, _ = load_bases(directory / "bases.safetensors", store.modules, rebuild_command(store))
-    else:
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True)
-        with timer("bases"):
-            bases, info = build_bases(loaded, modules, ws, record, suite, config, max_len)
-        save_bases(directory / "bases.safetensors", bases, info["query_bases"])
-        store = SketchStore(id=store_id, factors_id=record.id, model_id=loaded.info.id,
-                            tokenizer_id=loaded.info.tokenizer_id, method=config.method,
-                            suite=[q.id for q in suite], modules=list(modules), ranks=info["ranks"],
-                            dim=sum(a * b for a, b in info["ranks"].values()), precision=config.precision,
-                            seed=config.seed, max_seq_len=max_len, chat_template=config.chat_template,
-                            settings=config.model_dump(mode="json"))
-        write_manifest(directory, store)
+
+    plan = None
+    if ranks.main:
+        store = _open_store(ws, directory, store_id, loaded, modules, record, suite, config, max_len, force, timer)
+        todo = np.setdiff1d(np.asarray(ids, dtype=np.int64), store_doc_ids(ws, store)).tolist()
+        plan = {"store": store, "todo": todo}
+    plan = ranks.share(plan)
+    store, todo = plan["store"], plan["todo"]
+    if not todo and store.complete:
+        # Recorded unless the catalog was locked when the run ended: then recording is all that is left.
+        if ranks.main and not store_recorded(ws, store.id):
+            record_store(ws, store)
+        return store
+
+    bases, _ = load_bases(directory / "bases.safetensors", store.modules, rebuild_command(store))
     device_bases = {n: (u.to(loaded.device), v.to(loaded.device)) for n, (u, v) in bases.items()}
     bounds = list(itertools.accumulate(store.layer_sizes(), initial=0))
     offsets = {name: (bounds[i], bounds[i + 1]) for i, name in enumerate(store.modules)}
@@ -92,32 +93,61 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
         lo, hi = offsets[name]
         output[:, lo:hi] = sketch_tokens(a, delta, *device_bases[name]).reshape(output.shape[0], -1)
 
-    shards: list[dict] = []
-
-    def shard_done(_number, chunk):
-        done = (directory / f"{shard_name(chunk)}.npy").is_file()
-        if done:
-            shards.append(shard_entry(shard_name(chunk), len(chunk)))
-        return done
-
     def save_shard(_number, chunk, sums):
         if not bool(torch.isfinite(sums).all()):
             bad = chunk[int(torch.nonzero(~torch.isfinite(sums).all(dim=1))[0, 0])]
             raise CuratorError(f"the sketch of document {bad} is NaN or infinite (the model overflowed on it; try "
                                f"--dtype float32)")
-        shards.append(write_shard(directory, shard_name(chunk), chunk, sums.numpy(), store))
+        write_shard(directory, shard_name(chunk), chunk, sums.numpy(), store)
 
-    progress.stage(f"sketch: {store.dim:,} dims, {store.bytes_per_doc:,} bytes/doc", len(ids))
+    chunks = chunks_of(todo, config.shard_docs)
     settings = PassSettings(max_len=max_len, batch_tokens=config.batch_tokens, chunk_docs=config.shard_docs)
     with Catalog.open(ws) as catalog, timer("documents"):
-        seen = document_pass(loaded.model, modules, loaded.tokenizer, catalog, ids, settings, sketch_layer,
-                             width=store.dim, on_chunk=save_shard, chunk_done=shard_done, progress=progress)
-    # A resumed run reports the time and tokens of what it did itself.
-    store = store.model_copy(update={"shards": shards, "documents": len(ids), "complete": True,
-                                     "seconds": timer.seconds, "tokens": seen.tokens})
+        seen = document_pass(loaded.model, modules, loaded.tokenizer, catalog, todo, settings, sketch_layer,
+                             width=store.dim, on_chunk=save_shard,
+                             chunk_done=lambda _n, chunk: (directory / f"{shard_name(chunk)}.npy").is_file(),
+                             progress=progress, ranks=ranks,
+                             description=f"sketch: {store.dim:,} dims, {store.bytes_per_doc:,} bytes/doc")
+    tokens = ranks.all_sum(seen.tokens)        # every rank has written its shards once this is in
+    if not ranks.main:
+        return ranks.share(None)
+    added = [shard_entry(shard_name(chunk), len(chunk)) for chunk in chunks]
+    missing = [entry["file"] for entry in added if not (directory / entry["file"]).is_file()]
+    if missing:
+        raise CuratorError(f"{len(missing)} shards are missing from {directory} (a rank stopped early?); run the "
+                           f"same command again to finish them")
+    # A resumed or extended run reports the time and tokens of what it did itself.
+    store = store.model_copy(update={"shards": [*store.shards, *added], "documents": store.documents + len(todo),
+                                     "complete": True, "seconds": timer.seconds,
+                                     "tokens": tokens})
     _remove_unlisted_shards(directory, store)
     write_manifest(directory, store)
     record_store(ws, store)
+    return ranks.share(store)
+
+
+def _open_store(ws: Workspace, directory, store_id: str, loaded: LoadedModel, modules: dict, record, suite, config,
+                max_len: int, force: bool, timer: Timer) -> SketchStore:
+    """The store's manifest as on disk, or a new store with its bases built (rank 0 only)."""
+    import shutil
+
+    manifest_path = directory / "manifest.json"
+    if force:
+        shutil.rmtree(directory, ignore_errors=True)
+    if manifest_path.is_file() and (directory / "bases.safetensors").is_file():
+        return read_manifest(manifest_path)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    with timer("bases"):
+        bases, info = build_bases(loaded, modules, ws, record, suite, config, max_len)
+    save_bases(directory / "bases.safetensors", bases, info["query_bases"])
+    store = SketchStore(id=store_id, factors_id=record.id, model_id=loaded.info.id,
+                        tokenizer_id=loaded.info.tokenizer_id, method=config.method,
+                        suite=[q.id for q in suite], modules=list(modules), ranks=info["ranks"],
+                        dim=sum(a * b for a, b in info["ranks"].values()), precision=config.precision,
+                        seed=config.seed, max_seq_len=max_len, chat_template=config.chat_template,
+                        settings=config.model_dump(mode="json"))
+    write_manifest(directory, store)
     return store
 
 

@@ -20,6 +20,7 @@ from curator.catalog.database import Catalog
 from curator.catalog.documents import seeded_sample
 from curator.catalog.queries import Query, select_queries
 from curator.catalog.querygen import family_of
+from curator.catalog.records import score_source
 from curator.catalog.workspace import Workspace
 from curator.errors import CuratorError
 from curator.influence.factors import get_factors, load_model_for
@@ -64,10 +65,10 @@ def stored_exact_scores(catalog: Catalog, store, queries: list[Query], doc_ids: 
         window = settings.get("max_seq_len") or fit_settings["max_seq_len"]
         if (window != store.max_seq_len or settings.get("chat_template") != store.chat_template
                 or settings.get("query_rank") not in (None, "dense") or settings.get("dtype", "float32") != "float32"
-                or not wanted <= set(json.loads(query_ids)) or not Path(out_path).is_file()):
+                or not wanted <= set(json.loads(query_ids)) or not Path(out_path).exists()):
             continue
         with reading(Path(out_path), "score file", f"curator score --queries {','.join(sorted(wanted))} --force"):
-            table = (pl.scan_parquet(out_path)
+            table = (pl.scan_parquet(score_source(out_path))
                      .filter(pl.col("query_id").is_in(sorted(wanted)) & pl.col("doc_id").is_in(doc_ids))
                      .collect())
         if table.height == len(wanted) * len(doc_ids):
@@ -95,9 +96,9 @@ def fidelity(ws: Workspace, store: SketchStore, loaded, queries: list[Query], sa
             exact = score(ws, ScoreConfig(factors=store.factors_id, chat_template=store.chat_template,
                                           max_seq_len=store.max_seq_len, device=str(loaded.device),
                                           query_rank="dense"),
-                          out=Path(tmp) / "exact.parquet", loaded=loaded, queries=held_out, doc_ids=ids,
+                          out=Path(tmp) / "exact", loaded=loaded, queries=held_out, doc_ids=ids,
                           record=False)
-            table = pl.read_parquet(exact.out_path)
+            table = pl.read_parquet(score_source(exact.out_path))
         reference = "scored for this check"
     vectors, _ = sketch_queries(ws, store, loaded, held_out)
     doc_ids, products = blocked_scores(ws, store, vectors)

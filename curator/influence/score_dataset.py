@@ -1,0 +1,132 @@
+"""A scoring run's output on disk: a Parquet dataset that grows by parts.
+
+    <out>/manifest.json           run id, query batches, per-nat losses, the parts, documents scored
+    <out>/documents-<hash>.npy    ids of the documents the published parts hold (int64)
+    <out>/b003-<hash>.parquet     one part per (query batch, chunk of documents): query_id, doc_id,
+                                  score, score_per_nat
+    <out>/pending/                parts of the run in progress, moved up when it completes
+
+Readers glob `<out>/*.parquet` (curator.catalog.records.score_source), so they only ever
+see a complete run: parts appear there when every rank has finished. A part is named by the
+queries and documents it holds, so a rerun (on any number of ranks) keeps exactly the
+pending parts it would write again and deletes the others; an incremental run (new documents
+since the last) writes parts for the new documents only and publishes them beside the old.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from curator.artifacts import content_id, reading, write_numpy_atomic, write_text_atomic
+from curator.errors import ArtifactError, CuratorError
+
+DATASET_VERSION = 1
+
+
+class DatasetManifest(BaseModel):
+    run_id: str
+    version: int = DATASET_VERSION
+    query_batches: list[list[str]]           # fixed by the first run, so appended parts line up
+    query_losses: dict[str, float] = Field(default_factory=dict)
+    parts: list[str] = Field(default_factory=list)
+    documents: int = 0
+    documents_file: str | None = None        # named by its content: the manifest is the one commit point
+
+
+def part_name(batch_number: int, query_ids: list[str], doc_ids: list[int]) -> str:
+    return f"b{batch_number:03d}-{content_id('part', query_ids, doc_ids)}.parquet"
+
+
+class ScoreDataset:
+    """The folder of one run; rank 0 opens, plans and publishes it, every rank writes pending parts."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.pending = self.root / "pending"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def read_manifest(self) -> DatasetManifest | None:
+        if not self.manifest_path.is_file():
+            return None
+        with reading(self.manifest_path, "score dataset manifest", "curator score ... --force"):
+            data = json.loads(self.manifest_path.read_text())
+        try:
+            return DatasetManifest.model_validate(data)
+        except ValidationError as exc:
+            raise ArtifactError(f"the score dataset manifest {self.manifest_path} is damaged "
+                                f"({exc.errors()[0]['msg']}); score again with --force") from None
+
+    def open(self, run_id: str, query_batches: list[list[str]], force: bool = False) -> DatasetManifest:
+        """This run's manifest, starting the folder if it is new. A folder of another run (or a
+        forced rerun) is replaced; a folder that is not a score dataset is never touched."""
+        manifest = self.read_manifest()
+        if manifest is not None and (manifest.run_id != run_id or force):
+            shutil.rmtree(self.root)
+            manifest = None
+        if manifest is None:
+            if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+                raise CuratorError(f"{self.root} exists and is not a curator score dataset; choose another --out "
+                                   f"or remove it")
+            manifest = DatasetManifest(run_id=run_id, query_batches=query_batches)
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.write_manifest(manifest)
+        self._finish_publishing(manifest)
+        self.pending.mkdir(exist_ok=True)
+        return manifest
+
+    def _finish_publishing(self, manifest: DatasetManifest) -> None:
+        """Complete a publish that was killed after its manifest was written."""
+        for name in manifest.parts:
+            if not (self.root / name).is_file() and (self.pending / name).is_file():
+                os.replace(self.pending / name, self.root / name)
+        for path in self.root.glob("documents-*.npy"):
+            if path.name != manifest.documents_file:
+                path.unlink()
+
+    def write_manifest(self, manifest: DatasetManifest) -> None:
+        write_text_atomic(self.manifest_path, manifest.model_dump_json(indent=1))
+
+    def scored_documents(self, manifest: DatasetManifest) -> np.ndarray:
+        if manifest.documents_file is None:
+            return np.zeros(0, dtype=np.int64)
+        path = self.root / manifest.documents_file
+        with reading(path, "score dataset's document list", "curator score ... --force"):
+            return np.load(path)
+
+    def keep_pending(self, planned: set[str]) -> None:
+        """Remove pending parts this plan will not write (from a run over other documents)."""
+        for path in self.pending.iterdir():
+            if path.name not in planned:
+                path.unlink()
+
+    def publish(self, manifest: DatasetManifest, parts: list[str], doc_ids: np.ndarray,
+                losses: dict[str, float]) -> DatasetManifest:
+        """Move the finished pending parts up beside the published ones and record them.
+
+        The new manifest is written first: once it is on disk the parts belong to the run,
+        and `open` finishes moving them if this is killed halfway.
+        """
+        missing = [name for name in parts if not (self.pending / name).is_file()]
+        if missing:
+            raise CuratorError(f"{len(missing)} parts of the run are missing from {self.pending} (a rank stopped "
+                               f"early?); run the same command again to finish them")
+        documents = np.union1d(self.scored_documents(manifest), np.asarray(doc_ids, dtype=np.int64))
+        documents_file = f"documents-{hashlib.blake2b(documents.tobytes(), digest_size=6).hexdigest()}.npy"
+        write_numpy_atomic(self.root / documents_file, documents)
+        manifest = manifest.model_copy(update={
+            "parts": sorted({*manifest.parts, *parts}), "documents": int(documents.size),
+            "documents_file": documents_file, "query_losses": {**manifest.query_losses, **losses}})
+        self.write_manifest(manifest)
+        self._finish_publishing(manifest)
+        shutil.rmtree(self.pending, ignore_errors=True)
+        return manifest

@@ -1,0 +1,151 @@
+"""Running a model pass on several processes: `torchrun ... -m curator fit|score|sketch`.
+
+Every rank runs the same command. The documents are cut into the same chunks as in one
+process (the chunk is the unit of output and of resuming); rank 0 decides which chunks
+are still to do and hands them out balanced by tokens; each rank runs the shared document
+pass over its own chunks. What ranks must agree on goes through rank 0: the plan,
+prepared queries, eigenbases, and the sums that are all-reduced. Only rank 0 writes the
+DuckDB catalog (DuckDB allows one writer), after every rank has closed its read-only
+connection.
+
+Without torchrun (no WORLD_SIZE in the environment) everything here is the identity and
+curator runs in one process as before.
+
+Collectives use gloo for CPU tensors and NCCL for CUDA tensors (one process group with a
+backend per device). A rank that raises makes its process exit; torchrun then stops the
+others and reports that rank's error. The process group's timeout is the backstop for a
+rank that hangs instead: `CURATOR_DIST_TIMEOUT` seconds (default 2 hours, longer than the
+wait of a fast rank for a slow one at the end of a pass over a large shard).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_TIMEOUT_S = 7200
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job: rank `rank` of `world` (local rank on its node)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def device(self, device: str) -> str:
+        """The device this rank uses for the command's `--device`: `cuda` means this rank's own GPU."""
+        if self.distributed and device == "cuda":
+            return f"cuda:{self.local_rank}"
+        return device
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over ranks, in place (and returned)."""
+        if self.distributed:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def all_sum(self, number: int | float) -> int | float:
+        if not self.distributed:
+            return number
+        total = torch.tensor([number], dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        return type(number)(total.item())
+
+    def share(self, value, device: str | torch.device = "cpu"):
+        """Rank 0's `value` on every rank (other ranks pass anything, usually None).
+
+        Tensors anywhere inside travel on the CPU and arrive on `device`.
+        """
+        if not self.distributed:
+            return _to_device(value, device)
+        box = [pickle.dumps(_to_device(value, "cpu")) if self.main else None]
+        torch.distributed.broadcast_object_list(box, src=0, device=torch.device("cpu"))
+        return _to_device(pickle.loads(box[0]), device)
+
+    def gather(self, value) -> list | None:
+        """Every rank's `value`, in rank order, on rank 0 (None elsewhere)."""
+        if not self.distributed:
+            return [value]
+        out = [None] * self.world if self.main else None
+        torch.distributed.gather_object(value, out, dst=0)
+        return out
+
+
+SINGLE = Ranks()
+
+
+def current() -> Ranks:
+    """The job this process is part of (rank 0 of 1 outside torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                     int(os.environ.get("LOCAL_RANK", 0)))
+    return SINGLE
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start() -> Ranks:
+    """Join the job torchrun started (a no-op without one)."""
+    if not launched_by_torchrun() or torch.distributed.is_initialized():
+        return current()
+    timeout = datetime.timedelta(seconds=float(os.environ.get("CURATOR_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend=backend, timeout=timeout)
+    ranks = current()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ranks.local_rank)
+    return ranks
+
+
+def stop() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def assign(costs: Sequence[float], world: int) -> list[list[int]]:
+    """Chunk numbers per rank: the largest chunk first to the least loaded rank (ties: lower rank).
+
+    Deterministic for the same costs and world size; each rank's list is in chunk order.
+    """
+    loads = [0.0] * world
+    owned: list[list[int]] = [[] for _ in range(world)]
+    for number in sorted(range(len(costs)), key=lambda n: (-costs[n], n)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        loads[rank] += costs[number]
+        owned[rank].append(number)
+    return [sorted(numbers) for numbers in owned]
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(item, device) for item in value)
+    if hasattr(value, "__dataclass_fields__"):
+        import dataclasses
+        return dataclasses.replace(value, **{f.name: _to_device(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
