@@ -5,6 +5,7 @@ Library modules are imported inside the commands so that `--help` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -73,7 +74,9 @@ def main() -> None:
     try:
         app()
     except CuratorError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # Under torchrun each rank reports its own error; say which one it was.
+        rank = os.environ.get("CURATOR_RANK_PREFIX", "")
+        err_console.print(f"[bold red]error:[/] {rank}{exc}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]: nothing from an unfinished ingest was kept.")

@@ -50,6 +50,9 @@ DTypeOption = Annotated[DType, typer.Option(help="The model's dtype (statistics 
 FactorsOption = Annotated[str | None, typer.Option(help="Fit id (a unique prefix is enough; `curator factors` lists "
                                                         "them). Default: the latest fit.", show_default=False)]
 BatchTokensOption = Annotated[int, typer.Option(help="Tokens per forward+backward batch (padding included).")]
+ChunkDocsOption = Annotated[int, typer.Option(
+    min=1, help="Documents per chunk: the unit a killed run resumes from and that torchrun hands to a rank. "
+                "It does not change the result.")]
 
 
 def workspace_from(option: Path | None):

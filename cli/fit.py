@@ -9,6 +9,7 @@ import typer
 from curator import constants
 from curator.cli.common import (
     BatchTokensOption,
+    ChunkDocsOption,
     DeviceOption,
     DType,
     DTypeOption,
@@ -58,6 +59,7 @@ def fit(
     device: DeviceOption = "cpu",
     dtype: DTypeOption = DType.float32,
     batch_tokens: BatchTokensOption = 4096,
+    chunk_docs: ChunkDocsOption = 256,
     seed: Annotated[int, typer.Option(help="Seed for the document sample and the sampled labels.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Fit again even if these factors exist.")] = False,
     workspace: WorkspaceOption = None,
@@ -69,6 +71,9 @@ def fit(
     the model's identity; `curator score` uses them. Fitting the same model on the same sample with the same
     settings again reuses them. A killed fit resumes after its first pass.
 
+    Across processes or GPUs: torchrun --nproc-per-node 8 -m curator fit ... (each rank passes over its share
+    of the sample; the sums are all-reduced; see docs/scaling.md).
+
     Example (a CPU-sized fit): curator fit --model smollm2-135m --layers last:4 --max-docs 500 --max-seq-len 256
     """
     from curator.cli.passes import PassBar
@@ -78,7 +83,7 @@ def fit(
     ws = workspace_from(workspace)
     config = FitConfig(model=model, modules=modules, layers=layers, fisher=fisher.value, max_docs=max_docs,
                        max_seq_len=max_seq_len, damping=damping_value(damping), device=device, dtype=dtype.value,
-                       batch_tokens=batch_tokens, seed=seed)
+                       batch_tokens=batch_tokens, chunk_docs=chunk_docs, seed=seed)
     console.print(f"Loading {model} …")
     with PassBar() as bar:
         result = run_fit(ws, config, progress=bar, force=force)

@@ -10,6 +10,7 @@ import typer
 from curator import constants
 from curator.cli.common import (
     BatchTokensOption,
+    ChunkDocsOption,
     DeviceOption,
     DType,
     DTypeOption,
@@ -48,8 +49,9 @@ def score(
                                                 "over documents.")] = "exact",
     store: Annotated[str | None, typer.Option(help="Sketch store for --method sketch. Default: the latest.",
                                               show_default=False)] = None,
-    out: Annotated[Path | None, typer.Option(help="Parquet file to write. Default: scores/RUN.parquet in the "
-                                                  "workspace.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(help="Where the scores go: a folder of Parquet parts (exact) or "
+                                                  "a Parquet file (sketch). Default: scores/RUN in the workspace.",
+                                             show_default=False)] = None,
     factors: FactorsOption = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Default: the model the factors were fitted "
                                               "on. Another model is refused.", show_default=False)] = None,
@@ -72,6 +74,7 @@ def score(
     device: DeviceOption = "cpu",
     dtype: DTypeOption = DType.float32,
     batch_tokens: BatchTokensOption = 4096,
+    chunk_docs: ChunkDocsOption = 512,
     force: Annotated[bool, typer.Option("--force", help="Score again even if this run exists.")] = False,
     workspace: WorkspaceOption = None,
 ) -> None:
@@ -79,10 +82,14 @@ def score(
 
     One row per (query_id, doc_id): score = ∇ℓ(q)ᵀ H⁻¹ ∇L(d) (positive: training on the document makes
     the query's completion more likely) and score_per_nat = score / ℓ(q), the completion's loss in nats.
-    The run (model, factors, settings, per-query losses, timings) is recorded in the catalog. A killed run
-    resumes from its finished chunks in OUT.chunks/.
+    The scores are a Parquet dataset: a folder of parts (read it with DuckDB's read_parquet('OUT/*.parquet')
+    or polars' scan_parquet). The run (model, factors, settings, per-query losses, timings) is recorded in the
+    catalog. A killed run resumes from its finished parts; run over all documents, the same command after
+    another ingest scores only the new documents and adds them to the run.
 
-    Example: curator score --queries arithmetic,slope,linear --out scores.parquet
+    Across processes or GPUs: torchrun --nproc-per-node 8 -m curator score ... (docs/scaling.md).
+
+    Example: curator score --queries arithmetic,slope,linear --out scores
     """
     from curator.cli.passes import PassBar
     from curator.influence.score import ScoreConfig
@@ -93,7 +100,7 @@ def score(
     config = ScoreConfig(queries=queries, method=method.value, store=store, factors=factors, model=model,
                          modules=modules, query_rank=query_rank_value(query_rank), query_memory_mb=query_memory_mb,
                          max_docs=max_docs, max_seq_len=max_seq_len, chat_template=chat_template.value,
-                         device=device, dtype=dtype.value, batch_tokens=batch_tokens)
+                         device=device, dtype=dtype.value, batch_tokens=batch_tokens, chunk_docs=chunk_docs)
     run = sketch_score if config.method == "sketch" else exact_score
     with PassBar() as bar:
         result = run(ws, config, out=out, progress=bar, force=force)
@@ -105,8 +112,10 @@ def score(
         passes = stats["query_batches"]
         console.print(f"Queries kept {stats['query_rank_reason']}; {passes} pass{'es' * (passes != 1)} over the "
                       f"documents.", highlight=False)
+    added = stats.get("added_documents", stats["documents"])
+    new = f" ({added:,} new)" if added != stats["documents"] else ""
     console.print(f"Run [bold]{result.run_id}[/] with factors {result.factors_id}: {stats['queries']} queries × "
-                  f"{stats['documents']:,} documents ({stats['tokens']:,} tokens) at "
+                  f"{stats['documents']:,} documents{new} ({stats['tokens']:,} tokens) at "
                   f"{stats['docs_per_second']:,.1f} docs/s → {result.out_path}")
 
 

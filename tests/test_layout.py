@@ -29,6 +29,7 @@ LAYERS = [
     ("curator.audit",),         # analyses, report
     ("curator.demo",),
     ("curator.cli",),
+    ("curator.__main__",),      # `python -m curator` and torchrun: joins the job, then runs the CLI
 ]
 
 

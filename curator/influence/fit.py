@@ -59,6 +59,8 @@ class FitConfig(Settings):
     dtype: ModelDType = Field("float32", description="the model's dtype")
     batch_tokens: int = Field(4096, ge=2, description="tokens per forward+backward batch, padding included",
                               json_schema_extra=NOT_IDENTITY)
+    chunk_docs: int = Field(FIT_CHUNK_DOCS, ge=1, description="documents per chunk handed to a rank",
+                            json_schema_extra=NOT_IDENTITY)
     seed: int = 0
 
 
@@ -96,7 +98,7 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
 
     counts: dict[int, int] = {}
     labels = "sampled" if config.fisher == "sampled" else "data"
-    settings = PassSettings(max_len=config.max_seq_len, batch_tokens=config.batch_tokens, chunk_docs=FIT_CHUNK_DOCS,
+    settings = PassSettings(max_len=config.max_seq_len, batch_tokens=config.batch_tokens, chunk_docs=config.chunk_docs,
                             labels=labels, seed=config.seed)
     covariance_path = path.with_name(f"{fit_id}.covariance.part")
     stats: dict = {"documents": len(ids), "ranks": ranks.world}

@@ -93,12 +93,14 @@ class ScoreResult(BaseModel):
 
 def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded: LoadedModel | None = None,
           progress: PassProgress | None = None, force: bool = False, queries: list[Query] | None = None,
-          doc_ids: list[int] | None = None, record: bool = True) -> ScoreResult:
+          doc_ids: list[int] | None = None, record: bool = True,
+          ranks: distributed.Ranks | None = None) -> ScoreResult:
     """Score documents against queries. `queries` and `doc_ids`, when given, replace the selector and the
-    document sample (a search re-ranking candidates); `record=False` keeps such a run out of the catalog."""
+    document sample (a search re-ranking candidates); `record=False` keeps such a run out of the catalog.
+    `ranks` defaults to the torchrun job this process is in; SINGLE scores in this process alone."""
     if config.method != "exact":
         raise CuratorError("curator.influence.score scores exactly; sketch scores come from curator.sketch.search")
-    ranks = distributed.current()
+    ranks = ranks or distributed.current()
     progress = progress or NoProgress()
     timer = Timer()
     with Catalog.open(ws) as catalog:

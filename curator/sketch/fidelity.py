@@ -21,6 +21,7 @@ from curator.catalog.documents import seeded_sample
 from curator.catalog.queries import Query, select_queries
 from curator.catalog.querygen import family_of
 from curator.catalog.records import score_source
+from curator.model import distributed
 from curator.catalog.workspace import Workspace
 from curator.errors import CuratorError
 from curator.influence.factors import get_factors, load_model_for
@@ -97,7 +98,7 @@ def fidelity(ws: Workspace, store: SketchStore, loaded, queries: list[Query], sa
                                           max_seq_len=store.max_seq_len, device=str(loaded.device),
                                           query_rank="dense"),
                           out=Path(tmp) / "exact", loaded=loaded, queries=held_out, doc_ids=ids,
-                          record=False)
+                          record=False, ranks=distributed.SINGLE)
             table = pl.read_parquet(score_source(exact.out_path))
         reference = "scored for this check"
     vectors, _ = sketch_queries(ws, store, loaded, held_out)
@@ -171,10 +172,14 @@ def measure_store(ws: Workspace, store: SketchStore, holdout: str | None = None,
 
 def sketch_and_measure(ws: Workspace, config: SketchConfig, *, holdout: str | None = None, sample: int = 200,
                        progress=None, force: bool = False) -> tuple[SketchStore, dict | None]:
-    """`curator sketch`: build the store, then measure its fidelity on held-out queries."""
+    """`curator sketch`: build the store, then measure its fidelity on held-out queries (under
+    torchrun: all ranks build the store, rank 0 alone measures it, in one process)."""
+    ranks = distributed.current()
     with Catalog.open(ws) as catalog:
         record = get_factors(catalog, config.factors)
-    loaded = load_model_for(ws, record, model=config.model, device=config.device, dtype=config.dtype)
+    loaded = load_model_for(ws, record, model=config.model, device=ranks.device(config.device), dtype=config.dtype)
     store = sketch(ws, config, loaded=loaded, progress=progress, force=force)
+    if not ranks.main:
+        return store, None
     result = measure_store(ws, store, holdout, sample=sample, seed=config.seed, loaded=loaded)
     return store, result

@@ -14,6 +14,7 @@ from curator.artifacts import atomic_file, content_id
 from curator.catalog.database import Catalog
 from curator.catalog.queries import select_queries
 from curator.catalog.workspace import Workspace
+from curator.errors import CuratorError
 from curator.influence.factors import get_factors, load_model_for
 from curator.influence.score import ScoreConfig, ScoreResult, record_run
 from curator.sketch.build import sketch_queries
@@ -50,6 +51,11 @@ def write_sketch_scores(path: Path, doc_ids: np.ndarray, scores: np.ndarray, que
 def sketch_score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded=None,
                  force: bool = False, progress=None) -> ScoreResult:
     """`curator score --method sketch`: every document × query from the store, one product per shard."""
+    from curator.model import distributed
+
+    if distributed.current().distributed:
+        raise CuratorError("score --method sketch reads the store without a model pass; run it as one process, "
+                           "not under torchrun")
     import time
 
     started = time.perf_counter()
