@@ -106,16 +106,34 @@ STAGES = {
 
 
 def run_stage(code: str, ws_root: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in GB) of `code` run in a fresh interpreter."""
+    """(seconds, peak RSS in GB) of `code` run in a fresh interpreter. The peak is the child's own
+    high-water mark (VmHWM, polled: it only grows); wait4's ru_maxrss would include the RSS this parent
+    had when it forked."""
+    import threading
+
     prologue = (f"from pathlib import Path; from curator.catalog.workspace import Workspace; "
                 f"WS = Workspace(Path({str(ws_root)!r})); ")
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-c", prologue + code])
-    _, status, usage = os.wait4(process.pid, 0)
+    peak = [0]
+
+    def poll() -> None:
+        while process.poll() is None:
+            try:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+                peak[0] = max(peak[0], int(status.split("VmHWM:")[1].split()[0]))
+            except (OSError, IndexError, ValueError):
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    code_ = process.wait()
     seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
+    watcher.join()
+    if code_ != 0:
         raise SystemExit(f"stage failed: {code}")
-    return seconds, usage.ru_maxrss / 2**20         # ru_maxrss is in KiB on Linux
+    return seconds, peak[0] / 2**20         # VmHWM is in KiB
 
 
 def machine() -> str:
