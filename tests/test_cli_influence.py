@@ -56,7 +56,7 @@ def test_score_writes_one_row_per_pair_and_records_the_run(pipeline):
     assert table.height == 60 and table.select(["query_id", "doc_id"]).is_duplicated().sum() == 0
     assert not (out / "pending").exists() and len(list(out.glob("*.parquet"))) >= 1
     again = curator("score", "--queries", "arithmetic,slope-s4", "--out", out, "-w", ws)
-    assert "exists already" in again.stdout
+    assert "exists already" in again.stdout and not (out / "pending").exists()
     runs = json.loads(curator("runs", "-o", "json", "-w", ws).stdout)
     assert [(r["queries"], r["documents"], r["scores"]) for r in runs] == [(5, 12, str(out))]
     fits = json.loads(curator("factors", "-o", "json", "-w", ws).stdout)

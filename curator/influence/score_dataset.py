@@ -81,7 +81,6 @@ class ScoreDataset:
             self.root.mkdir(parents=True, exist_ok=True)
             self.write_manifest(manifest)
         self._finish_publishing(manifest)
-        self.pending.mkdir(exist_ok=True)
         return manifest
 
     def _finish_publishing(self, manifest: DatasetManifest) -> None:
@@ -105,6 +104,8 @@ class ScoreDataset:
 
     def keep_pending(self, planned: set[str]) -> None:
         """Remove pending parts this plan will not write (from a run over other documents)."""
+        if not self.pending.is_dir():
+            return
         for path in self.pending.iterdir():
             if path.name not in planned:
                 path.unlink()
