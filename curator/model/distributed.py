@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -73,13 +72,24 @@ class Ranks:
     def share(self, value, device: str | torch.device = "cpu"):
         """Rank 0's `value` on every rank (other ranks pass anything, usually None).
 
-        Tensors anywhere inside travel on the CPU and arrive on `device`.
+        The structure travels pickled; every tensor inside travels on its own, by a broadcast on
+        `device` (NCCL for CUDA, gloo for the CPU), so eigenbases or prepared queries of a large
+        model never exist as one pickle. Tensors arrive on `device`.
         """
         if not self.distributed:
             return _to_device(value, device)
-        box = [pickle.dumps(_to_device(value, "cpu")) if self.main else None]
+        tensors: list[torch.Tensor] = []
+        skeleton = _strip_tensors(value, tensors) if self.main else None
+        box = [(skeleton, [(t.shape, t.dtype) for t in tensors]) if self.main else None]
         torch.distributed.broadcast_object_list(box, src=0, device=torch.device("cpu"))
-        return _to_device(pickle.loads(box[0]), device)
+        skeleton, specs = box[0]
+        received = []
+        for number, (shape, dtype) in enumerate(specs):
+            tensor = (tensors[number].to(device).contiguous() if self.main
+                      else torch.empty(shape, dtype=dtype, device=device))
+            torch.distributed.broadcast(tensor, src=0)
+            received.append(tensor)
+        return _fill_tensors(skeleton, received)
 
     def gather(self, value) -> list | None:
         """Every rank's `value`, in rank order, on rank 0 (None elsewhere)."""
@@ -137,15 +147,40 @@ def assign(costs: Sequence[float], world: int) -> list[list[int]]:
     return [sorted(numbers) for numbers in owned]
 
 
+class _Slot:
+    """Where a tensor was, in a structure sent without its tensors."""
+
+    def __init__(self, number: int):
+        self.number = number
+
+
+def _strip_tensors(value, found: list):
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+        return _Slot(len(found) - 1)
+    return _map(value, lambda item: _strip_tensors(item, found))
+
+
+def _fill_tensors(value, tensors: list):
+    if isinstance(value, _Slot):
+        return tensors[value.number]
+    return _map(value, lambda item: _fill_tensors(item, tensors))
+
+
 def _to_device(value, device):
     if isinstance(value, torch.Tensor):
         return value.to(device)
+    return _map(value, lambda item: _to_device(item, device))
+
+
+def _map(value, function):
+    """`function` applied inside dicts, lists, tuples and dataclasses; other values as they are."""
     if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
+        return {key: function(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(item, device) for item in value)
-    if hasattr(value, "__dataclass_fields__"):
+        return type(value)(function(item) for item in value)
+    if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
         import dataclasses
-        return dataclasses.replace(value, **{f.name: _to_device(getattr(value, f.name), device)
+        return dataclasses.replace(value, **{f.name: function(getattr(value, f.name))
                                              for f in dataclasses.fields(value) if f.init})
     return value
