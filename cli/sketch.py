@@ -101,18 +101,37 @@ def sketch(
 
 @index_app.command("build")
 def index_build(
-    factory: Annotated[str, typer.Option(help="FAISS index-factory string: Flat (exact), HNSW32, IVF1024,PQ32, "
-                                              "…")] = "Flat",
+    factory: Annotated[str, typer.Option(help="auto (default): Flat while the store's float32 copy fits in 2 GiB, "
+                                              "else Proj256,IVFn,SQ8. Flat: exact, every sketch in RAM. "
+                                              "ProjN,IVFn,SQ8: the sketches projected onto their N directions "
+                                              "of most energy, in an IVF index of 8-bit codes trained on a store sample; "
+                                              "searches re-score candidates exactly from the store. Or any "
+                                              "FAISS factory string (HNSW32, IVF1024,Flat, …).")] = "auto",
     store: Annotated[str | None, typer.Option(help="Sketch store id (or prefix). Default: the latest.",
                                               show_default=False)] = None,
     name: Annotated[str | None, typer.Option(help="Index name. Default: STORE-FACTORY.", show_default=False)] = None,
+    rescore: Annotated[int | None, typer.Option(help="Candidates per query re-scored exactly from the float16 "
+                                                     "store (0: off). Default: 64 for approximate indexes.",
+                                                show_default=False)] = None,
+    nprobe: Annotated[int | None, typer.Option(help="IVF lists searched per query. Default: 32.",
+                                               show_default=False)] = None,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Build afresh even when the index exists (by "
+                                                            "default only the store's new shards are added).")]
+    = False,
     workspace: WorkspaceOption = None,
 ) -> None:
-    """Build a FAISS inner-product index over a sketch store; the catalog maps its rows to documents."""
+    """Build a FAISS inner-product index over a sketch store; the catalog maps its rows to documents.
+
+    Run again after `curator sketch` has appended shards to the store: only the new shards are added, with the
+    projection and quantizers the index was trained with.
+    """
     from curator.sketch.index import build_index
 
-    result = build_index(workspace_from(workspace), store, factory, name)
-    console.print(f"Index [bold]{result['name']}[/]: {result['rows']:,} documents → {result['path']}")
+    result = build_index(workspace_from(workspace), store, factory, name, rescore=rescore, nprobe=nprobe,
+                         retrain=retrain)
+    verb = f"added {result['added']:,} documents" if result["grown"] else f"{result['rows']:,} documents"
+    console.print(f"Index [bold]{result['name']}[/] ({result['factory']}): {verb}, {result['rows']:,} in all, "
+                  f"{result['memory_bytes'] / 2**20:,.1f} MiB → {result['path']}", highlight=False)
 
 
 def search(

@@ -1,78 +1,359 @@
-"""FAISS indexes over sketch stores: build, open, and the top and bottom rows for query sketches.
+"""FAISS indexes over sketch stores: build (and grow), open, and search with exact re-scoring.
 
 The catalog maps an index's rows to documents (`index_rows`); the FAISS file
 itself only holds vectors in insertion order (curator/indexes/faiss_index.py).
+Beside `NAME.faiss` lies `NAME.json`, the index's metadata: the store, the
+factory string, the shards it holds (in row order), the search parameters and
+how many candidates a search re-scores from the store.
+
+Index choices (`--factory`):
+- `Flat`: every sketch in RAM as float32, exact. Right for small stores; at
+  ~24,000 dims it costs 96 KB of RAM per document and `dim` multiply-adds per
+  document per query.
+- `ProjN,IVFn,SQ8` (the `auto` choice past `FLAT_MAX_BYTES`): the sketches
+  projected onto the N directions of most energy (indexes/faiss_index.py), in an
+  IVF index with 8-bit scalar codes (one byte a dimension) trained on a sample
+  of the store. (PQ codes lose too much of an inner product's ranking here:
+  measured, search_scale.md.) It only proposes candidates:
+  every search re-scores `rescore` of them exactly from the float16 store
+  (memory-mapped shards), so the scores returned are sketch scores, and
+  `curator search --rerank` re-scores the best of those with exact EK-FAC.
+- any other FAISS factory string (HNSW32, IVF1024,Flat, …).
+
+Growing: when `curator sketch` appends shards to a store, `curator index build`
+for an index that exists adds only the shards its metadata does not list, with
+the quantizer and projection it was trained with (`--retrain` starts afresh).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import numpy as np
 
-from curator.artifacts import reading
+from curator.artifacts import reading, write_text_atomic
 from curator.catalog.database import Catalog
 from curator.catalog.records import find_record
 from curator.catalog.workspace import Workspace
-from curator.errors import CuratorError
+from curator.errors import ArtifactError, CuratorError
 from curator.indexes import faiss_index
-from curator.sketch.store import iter_shards, load_store
+from curator.sketch.store import SketchStore, load_store, rebuild_command, store_dir
+
+INDEX_META_VERSION = 1
+FLAT_MAX_BYTES = 2 * 2**30        # `auto` keeps a store exact (Flat) while its float32 copy fits in this
+TRAIN_SAMPLE = 20_000             # store rows the projection and the quantizers learn from
+PROJECTION_DIM = 256
+DEFAULT_RESCORE = 64              # candidates per query re-scored from the store (measured: search_scale.md)
+DEFAULT_NPROBE = 32
 
 
-def build_index(ws: Workspace, store_id: str | None = None, factory: str = "Flat", name: str | None = None) -> dict:
-    """An inner-product index over a store (by id or prefix; default the latest), recorded in the catalog."""
+# -- the store's float16 shards, memory-mapped -------------------------------------------------
+
+class StoreRows:
+    """Rows of a store by position (store order), read from memory-mapped shards, for exact re-scoring.
+
+    A float16 shard holds `values / scale` per layer, with scales powers of two, so a document's sketch
+    is `values × scale` exactly in float32 and its score for a query q is `values · (q × scale)`:
+    the scale goes into the query, and the store is never decoded as a whole.
+    """
+
+    def __init__(self, ws: Workspace, store: SketchStore, shards: list[dict] | None = None):
+        self.store = store
+        self.layer_sizes = store.layer_sizes()
+        directory = store_dir(ws, store.id)
+        self.values, self.scales, counts = [], [], []
+        for shard in store.shards if shards is None else shards:
+            with reading(directory / shard["file"], "sketch shard", rebuild_command(store)):
+                values = np.load(directory / shard["file"], mmap_mode="r")
+                scales = np.load(directory / shard["scales"])
+                if values.ndim != 2 or values.shape[1] != store.dim or scales.shape != (len(self.layer_sizes),):
+                    raise ValueError(f"shape {values.shape} with {scales.shape} scales, where the manifest "
+                                     f"says {store.dim} dimensions in {len(self.layer_sizes)} layers")
+            self.values.append(values)
+            self.scales.append(np.repeat(scales.astype(np.float32), self.layer_sizes))
+            counts.append(len(values))
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def block(self, shard: int) -> np.ndarray:
+        """One shard's sketches as float32 (decoded exactly)."""
+        return self.values[shard].astype(np.float32) * self.scales[shard]
+
+    def gather(self, positions: np.ndarray) -> np.ndarray:
+        """Sketches (float32, decoded exactly) of sorted store positions, read shard by shard."""
+        out = np.empty((len(positions), self.store.dim), dtype=np.float32)
+        shard_of = np.searchsorted(self.starts, positions, side="right") - 1
+        for shard in np.unique(shard_of):
+            mine = shard_of == shard
+            out[mine] = self.values[shard][positions[mine] - self.starts[shard]].astype(np.float32) \
+                * self.scales[shard]
+        return out
+
+    def scores(self, query_vectors: np.ndarray, rows: np.ndarray, chunk: int = 32) -> np.ndarray:
+        """queries × k exact sketch scores of rows (queries × k store positions; -1 gives -inf).
+
+        Queries go in chunks: a chunk's candidates are read once however many of its queries share
+        them (decoding float16 costs more than the products), and scored by one matrix product."""
+        rows = np.asarray(rows, dtype=np.int64)
+        queries = np.asarray(query_vectors, dtype=np.float32)
+        out = np.full(rows.shape, -np.inf, dtype=np.float32)
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            valid = part >= 0
+            unique, inverse = np.unique(part[valid], return_inverse=True)
+            products = self.gather(unique) @ queries[start:start + chunk].T      # unique rows × chunk queries
+            out[start:start + chunk][valid] = products[inverse, np.nonzero(valid)[0]]
+        return out
+
+
+# -- metadata beside the FAISS file --------------------------------------------------------------
+
+@dataclass
+class IndexMeta:
+    name: str
+    store_id: str
+    factory: str
+    shards: list[str]                 # shard files, in row order
+    rows: int
+    rescore: int                      # candidates re-scored exactly from the store per query (0: off)
+    search: dict = field(default_factory=dict)       # FAISS search parameters (nprobe, …)
+    trained_on: int = 0               # store rows the index learned from (0: needs no training)
+    seconds: dict = field(default_factory=dict)
+    version: int = INDEX_META_VERSION
+
+    @property
+    def approximate(self) -> bool:
+        return self.factory != "Flat"
+
+
+def meta_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def write_meta(path: Path, meta: IndexMeta) -> None:
+    write_text_atomic(meta_path(path), json.dumps(meta.__dict__, indent=1))
+
+
+def read_meta(path: Path, rebuild: str) -> IndexMeta:
+    target = meta_path(path)
+    with reading(target, "FAISS index metadata", rebuild):
+        data = json.loads(target.read_text())
+        if data.get("version") != INDEX_META_VERSION:
+            raise ValueError(f"metadata version {data.get('version')!r}, this curator reads {INDEX_META_VERSION}")
+        return IndexMeta(**data)
+
+
+# -- choosing and building ------------------------------------------------------------------------
+
+def auto_factory(documents: int, dim: int) -> str:
+    """Flat while the store's float32 copy fits in FLAT_MAX_BYTES; else projection + IVF-PQ sized to the
+    store (about 4√n lists, at least 39 training vectors per list, as FAISS's k-means asks)."""
+    if documents * dim * 4 <= FLAT_MAX_BYTES or documents < 39 * 16:
+        return "Flat"
+    projection = min(PROJECTION_DIM, dim)
+    lists = 2 ** round(math.log2(max(16.0, 4 * math.sqrt(documents))))
+    lists = min(lists, 2 ** int(math.log2(min(documents, TRAIN_SAMPLE) / 39)))
+    return f"Proj{projection},IVF{lists},SQ8"
+
+
+def training_sample(rows: StoreRows, size: int, seed: int) -> np.ndarray:
+    """A seeded sample of store rows (all of them for a small store), decoded to float32."""
+    total = len(rows)
+    if total <= size:
+        return np.concatenate([rows.block(s) for s in range(len(rows.values))])
+    chosen = np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+    shard_of = np.searchsorted(rows.starts, chosen, side="right") - 1
+    parts = [rows.values[s][chosen[shard_of == s] - rows.starts[s]].astype(np.float32) * rows.scales[s]
+             for s in np.unique(shard_of)]
+    return np.concatenate(parts)
+
+
+def _shard_blocks(rows: StoreRows):
+    for shard in range(len(rows.values)):
+        yield rows.block(shard)
+
+
+def _record(ws: Workspace, meta: IndexMeta, path: Path, new_ids: np.ndarray, first_row: int) -> None:
+    """The index in the catalog; a grown index keeps its rows and gets the new ones appended."""
     import pyarrow as pa
 
+    with Catalog.open(ws, write=True) as catalog:
+        catalog.sql("BEGIN")
+        if first_row == 0:
+            catalog.sql("DELETE FROM index_rows WHERE index_name = ?", [meta.name])
+        catalog.sql("DELETE FROM sketch_indexes WHERE name = ?", [meta.name])
+        catalog.sql("INSERT INTO sketch_indexes (name, store_id, factory, path, rows) VALUES (?, ?, ?, ?, ?)",
+                    [meta.name, meta.store_id, meta.factory, str(path.relative_to(ws.root)), meta.rows])
+        catalog.insert_arrow("index_rows", pa.table({
+            "index_name": pa.array([meta.name] * len(new_ids), pa.string()),
+            "row": pa.array(np.arange(first_row, first_row + len(new_ids)), pa.int64()),
+            "doc_id": pa.array(new_ids, pa.int64())}))
+        catalog.sql("COMMIT")
+
+
+def _load_ids(ws: Workspace, store: SketchStore, shards: list[dict]) -> np.ndarray:
+    directory = store_dir(ws, store.id)
+    parts = []
+    for shard in shards:
+        with reading(directory / shard["ids"], "sketch shard's document ids", rebuild_command(store)):
+            parts.append(np.load(directory / shard["ids"]))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _existing(ws: Workspace, path: Path, store: SketchStore, factory: str, name: str):
+    """(index, meta) of an index that can grow into this store's newer shards, or None to build afresh."""
+    if not path.is_file() or not meta_path(path).is_file():
+        return None
+    meta = read_meta(path, f"curator index build --store {store.id} --name {name} --retrain")
+    listed = [s["file"] for s in store.shards]
+    if meta.store_id != store.id or meta.factory != factory or listed[:len(meta.shards)] != meta.shards:
+        return None          # another store, another factory, or shards rewritten: nothing to grow from
+    with reading(path, "FAISS index", f"curator index build --store {store.id} --name {name} --retrain"):
+        index = faiss_index.load(path)
+        if index.ntotal != meta.rows:
+            raise ValueError(f"{index.ntotal} rows where its metadata lists {meta.rows}")
+    return index, meta
+
+
+def build_index(ws: Workspace, store_id: str | None = None, factory: str = "auto", name: str | None = None, *,
+                rescore: int | None = None, nprobe: int | None = None, retrain: bool = False,
+                sample: int = TRAIN_SAMPLE, seed: int = 0) -> dict:
+    """An inner-product index over a store (by id or prefix; default the latest), recorded in the catalog.
+
+    When the index exists for this store and factory, only the shards it does not hold are added,
+    with its trained projection and quantizers: the result equals a build over every shard from the
+    same trained index. `retrain` builds afresh.
+    """
     store = load_store(ws, store_id)
     if not store.complete:
         raise CuratorError(f"the sketch store {store.id} is incomplete; run `curator sketch` again to finish it")
+    factory = auto_factory(store.documents, store.dim) if factory == "auto" else factory
     name = name or f"{store.id}-{factory.replace(',', '_')}"
-    doc_ids = np.concatenate([ids for ids, _ in iter_shards(ws, store)])
-    sample = None
-    if "IVF" in factory or "PQ" in factory:   # trained indexes learn from a sample of the store
-        sample = np.concatenate([v for _, v in iter_shards(ws, store)])[:100_000]
-    try:
-        index = faiss_index.build((v for _, v in iter_shards(ws, store)), store.dim, factory, sample)
-    except ValueError as exc:
-        raise CuratorError(str(exc)) from None
     path = ws.artifact_dir("indexes") / f"{name}.faiss"
+    found = None if retrain else _existing(ws, path, store, factory, name)
+    started = time.perf_counter()
+    if found is None:
+        index, meta = _trained(ws, store, factory, name, sample, seed, rescore, nprobe)
+    else:
+        index, meta = found
+        if rescore is not None:
+            meta.rescore = rescore
+        if nprobe is not None:
+            meta.search["nprobe"] = nprobe
+    held = len(meta.shards)
+    new_shards = store.shards[held:]
+    rows = StoreRows(ws, store, new_shards)
+    faiss_index.add(index, _shard_blocks(rows))
+    new_ids = _load_ids(ws, store, new_shards)
+    first_row, meta.rows = meta.rows, meta.rows + len(new_ids)
+    meta.shards = meta.shards + [s["file"] for s in new_shards]
+    meta.seconds["add" if held else "build"] = round(time.perf_counter() - started, 3)
     faiss_index.save(index, path)
-    with Catalog.open(ws, write=True) as catalog:
-        catalog.sql("BEGIN")
-        catalog.sql("DELETE FROM index_rows WHERE index_name = ?", [name])
-        catalog.sql("DELETE FROM sketch_indexes WHERE name = ?", [name])
-        catalog.sql("INSERT INTO sketch_indexes (name, store_id, factory, path, rows) VALUES (?, ?, ?, ?, ?)",
-                    [name, store.id, factory, str(path.relative_to(ws.root)), len(doc_ids)])
-        catalog.insert_arrow("index_rows", pa.table({
-            "index_name": pa.array([name] * len(doc_ids), pa.string()),
-            "row": pa.array(np.arange(len(doc_ids)), pa.int64()),
-            "doc_id": pa.array(doc_ids, pa.int64())}))
-        catalog.sql("COMMIT")
-    return {"name": name, "rows": len(doc_ids), "path": str(path)}
+    write_meta(path, meta)
+    _record(ws, meta, path, new_ids, first_row)
+    return {"name": name, "factory": factory, "rows": meta.rows, "added": len(new_ids), "path": str(path),
+            "grown": found is not None, "memory_bytes": faiss_index.memory_bytes(index), "rescore": meta.rescore}
 
 
-def open_index(ws: Workspace, name: str | None = None):
-    """(index, row → doc id array, store id) for an index name (a unique prefix is enough), or the latest index."""
+def _trained(ws, store, factory, name, sample, seed, rescore, nprobe):
+    """A trained, empty index and its metadata."""
+    train = None
+    started = time.perf_counter()
+    try:
+        if faiss_index.needs_training(factory):
+            train = training_sample(StoreRows(ws, store), sample, seed)
+        index = faiss_index.empty(store.dim, factory, train, seed)
+    except ValueError as exc:
+        raise CuratorError(f"index {name}: {exc}") from None
+    approximate = factory != "Flat"
+    meta = IndexMeta(name=name, store_id=store.id, factory=factory, shards=[], rows=0,
+                     rescore=(DEFAULT_RESCORE if approximate else 0) if rescore is None else rescore,
+                     search={"nprobe": nprobe or DEFAULT_NPROBE} if "IVF" in factory else {},
+                     trained_on=0 if train is None else len(train),
+                     seconds={"train": round(time.perf_counter() - started, 3)})
+    return index, meta
+
+
+# -- opening and searching ------------------------------------------------------------------------
+
+@dataclass
+class SketchIndex:
+    """An opened index: FAISS, row → document id, metadata, and the store rows it re-scores from."""
+
+    index: object
+    doc_ids: np.ndarray
+    meta: IndexMeta
+    rows: StoreRows | None
+
+    def candidates(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows): the top k per query. With re-scoring, the index proposes max(k, rescore)
+        rows and their exact sketch scores from the store order them."""
+        wanted = max(k, self.meta.rescore) if self.rows is not None else k
+        scores, rows = faiss_index.search(self.index, query_vectors, wanted)
+        if self.rows is not None:
+            scores = self.rows.scores(query_vectors, rows)
+            order = np.argsort(-scores, axis=1, kind="stable")
+            scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+        return scores[:, :k], rows[:, :k]
+
+
+def _index_row(ws: Workspace, name: str | None):
     with Catalog.open(ws) as catalog:
         row = find_record(catalog, "sketch_indexes", name, what="index", id_column="name",
                           create_hint="run `curator index build` first", columns="name, store_id, path, factory")
         doc_ids = np.array([r[0] for r in catalog.sql(
             "SELECT doc_id FROM index_rows WHERE index_name = ? ORDER BY row", [row[0]])], dtype=np.int64)
+    return row, doc_ids
+
+
+def open_search(ws: Workspace, name: str | None = None) -> SketchIndex:
+    """An index by name (a unique prefix is enough), or the latest, ready to search."""
+    row, doc_ids = _index_row(ws, name)
     path = ws.root / row[2]
-    with reading(path, "FAISS index", f"curator index build --store {row[1]} --factory '{row[3]}' --name {row[0]}"):
+    rebuild = f"curator index build --store {row[1]} --factory '{row[3]}' --name {row[0]} --retrain"
+    meta = read_meta(path, rebuild) if meta_path(path).is_file() else \
+        IndexMeta(name=row[0], store_id=row[1], factory=row[3], shards=[], rows=len(doc_ids), rescore=0)
+    with reading(path, "FAISS index", rebuild):
         index = faiss_index.load(path)
         if index.ntotal != len(doc_ids):
             raise ValueError(f"{index.ntotal} rows where the catalog maps {len(doc_ids)}")
-    return index, doc_ids, row[1]
+    faiss_index.set_search_parameters(index, meta.search)
+    rows = None
+    if meta.rescore:
+        store = load_store(ws, row[1])
+        held = [s for s in store.shards if s["file"] in set(meta.shards)]
+        if [s["file"] for s in held] != meta.shards:
+            raise ArtifactError(f"the index {row[0]} holds shards the store {store.id} no longer lists; "
+                                f"rebuild it with `{rebuild}`")
+        rows = StoreRows(ws, store, held)
+    return SketchIndex(index, doc_ids, meta, rows)
+
+
+def open_index(ws: Workspace, name: str | None = None):
+    """(index, row → doc id array, store id) for an index name (a unique prefix is enough), or the latest."""
+    opened = open_search(ws, name)
+    return opened.index, opened.doc_ids, opened.meta.store_id
 
 
 def top_and_bottom(index, doc_ids: np.ndarray, query_vectors: np.ndarray, top: int, bottom: int):
-    """Per query: [(doc_id, score)] of the top and of the bottom documents by inner product."""
+    """Per query: [(doc_id, score)] of the top and of the bottom documents by inner product.
+
+    `index` is a SketchIndex (candidates re-scored from the store when it says so) or a bare FAISS index."""
+    searcher = index if isinstance(index, SketchIndex) else SketchIndex(index, doc_ids, None, None)
+    vectors = np.asarray(query_vectors, dtype=np.float32)
+    empty = (np.zeros((len(vectors), 0)), np.zeros((len(vectors), 0), dtype=np.int64))
+    best = searcher.candidates(vectors, top) if top else empty
+    worst = searcher.candidates(-vectors, bottom) if bottom else empty
     results = []
-    for vector in query_vectors:
-        best_scores, best_rows = faiss_index.search(index, vector[None], top) if top else (np.zeros((1, 0)),) * 2
-        worst_scores, worst_rows = faiss_index.search(index, -vector[None], bottom) if bottom else \
-            (np.zeros((1, 0)),) * 2
+    for q in range(len(vectors)):
         results.append({
-            "top": [(int(doc_ids[r]), float(s)) for r, s in zip(best_rows[0], best_scores[0], strict=True) if r >= 0],
-            "bottom": [(int(doc_ids[r]), -float(s)) for r, s in zip(worst_rows[0], worst_scores[0], strict=True)
+            "top": [(int(doc_ids[r]), float(s)) for r, s in zip(best[1][q], best[0][q], strict=True) if r >= 0],
+            "bottom": [(int(doc_ids[r]), -float(s)) for r, s in zip(worst[1][q], worst[0][q], strict=True)
                        if r >= 0]})
     return results

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from curator.catalog.database import Catalog
 from curator.catalog.documents import snippets
+from curator.catalog.records import score_source
 from curator.catalog.queries import Query, select_queries
 from curator.catalog.workspace import Workspace
 from curator.constants import ModelDType
@@ -19,7 +20,7 @@ from curator.errors import CuratorError
 from curator.influence.factors import get_factors, load_model_for
 from curator.influence.score import ScoreConfig, score
 from curator.sketch.build import sketch_queries
-from curator.sketch.index import open_index, top_and_bottom
+from curator.sketch.index import open_search, top_and_bottom
 from curator.sketch.store import SketchStore, load_store
 
 
@@ -36,7 +37,7 @@ def rerank(ws: Workspace, store: SketchStore, loaded, queries, candidates: list[
     with tempfile.TemporaryDirectory() as tmp:
         result = score(ws, config, out=Path(tmp) / "rerank.parquet", loaded=loaded, queries=queries,
                        doc_ids=union, record=False)
-        table = pl.read_parquet(result.out_path)
+        table = pl.read_parquet(score_source(result.out_path))
     ranked = []
     for query, docs in zip(queries, candidates, strict=True):
         mine = table.filter(pl.col("query_id") == query.id).filter(pl.col("doc_id").is_in(docs))
@@ -78,8 +79,8 @@ class QueryHits(BaseModel):
 
 def search(ws: Workspace, request: SearchRequest, *, loaded=None) -> list[QueryHits]:
     """Top and bottom documents for each query, with source, score and snippet."""
-    index, doc_ids, store_id = open_index(ws, request.index)
-    store = load_store(ws, store_id)
+    index = open_search(ws, request.index)
+    store = load_store(ws, index.meta.store_id)
     with Catalog.open(ws) as catalog:
         if request.queries:
             chosen = select_queries(catalog, request.queries)
@@ -90,7 +91,7 @@ def search(ws: Workspace, request: SearchRequest, *, loaded=None) -> list[QueryH
         record = get_factors(catalog, store.factors_id)
     loaded = loaded or load_model_for(ws, record, device=request.device, dtype=request.dtype)
     vectors, _ = sketch_queries(ws, store, loaded, chosen)
-    found = top_and_bottom(index, doc_ids, vectors, max(request.top, request.rerank), request.bottom)
+    found = top_and_bottom(index, index.doc_ids, vectors, max(request.top, request.rerank), request.bottom)
     if request.rerank:
         exact = rerank(ws, store, loaded, chosen, [[d for d, _ in f["top"][:request.rerank]] for f in found])
         for f, ranked in zip(found, exact, strict=True):
