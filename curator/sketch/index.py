@@ -85,21 +85,23 @@ class StoreRows:
         """One shard's sketches as float32 (decoded exactly)."""
         return self.values[shard].astype(np.float32) * self.scales[shard]
 
-    def gather(self, positions: np.ndarray) -> np.ndarray:
-        """Sketches (float32, decoded exactly) of sorted store positions, read shard by shard."""
-        out = np.empty((len(positions), self.store.dim), dtype=np.float32)
-        shard_of = np.searchsorted(self.starts, positions, side="right") - 1
-        for shard in np.unique(shard_of):
-            mine = shard_of == shard
-            out[mine] = self.values[shard][positions[mine] - self.starts[shard]].astype(np.float32) \
-                * self.scales[shard]
+    def products(self, positions: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """positions × queries exact sketch scores, for sorted store positions: each shard's rows are read
+        once, and its layer scales go into the queries (powers of two, so nothing is rounded)."""
+        out = np.empty((len(positions), len(queries)), dtype=np.float32)
+        bounds = np.searchsorted(positions, self.starts)
+        for shard in range(len(self.values)):
+            lo, hi = bounds[shard], bounds[shard + 1]
+            if hi > lo:
+                block = self.values[shard][positions[lo:hi] - self.starts[shard]].astype(np.float32)
+                out[lo:hi] = block @ (queries * self.scales[shard]).T
         return out
 
-    def scores(self, query_vectors: np.ndarray, rows: np.ndarray, chunk: int = 32) -> np.ndarray:
+    def scores(self, query_vectors: np.ndarray, rows: np.ndarray, chunk: int = 16) -> np.ndarray:
         """queries × k exact sketch scores of rows (queries × k store positions; -1 gives -inf).
 
-        Queries go in chunks: a chunk's candidates are read once however many of its queries share
-        them (decoding float16 costs more than the products), and scored by one matrix product."""
+        Queries go in chunks: a chunk's candidates are read and decoded once however many of its queries
+        share them (decoding float16 costs more than the products), then scored by matrix products."""
         rows = np.asarray(rows, dtype=np.int64)
         queries = np.asarray(query_vectors, dtype=np.float32)
         out = np.full(rows.shape, -np.inf, dtype=np.float32)
@@ -107,7 +109,7 @@ class StoreRows:
             part = rows[start:start + chunk]
             valid = part >= 0
             unique, inverse = np.unique(part[valid], return_inverse=True)
-            products = self.gather(unique) @ queries[start:start + chunk].T      # unique rows × chunk queries
+            products = self.products(unique, queries[start:start + chunk])
             out[start:start + chunk][valid] = products[inverse, np.nonzero(valid)[0]]
         return out
 
