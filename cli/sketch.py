@@ -64,6 +64,8 @@ def sketch(
     device: DeviceOption = "cpu",
     dtype: DTypeOption = DType.float32,
     batch_tokens: BatchTokensOption = 4096,
+    shard_docs: Annotated[int, typer.Option(min=1, help="Documents per shard: the unit a killed run resumes from "
+                                                        "and that torchrun hands to a rank.")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed for random bases and the fidelity sample.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Build the store again even if it exists.")] = False,
     workspace: WorkspaceOption = None,
@@ -71,7 +73,9 @@ def sketch(
     """Compute a gradient sketch of every document for fast ad-hoc queries.
 
     Per tracked layer a document's sketch is Σ_t (Uᵀδ_t)(Vᵀa_t)ᵀ, streamed per token with parameters frozen.
-    The store is a folder of shards plus a manifest; a killed run resumes at the first missing shard. Prints
+    The store is a folder of shards plus a manifest; a killed run resumes from the shards on disk, and over all
+    documents the same command after another ingest sketches only the new ones and appends their shards.
+    Across processes or GPUs: torchrun --nproc-per-node 8 -m curator sketch ... (docs/scaling.md). Prints
     bytes per document, the sketch dimension and the fidelity on held-out queries (kept with the store).
 
     Example: curator sketch --suite arithmetic-s0,slope-s0,linear-s0 --budget-bytes 65536
@@ -83,7 +87,7 @@ def sketch(
     ws = workspace_from(workspace)
     config = SketchConfig(suite=suite, method=method.value, rank=rank, budget_bytes=budget_bytes,
                           precision=precision.value, factors=factors, device=device, dtype=dtype.value,
-                          batch_tokens=batch_tokens, seed=seed)
+                          batch_tokens=batch_tokens, shard_docs=shard_docs, seed=seed)
     with PassBar() as bar:
         store, result = sketch_and_measure(ws, config, holdout=holdout, sample=fidelity_sample, progress=bar,
                                            force=force)
