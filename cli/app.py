@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from curator.cli import audit, demo, docs, fit, ingest, mix, queries, score, sketch
+from curator.cli import audit, demo, docs, fit, ingest, mix, queries, remote, score, serve, sketch
 from curator.cli.common import console, err_console
 
 app = typer.Typer(
@@ -25,6 +25,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
+
+
+@app.callback()
+def connect(
+    server: Annotated[str | None, typer.Option(envvar="CURATOR_SERVER", help="Ask a running `curator serve` at "
+                                               "this URL instead of the local workspace (sources, runs, factors, "
+                                               "search).", show_default=False)] = None,
+    token: Annotated[str | None, typer.Option(envvar="CURATOR_TOKEN", help="The server's API token.",
+                                              show_default=False)] = None,
+) -> None:
+    remote.Remote.url, remote.Remote.token = server, token
 
 
 @app.command()
@@ -47,13 +58,13 @@ def init(
 
 
 app.command("ingest", no_args_is_help=True)(ingest.ingest)
-app.command("sources")(ingest.sources)
+app.command("sources")(remote.either(ingest.sources, remote.sources))
 app.add_typer(docs.app, name="docs")
 app.command("fit")(fit.fit)
 app.add_typer(queries.app, name="queries")
 app.command("score")(score.score)
-app.command("runs")(score.runs)
-app.command("factors")(score.factors)
+app.command("runs")(remote.either(score.runs, remote.runs))
+app.command("factors")(remote.either(score.factors, remote.factors))
 app.command("rank")(mix.rank)
 app.command("mix")(mix.mix)
 app.command("mix-weights")(mix.mix_weights)
@@ -61,11 +72,13 @@ app.command("mixes")(mix.mixes)
 app.command("export")(mix.export)
 app.command("sketch")(sketch.sketch)
 app.add_typer(sketch.index_app, name="index")
-app.command("search")(sketch.search)
+app.command("search")(remote.either(sketch.search, remote.search))
 app.command("fidelity")(sketch.fidelity)
 app.command("audit")(audit.audit)
 app.command("demo")(demo.demo)
 app.command("compare")(audit.compare)
+app.command("serve")(serve.serve)
+app.add_typer(serve.token_app, name="token")
 
 
 def main() -> None:

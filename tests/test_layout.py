@@ -28,6 +28,7 @@ LAYERS = [
     ("curator.curate",),        # rank, mix, export
     ("curator.audit",),         # analyses, report
     ("curator.demo",),
+    ("curator.service", "curator.client"),  # `curator serve` (HTTP over the library) and its client
     ("curator.cli",),
     ("curator.__main__",),      # `python -m curator` and torchrun: joins the job, then runs the CLI
 ]

@@ -1,0 +1,92 @@
+"""Searches that reuse what the last one loaded.
+
+The library's `curator search` opens the index and loads the model for every call; a server answers
+many searches, so it keeps opened indexes (keyed by index name and the file's modification time, so a
+grown index is reopened) and loaded models (keyed by fit, device and dtype) between requests. The
+steps themselves are the library's (sketch_queries, top_and_bottom, rerank, snippets).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from curator.catalog.documents import snippets
+from curator.catalog.queries import Query, select_queries
+from curator.influence.factors import get_factors, load_model_for
+from curator.service.db import ServerCatalog
+from curator.sketch.build import sketch_queries
+from curator.sketch.index import open_search, top_and_bottom
+from curator.sketch.search import DocumentHit, QueryHits, SearchRequest, rerank
+from curator.sketch.store import load_store
+
+MAX_CACHED = 4
+
+
+class Searcher:
+    def __init__(self, catalog: ServerCatalog):
+        self.catalog = catalog
+        self.ws = catalog.ws
+        self.indexes: dict[tuple, tuple] = {}
+        self.models: dict[tuple, object] = {}
+        self.lock = threading.Lock()        # one search at a time: they share the loaded model
+
+    def _index(self, name: str | None):
+        # The name resolves in the catalog each time (the latest index changes); the FAISS file is
+        # opened again only when it changed (an index job grew it).
+        key = self.catalog.reading(lambda: _resolve_index(self.ws, name))
+        if key not in self.indexes:
+            def find():
+                opened = open_search(self.ws, key[0])
+                return opened, load_store(self.ws, opened.meta.store_id)
+            if len(self.indexes) >= MAX_CACHED:
+                self.indexes.pop(next(iter(self.indexes)))
+            self.indexes[key] = self.catalog.reading(find)
+        return self.indexes[key]
+
+    def _model(self, factors_id: str, device: str, dtype: str):
+        key = (factors_id, device, dtype)
+        if key not in self.models:
+            record = self.catalog.read(lambda c: get_factors(c, factors_id))
+            if len(self.models) >= MAX_CACHED:
+                self.models.pop(next(iter(self.models)))
+            self.models[key] = self.catalog.reading(lambda: load_model_for(self.ws, record, device=device,
+                                                                           dtype=dtype))
+        return self.models[key]
+
+    def search(self, request: SearchRequest) -> list[QueryHits]:
+        with self.lock:
+            index, store = self._index(request.index)
+            if request.queries:
+                chosen = self.catalog.read(lambda c: select_queries(c, request.queries))
+            else:
+                chosen = [Query(id="ad-hoc", task="ad-hoc", prompt=request.prompt, completion=request.completion)]
+            loaded = self._model(store.factors_id, request.device, request.dtype)
+            vectors, _ = self.catalog.reading(lambda: sketch_queries(self.ws, store, loaded, chosen))
+            found = top_and_bottom(index, index.doc_ids, vectors, max(request.top, request.rerank), request.bottom)
+            if request.rerank:
+                exact = self.catalog.reading(lambda: rerank(
+                    self.ws, store, loaded, chosen, [[d for d, _ in f["top"][:request.rerank]] for f in found]))
+                for f, ranked in zip(found, exact, strict=True):
+                    f["top"] = ranked
+        ids = [d for f in found for side in ("top", "bottom") for d, _ in f[side]]
+        info = self.catalog.read(lambda c: snippets(c, ids))
+        results = []
+        for query, f in zip(chosen, found, strict=True):
+            def hits(items):
+                return [DocumentHit(doc_id=d, source=info[d][0], score=s, snippet=info[d][1])
+                        for d, s in items if d in info]
+            results.append(QueryHits(query_id=query.id, prompt=query.prompt, top=hits(f["top"][:request.top]),
+                                     bottom=hits(f["bottom"][:request.bottom]), reranked=request.rerank,
+                                     store=store.id, fidelity=store.fidelity))
+        return results
+
+
+def _resolve_index(ws, name: str | None) -> tuple:
+    from curator.catalog.database import Catalog
+    from curator.catalog.records import find_record
+
+    with Catalog.open(ws) as catalog:
+        row = find_record(catalog, "sketch_indexes", name, what="index", id_column="name",
+                          create_hint="run `curator index build` first", columns="name, path")
+    path = ws.root / row[1]
+    return row[0], path.stat().st_mtime_ns if path.exists() else 0
