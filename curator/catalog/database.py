@@ -7,7 +7,9 @@ catalog read-only; a catalog held by another writer is a clear
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +23,13 @@ from curator.catalog.workspace import ARTIFACT_DIRS, Workspace
 # cap instead, so an ingest of any size stays within it (DuckDB evicts or spills).
 MEMORY_LIMIT_ENV = "CURATOR_DUCKDB_MEMORY"
 DEFAULT_MEMORY_LIMIT = "2GB"
+# Seconds to wait for a locked catalog before giving up (default: none). `curator serve` sets it for
+# itself and its job workers, whose short reads and writes take turns with each other.
+LOCK_WAIT_ENV = "CURATOR_LOCK_WAIT"
+# While `curator serve` runs it owns its workspace (WS/server.json names it); it and its job workers
+# carry its pid in this variable and may write.
+SERVER_FILE = "server.json"
+SERVER_PID_ENV = "CURATOR_SERVER_PID"
 
 
 class Catalog:
@@ -43,17 +52,28 @@ class Catalog:
         path = workspace.catalog_path
         if not write and not path.exists():
             raise WorkspaceError(f"no catalog at {path}; create it with `curator init {workspace.root}`")
-        try:
-            con = duckdb.connect(str(path), read_only=not write, config={
-                "memory_limit": os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT)})
-        except duckdb.IOException as exc:
-            if "lock" in str(exc).lower():
+        server = _server_holding(workspace) if write else None
+        if server:
+            raise CatalogLockedError(f"the catalog {path} belongs to {server}")
+        deadline = time.monotonic() + float(os.environ.get(LOCK_WAIT_ENV) or 0)
+        while True:
+            try:
+                con = duckdb.connect(str(path), read_only=not write, config={
+                    "memory_limit": os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT)})
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise WorkspaceError(f"cannot open the catalog {path}: {exc}") from None
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                held = _server_holding(workspace, any_pid=True)
+                who = f"{held}, which is" if held else "another curator process that is"
                 raise CatalogLockedError(
-                    f"the catalog {path} is in use by another curator process that is writing to it "
+                    f"the catalog {path} is in use by {who} writing to it "
                     f"(DuckDB allows one writer at a time). Wait for it to finish and try again.\n"
                     f"  DuckDB said: {str(exc).splitlines()[0]}"
                 ) from None
-            raise WorkspaceError(f"cannot open the catalog {path}: {exc}") from None
         catalog = cls(con, path, write)
         try:
             if write:
@@ -169,6 +189,20 @@ class Catalog:
         self.sql("DELETE FROM ingest_batches WHERE status <> 'complete'")
         self.sql("COMMIT")
 
+
+def _server_holding(workspace: Workspace, *, any_pid: bool = False) -> str | None:
+    """'the curator server at URL (pid N)' when a live server owns this workspace and this process is
+    not it nor one of its workers (`any_pid`: whoever this process is)."""
+    try:
+        info = json.loads((workspace.root / SERVER_FILE).read_text())
+        pid = int(info["pid"])
+        os.kill(pid, 0)          # a server killed without cleaning up leaves a file but no process
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not any_pid and os.environ.get(SERVER_PID_ENV) == str(pid):
+        return None
+    return (f"the curator server at {info.get('url')} (pid {pid}, {workspace.root / SERVER_FILE}); while it "
+            f"runs, submit work to it (`curator --server {info.get('url')} ...`, docs/service.md) or stop it")
 
 
 def create_workspace(root: str | os.PathLike) -> tuple[Workspace, bool]:

@@ -234,6 +234,40 @@ MIGRATIONS: tuple[Migration, ...] = (
             WHERE b.status = 'complete';
         """,
     ),
+    Migration(
+        6,
+        "the HTTP service: jobs and API tokens",
+        """
+        -- Jobs submitted to `curator serve`. The server keeps live progress in
+        -- memory; this row is written at each change of state, so a server that
+        -- was killed finds its running jobs again and marks them interrupted.
+        CREATE TABLE jobs (
+            id            VARCHAR PRIMARY KEY,
+            kind          VARCHAR NOT NULL,    -- ingest | fit | score | sketch | index | rank | mix | export | audit
+            state         VARCHAR NOT NULL,    -- queued | running | done | failed | cancelled | interrupted
+            params        JSON NOT NULL,       -- the request as submitted
+            device        VARCHAR NOT NULL,
+            attempts      INTEGER NOT NULL,    -- worker starts, resumptions included
+            progress      JSON,                -- the last progress report
+            result        JSON,
+            error         VARCHAR,
+            submitted_at  TIMESTAMP NOT NULL,
+            started_at    TIMESTAMP,
+            finished_at   TIMESTAMP
+        );
+
+        -- Bearer tokens, stored as a salted SHA-256 of the secret: the catalog
+        -- never holds a usable token.
+        CREATE TABLE api_tokens (
+            id            VARCHAR PRIMARY KEY, -- the public part of the token
+            name          VARCHAR NOT NULL,
+            scope         VARCHAR NOT NULL,    -- read | write
+            salt          VARCHAR NOT NULL,
+            digest        VARCHAR NOT NULL,    -- sha256(salt || secret), hex
+            created_at    TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        """,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
