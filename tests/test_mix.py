@@ -20,7 +20,8 @@ from curator.curate.export import ExportSpec, export, sha256
 from curator.curate.mix import (MixSpec, mix, mixture_report, mixture_weights, mixtures_table, parse_quota,
                                  read_weights, save_weights, source_table)
 from curator.catalog.queries import Query, store_queries
-from curator.curate.rank import RankConfig, aggregate_sql, rank, ranked_documents
+from curator.curate import rank as rank_module
+from curator.curate.rank import RankConfig, aggregate_sql, normalized_values, rank, ranked_documents
 
 TOKENIZER = "tok-test"
 SOURCES = {"code": 30, "math": 20, "web": 50}      # documents per source
@@ -72,6 +73,31 @@ def test_aggregations_equal_direct_numpy():
         order = sorted(range(6), key=lambda d: (-want[d], d))
         assert ranked.sort("rank")["doc_id"].to_list() == order
         assert ranked.sort("rank")["rank"].to_list() == list(range(1, 7))
+
+
+@pytest.mark.parametrize("aggregate", rank_module.STREAMED)
+@pytest.mark.parametrize("normalize", ["raw", "per-nat", "per-token"])
+def test_streamed_rankings_equal_the_sql_grouping(corpus, aggregate, normalize, monkeypatch):
+    """The per-document arrays (streamed_ranking) against aggregate_sql's grouping of the same values."""
+    from curator.catalog.records import get_run
+    from curator.curate.scores import scores_view
+
+    ws, _, _, _ = corpus
+    streamed = []
+    original = rank_module.streamed_ranking
+    monkeypatch.setattr(rank_module, "streamed_ranking", lambda *a, **k: streamed.append(original(*a, **k))
+                        or streamed[-1])
+    name = f"{aggregate}-{normalize}"
+    result = rank(ws, RankConfig(name=name, aggregate=aggregate, normalize=normalize))
+    assert streamed == [True]
+    with Catalog.open(ws) as catalog:
+        stored = catalog.frame("SELECT doc_id, score, rank FROM ranking_scores WHERE ranking = ? ORDER BY rank", [name])
+        scores_view(catalog, get_run(catalog, result.run_id))
+        values = normalized_values(catalog, result.query_ids, normalize, TOKENIZER)
+        want = catalog.frame(f"SELECT * FROM ({aggregate_sql(aggregate, values)}) ORDER BY rank")
+    assert stored["doc_id"].to_list() == want["doc_id"].to_list()
+    assert stored["rank"].to_list() == want["rank"].to_list()
+    np.testing.assert_allclose(stored["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-9, atol=1e-12)
 
 
 def rankdata(row):

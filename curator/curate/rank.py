@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from curator.catalog.database import Catalog
 from curator.catalog.records import RunRecord, get_run
 from curator.catalog.workspace import Workspace
 from curator.constants import REASONING_TASKS, Aggregate, Normalize
-from curator.curate.scores import bounded, reading_scores, scores_view, spill_folder, sql_text
+from curator.curate.scores import arrow_batches, bounded, reading_scores, scores_view, spill_folder, sql_text
 from curator.errors import CuratorError
 
 if TYPE_CHECKING:
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 
 AGGREGATES = get_args(Aggregate)
 NORMALIZATIONS = get_args(Normalize)
+STREAMED = ("mean-z", "mean", "max")     # linear or max aggregates: one pass into per-document arrays
+DENSE_SPAN = 32 * 2**20                  # doc-id span of those arrays: 16 bytes per id, 512 MiB at most
 
 
 class RankConfig(BaseModel):
@@ -98,6 +102,96 @@ def aggregate_sql(aggregate: str, values: str = "run_values") -> str:
             f"FROM ({combined})")
 
 
+def streamed_ranking(catalog: Catalog, values: str, aggregate: str, out: Path, every_query: str | None = None) -> bool:
+    """Write what `aggregate_sql` computes for "mean-z", "mean" or "max" to the Parquet file `out` (doc_id,
+    score, rank) without a grouping by document: for mean-z one aggregate scan gives each query's mean and
+    standard deviation, then one streaming pass adds every value (a z-score for mean-z) into arrays indexed
+    by doc id (numpy's bincount). A grouping of 10⁸ rows into millions of documents is a hash table DuckDB
+    must build and spill; the arrays are 16 bytes per id. False (nothing written) when a doc id is negative
+    or reaches DENSE_SPAN, where the SQL grouping is the better tool.
+
+    `every_query`: `values` for every query of the run, unselected; the z-score pass joins it with the
+    selected queries' statistics, which selects them too (one join in place of a filter and a join)."""
+    if aggregate == "mean-z":
+        stats = query_stats(catalog, values)
+        if not stats:
+            return False
+        ids, means, deviations = zip(*stats, strict=True)
+        catalog.sql("CREATE OR REPLACE TEMP TABLE rank_stats AS SELECT unnest(?::VARCHAR[]) AS query_id, "
+                    "unnest(?::DOUBLE[]) AS m, unnest(?::DOUBLE[]) AS sd", [list(ids), list(means), list(deviations)])
+        query = (f"SELECT v.doc_id, CASE WHEN s.sd > 0 THEN (v.value - s.m) / s.sd ELSE 0.0 END AS x "
+                 f"FROM {every_query or values} v JOIN rank_stats s USING (query_id)")
+    else:
+        query = f"SELECT doc_id, value AS x FROM {values}"
+    per_document = _per_document(catalog, query, aggregate == "max")
+    if per_document is None:
+        return False
+    totals, counts = per_document
+    doc_ids = np.flatnonzero(counts)
+    score = totals[doc_ids] if aggregate == "max" else totals[doc_ids] / counts[doc_ids]
+    order = np.lexsort((doc_ids, -score))            # best first, ties by the smaller id
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"doc_id": doc_ids[order], "score": score[order],
+                             "rank": np.arange(1, len(order) + 1, dtype=np.int64)}), out)
+    return True
+
+
+def query_stats(catalog: Catalog, values: str) -> list[tuple[str, float, float]]:
+    """(query_id, mean, population standard deviation) of each query's values. Sums of values and of their
+    squares cost one scan (DuckDB's stddev_pop, a running update per value, costs two to three); where
+    the squares' sum would lose digits to cancellation (a mean a thousand deviations from zero, or
+    more), the query's deviation is computed again with stddev_pop."""
+    rows = catalog.sql(f"SELECT query_id, count(value), sum(value), sum(value * value) FROM {values} "
+                       f"GROUP BY query_id")
+    stats, unstable = [], []
+    for query_id, n, total, squares in rows:
+        mean = total / n
+        variance = max(squares / n - mean * mean, 0.0)
+        if variance <= 1e-6 * mean * mean and mean != 0:
+            unstable.append(query_id)
+        stats.append((query_id, mean, variance ** 0.5))
+    if unstable:
+        exact = dict(catalog.sql(f"SELECT query_id, stddev_pop(value) FROM {values} WHERE query_id IN "
+                                 f"(SELECT unnest(?::VARCHAR[])) GROUP BY query_id", [unstable]))
+        stats = [(q, m, exact.get(q, sd)) for q, m, sd in stats]
+    return stats
+
+
+def _per_document(catalog: Catalog, query: str, maximum: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """(sum or max of x, number of values) indexed by doc id, from the rows (doc_id, x) of `query`; the
+    arrays grow to the largest id seen. None as soon as an id is negative or reaches DENSE_SPAN."""
+    totals, counts = np.zeros(0), np.zeros(0, dtype=np.int64)
+    for batch in arrow_batches(catalog, query, rows=1_000_000):
+        at = batch.column("doc_id").to_numpy()
+        if not len(at):
+            continue
+        low, high = int(at.min()), int(at.max())
+        if low < 0 or high >= DENSE_SPAN:
+            return None
+        if high >= len(counts):      # grow to the next power of two: few copies however the ids arrive
+            size = 1 << high.bit_length()
+            totals = np.concatenate([totals, np.full(size - len(totals), -np.inf if maximum else 0.0)])
+            counts = np.concatenate([counts, np.zeros(size - len(counts), dtype=np.int64)])
+        x = batch.column("x").to_numpy(zero_copy_only=False)
+        at_low = at - low                # a batch usually holds a narrow range of ids
+        counts[low:high + 1] += np.bincount(at_low, minlength=high + 1 - low)
+        if maximum:
+            np.maximum.at(totals, at, x)
+        else:
+            totals[low:high + 1] += np.bincount(at_low, weights=x, minlength=high + 1 - low)
+    return totals, counts
+
+
+def _every_query(normalize: str) -> str | None:
+    """The run's values for every query as a relation, for normalisations that need no join."""
+    if normalize == "per-token":
+        return None
+    column = "score" if normalize == "raw" else "score_per_nat"
+    return f"(SELECT query_id, doc_id, CAST({column} AS DOUBLE) AS value FROM scores)"
+
+
 def rank(ws: Workspace, config: RankConfig, *, replace: bool = False) -> RankResult:
     """Rank the run's documents into the catalog's `ranking_scores`. The ranking is computed through a
     read-only connection into a Parquet file in DuckDB's spill folder, then inserted in one short write."""
@@ -112,7 +206,10 @@ def rank(ws: Workspace, config: RankConfig, *, replace: bool = False) -> RankRes
         staged = spill_folder(catalog) / f"ranking-{uuid.uuid4().hex}.parquet"
         staged.parent.mkdir(parents=True, exist_ok=True)
         with reading_scores(run):
-            catalog.sql(f"COPY ({aggregate_sql(config.aggregate, values)}) TO '{sql_text(staged)}' (FORMAT parquet)")
+            if not (config.aggregate in STREAMED and streamed_ranking(
+                    catalog, values, config.aggregate, staged, _every_query(config.normalize))):
+                catalog.sql(f"COPY ({aggregate_sql(config.aggregate, values)}) TO '{sql_text(staged)}' "
+                            f"(FORMAT parquet)")
     try:
         with Catalog.open(ws, write=True) as catalog:
             bounded(catalog)
