@@ -252,8 +252,9 @@ def test_job_lifecycle_with_events_and_cancel(built):
                                            "config": {"queries": "arithmetic-s0", "chunk_docs": 2}}).json()
         seen, end = _events(api, followed["id"])
         assert end == "done" and seen[-1]["state"] == "done"
-        assert any(r["state"] == "running" and r["progress"]["done"] > 0 and r["progress"]["total"] == 12
-                   for r in seen)
+        # The stream samples the record, so it may skip from "running" to "done"; the last progress stays.
+        assert any(r["state"] == "running" for r in seen)
+        assert seen[-1]["progress"]["done"] == seen[-1]["progress"]["total"] == 12
 
         running = api.post("/jobs", json={"kind": "fit", "force": True,
                                           "config": {"model": "tiny", "layers": "last:1", "seed": 5}}).json()
