@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from pathlib import Path as PathLib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
@@ -244,6 +245,28 @@ EXPORT_COLUMNS = ("path", "mixture", "format", "manifest", "created_at")
 @router.get("/exports")
 def exports(request: Request) -> list[dict[str, Any]]:
     return _table(request, f"SELECT {', '.join(EXPORT_COLUMNS)} FROM exports ORDER BY created_at", EXPORT_COLUMNS)
+
+
+@router.get("/exports/file", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def export_file(request: Request,
+                path: Annotated[str, Query(min_length=1, max_length=4096, description="the export's path, as "
+                                           "/v1/exports lists it")],
+                name: Annotated[str, Query(min_length=1, max_length=255, description="manifest.json or a "
+                                           "shard file its manifest lists")]):
+    """One file of a recorded export, as a download. Only the manifest and the files it lists are served,
+    and only from inside that export's folder (symlinks followed), so no other path on the server is named."""
+    found = _table(request, "SELECT path, manifest FROM exports WHERE path = ?", ("path", "manifest"), [path])
+    export = _one(found, "path", path, "export")
+    listed = {"manifest.json"} | {str(f) for shard in export["manifest"].get("shards", [])
+                                  for f in shard.get("files", [])}
+    if name not in listed:
+        raise ApiError(404, "name", f"{name!r} is not a file of export {path}")
+    folder = PathLib(export["path"]).resolve()
+    file = (folder / name).resolve()
+    if not file.is_relative_to(folder) or not file.is_file():
+        raise ApiError(404, "name", f"{name!r} is missing from {path} (moved or deleted since the export)")
+    return FileResponse(file, filename=name, media_type="application/octet-stream")
 
 
 # -- the audit report (written by the latest audit job) ------------------------------------------
