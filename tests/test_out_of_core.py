@@ -201,3 +201,18 @@ def test_a_partial_score_table_is_one_clear_error(planted, tmp_path):  # noqa: F
     with pytest.raises(CuratorError, match="not a full query × document table: document 7 has 4 scores"):
         audit(ws, "score-holes")
     json.dumps(audit(ws, "score-test"))
+
+
+def test_one_slice_and_answers_searched_past_the_top(real_run, planted, monkeypatch):  # noqa: F811
+    """Default slices hold every query (the correlations come from the one slice); a top of one document
+    makes answers be looked for further down: first in a wider top of two, then in every text."""
+    ws, run_id, _ = real_run
+    assert_audit_equals_reference(audit(ws, "score-parts"), reference_audit(ws, run_id))
+    ws, _ = planted
+    want = reference_audit(ws, "score-test")
+    monkeypatch.setattr(audit_module, "ANSWER_TOP", 1)
+    monkeypatch.setattr(audit_module, "ANSWER_WIDER", 2)
+    searched = audit(ws)["answer_occurrence"]["per_query"]
+    first = {q: r["first_rank"] for q, r in want["answer_occurrence"].items()}
+    assert {q: r["first_rank"] for q, r in searched.items()} == first
+    assert any(rank is not None and rank > 2 for rank in first.values()), first     # the full search ran

@@ -50,23 +50,38 @@ def source_ratios(per_query_counts: list[dict], sources: list[str], doc_codes: n
 
 class Gram:
     """Query-by-query sums of products of centred scores, added a block of documents at a time: the
-    Pearson correlation of every pair of queries without the whole query × document matrix."""
+    Pearson correlation of every pair of queries without the whole query × document matrix, and without
+    the means beforehand. The products are taken about the first block's means (close to the true means,
+    so the sums do not cancel) and moved to the true means at the end:
+    Σ(x − mx)(y − my) = Σ(x − a)(y − b) − n·(mx − a)(my − b)."""
 
-    def __init__(self, means: np.ndarray):
-        self.means = means
-        self.products = np.zeros((len(means), len(means)))
+    def __init__(self, n_queries: int):
+        self.shift: np.ndarray | None = None
+        self.sums = np.zeros(n_queries)
+        self.products = np.zeros((n_queries, n_queries))
+        self.n = 0
 
     def add(self, block: np.ndarray) -> None:
         """`block`: queries × a set of documents (every query's scores of the same documents)."""
-        centred = block - self.means[:, None]
-        self.products += centred @ centred.T
+        block = np.asarray(block, dtype=np.float64)
+        if self.shift is None:
+            self.shift = block.mean(axis=1)
+        centred = block - self.shift[:, None]
+        self.products += np.dot(centred, centred.T)     # `@` takes OpenBLAS's syrk here, 7× slower
+        self.sums += centred.sum(axis=1)
+        self.n += block.shape[1]
+
+    def means(self) -> np.ndarray:
+        return self.shift + self.sums / self.n
 
     def correlation(self) -> np.ndarray:
-        if len(self.means) == 1:
+        if len(self.sums) == 1:
             return np.ones((1, 1))
-        scale = np.sqrt(np.diag(self.products))
+        offset = self.sums / self.n
+        products = self.products - self.n * np.outer(offset, offset)
+        scale = np.sqrt(np.diag(products))
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.clip(self.products / np.outer(scale, scale), -1, 1)
+            return np.clip(products / np.outer(scale, scale), -1, 1)
 
 
 def correlations(corr: np.ndarray, query_ids: list[str], tasks: dict[str, str]) -> dict:
@@ -96,10 +111,11 @@ def cumulative_positive(row: np.ndarray, percents: list[float]) -> list[float]:
     return out
 
 
-def power_law(row: np.ndarray, top: int = 500) -> dict | None:
+def power_law(row: np.ndarray, top: int = 500, presorted: bool = False) -> dict | None:
     """Least-squares fit of log(score) = c − α·log(rank) over the top positive scores; α and its
-    standard error. None with fewer than three positive scores."""
-    ranked = np.sort(row)[::-1][:top]
+    standard error. None with fewer than three positive scores. `presorted`: `row` is already in
+    descending order."""
+    ranked = (row if presorted else np.sort(row)[::-1])[:top]
     ranked = ranked[ranked > 0]
     if len(ranked) < 3:
         return None
@@ -180,3 +196,72 @@ def answer_occurrence(per_query: dict[str, dict], tasks: dict[str, str], top: in
                               "queries_with_any": int(sum(c > 0 for c in counts)),
                               "median_first_rank": float(np.median(ranks)) if ranks else None}
     return {"top": top, "per_query": per_query, "summary": summary}
+
+
+# -- the same numbers from one sort per query ----------------------------------------------------
+# A stable argsort of millions of scores costs ~30× a plain sort of the values, and the functions above
+# need several per query. These give the same results from the values sorted once (ascending): a
+# document's place among equal scores (doc-id order) is looked up only where a k-th value has ties.
+
+def cumulative_positive_sorted(descending: np.ndarray, percents: list[float]) -> list[float]:
+    """`cumulative_positive` from the scores sorted in descending order (the same sums, term for term)."""
+    positive = np.clip(descending, 0, None)
+    total = positive.sum()
+    return [float(positive[:max(1, math.ceil(len(positive) * p / 100))].sum() / total) if total > 0 else 0.0
+            for p in percents]
+
+
+def power_law_sorted(descending: np.ndarray, top: int = 500) -> dict | None:
+    """`power_law` from the scores sorted in descending order."""
+    return power_law(descending[:top], top, presorted=True)
+
+
+class SourceSplit:
+    """The documents (positions in doc-id order) of each source code, to sort a query's scores per source."""
+
+    def __init__(self, doc_codes: np.ndarray, n_sources: int):
+        self.codes, self.n_sources = doc_codes, n_sources
+        self.members = [np.flatnonzero(doc_codes == c) for c in range(n_sources)]
+
+
+def source_counts_sorted(row: np.ndarray, ascending: np.ndarray, split: SourceSplit, ks: list[int]) -> dict:
+    """`source_counts` without ordering the documents: a source's count in the top k is its number of
+    scores above the k-th largest score, plus its share of the ties at that score taken in doc-id order
+    (the stable sort's order; the bottom k take ties from the other end)."""
+    per_source = [np.sort(row[m]) for m in split.members]
+    n, result = len(row), {"top": {}, "bottom": {}}
+    for k in ks:
+        k = min(k, n)
+        for side, value in (("top", ascending[n - k]), ("bottom", ascending[k - 1])):
+            left = np.array([np.searchsorted(s, value, "left") for s in per_source])
+            right = np.array([np.searchsorted(s, value, "right") for s in per_source])
+            sizes = np.array([len(s) for s in per_source])
+            beyond = sizes - right if side == "top" else left        # strictly better (worse) than value
+            wanted = k - beyond.sum()
+            if wanted == (right - left).sum():
+                counts = beyond + (right - left)
+            else:                                                    # ties straddle the k-th place
+                ties = np.flatnonzero(row == value)
+                ties = ties[:wanted] if side == "top" else ties[::-1][:wanted]
+                counts = beyond + np.bincount(split.codes[ties], minlength=split.n_sources)
+            result[side][k] = counts
+    return result
+
+
+def top_order(row: np.ndarray, ascending: np.ndarray, n: int) -> np.ndarray:
+    """The first n positions of `np.argsort(-row, kind="stable")` (best first, ties in doc-id order)."""
+    n = min(n, len(row))
+    value = ascending[len(row) - n]
+    above = np.flatnonzero(row > value)
+    picks = np.concatenate([above, np.flatnonzero(row == value)[:n - len(above)]])
+    return picks[np.lexsort((picks, -row[picks]))]
+
+
+def best_rank(row: np.ndarray, members: np.ndarray) -> int | None:
+    """The rank (1 = best, ties in doc-id order) of the best-placed of the documents at positions
+    `members`, as `query_answer`'s first_rank; None when there are none."""
+    if not len(members):
+        return None
+    value = row[members].max()
+    first = members[row[members] == value][0]
+    return int((row > value).sum() + (row[:first] == value).sum() + 1)

@@ -26,13 +26,16 @@ from curator import __version__
 from curator.audit import analyses
 from curator.catalog.composition import composition, token_counts_available
 from curator.catalog.database import Catalog
-from curator.catalog.records import RunRecord, get_run
+from curator.catalog.records import RunRecord, get_run, score_source
 from curator.catalog.workspace import Workspace
-from curator.curate.scores import arrow_batches, reading_scores, scores_view
+from curator.curate.scores import arrow_batches, reading_scores, scores_view, sql_text
 from curator.errors import CuratorError
 
 SECTIONS_NEEDING_SCORES = ["influence by source", "query correlations", "concentration", "answer occurrence"]
-SLICE_BYTES = 256 * 2**20      # float32 scores per pass slice: 256 MiB (2M documents × 32 queries)
+SLICE_BYTES = 2**30            # scores held at once: 1 GiB (float32: 2M documents × 134 queries)
+GRAM_COLUMNS = 2**16           # documents per float64 block of the correlations' sums of products
+ANSWER_TOP = 500               # the paper's top documents searched for a query's answer
+ANSWER_WIDER = 50_000          # searched next for the best-placed document holding it
 
 
 def audit(ws: Workspace, run_id: str | None = None) -> dict:
@@ -62,28 +65,36 @@ def audit(ws: Workspace, run_id: str | None = None) -> dict:
 
 def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
     scores_view(catalog, run)
-    query_ids, means = _queries_of(catalog, run)
-    doc_ids, doc_codes, sources = _documents_of(catalog, run, len(query_ids))
+    query_ids, dense = _queries_of(catalog, run)
+    doc_ids, doc_codes, sources = _documents_of(catalog, run, len(query_ids), dense)
     queries = catalog.frame("SELECT id, task, answer FROM queries WHERE id IN (SELECT unnest(?))", [query_ids])
     tasks = dict(zip(queries["id"], queries["task"], strict=True))
     unknown = [q for q in query_ids if q not in tasks]
     if unknown:
         raise CuratorError(f"the scores of run {run.id} hold queries the catalog does not know: {', '.join(unknown[:5])}")
     answers = {q: a for q, a in zip(queries["id"], queries["answer"], strict=True) if a and a.strip()}
-    contains = _answer_documents(catalog, doc_ids, set(answers.values()))
     ks = analyses.k_values(len(doc_ids))
-    gram = analyses.Gram(means)
-    for block in _document_blocks(catalog, query_ids, doc_ids):
-        gram.add(block)
+    split = analyses.SourceSplit(doc_codes, len(sources))
+    gram = analyses.Gram(len(query_ids))
     counts, concentration, occurrence = {}, {}, {}
-    for group, matrix in _query_groups(catalog, query_ids, doc_ids):
+    groups = _query_groups(catalog, run, query_ids, doc_ids)
+    for group, matrix in groups:
+        if len(group) == len(query_ids):            # every query in one slice: its columns are the blocks
+            for start in range(0, len(doc_ids), GRAM_COLUMNS):
+                gram.add(matrix[:, start:start + GRAM_COLUMNS])
+        tops = {}
         for query_id, row in zip(group, matrix, strict=True):
-            row = row.astype(np.float64)
-            counts[query_id] = analyses.source_counts(row, doc_codes, len(sources), ks)
-            concentration[query_id] = analyses.query_concentration(row)
+            ascending = np.sort(row)                  # the only sort of the row; the rest reads it
+            descending = ascending[::-1].astype(np.float64)
+            counts[query_id] = analyses.source_counts_sorted(row, ascending, split, ks)
+            concentration[query_id] = {"cumulative": analyses.cumulative_positive_sorted(descending, analyses.PERCENTS),
+                                       "power_law": analyses.power_law_sorted(descending)}
             if query_id in answers:
-                occurrence[query_id] = {"answer": answers[query_id],
-                                        **analyses.query_answer(row, contains[answers[query_id]])}
+                tops[query_id] = analyses.top_order(row, ascending, ANSWER_TOP)
+        occurrence.update(_answer_ranks(catalog, dict(zip(group, matrix, strict=True)), tops, answers, doc_ids))
+    if gram.n == 0:
+        for block in _document_blocks(catalog, run, query_ids, doc_ids):
+            gram.add(block)
     return {
         "run": _run_summary(run, model, len(query_ids), len(doc_ids), tasks),
         "influence_by_source": {
@@ -91,32 +102,54 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
             for task in sorted(set(tasks.values()))},
         "correlations": analyses.correlations(gram.correlation(), query_ids, tasks),
         "concentration": analyses.concentration(concentration, query_ids, tasks),
-        "answer_occurrence": analyses.answer_occurrence(occurrence, tasks),
+        "answer_occurrence": analyses.answer_occurrence({q: occurrence[q] for q in query_ids if q in occurrence}, tasks),
     }
 
 
-def _queries_of(catalog: Catalog, run: RunRecord) -> tuple[list[str], np.ndarray]:
-    """The run's queries in id order (also as the temporary table audit_queries: query_id, i) and the
-    mean score of each, from one aggregate scan."""
-    rows = catalog.sql("SELECT query_id, avg(score::DOUBLE) FROM scores GROUP BY query_id ORDER BY query_id")
+def _queries_of(catalog: Catalog, run: RunRecord) -> tuple[list[str], tuple[int, int] | None]:
+    """The run's queries in id order (also as the temporary table audit_queries: query_id, i), from one
+    counting scan, and the doc-id range (low, high) when every query has one score per id of it (as
+    `curator score` writes a catalog's consecutive ids; a pair scored twice is caught when the slices
+    are filled); None otherwise."""
+    rows = catalog.sql("SELECT query_id, count(*) FROM scores GROUP BY query_id ORDER BY query_id")
     if not rows:
         raise CuratorError(f"the scores of run {run.id} ({run.out_path}) are empty")
     query_ids = [r[0] for r in rows]
     catalog.sql("CREATE OR REPLACE TEMP TABLE audit_queries AS "
                 "SELECT query_id, (row_number() OVER (ORDER BY query_id) - 1)::INTEGER AS i "
                 "FROM (SELECT unnest(?::VARCHAR[]) AS query_id)", [query_ids])
-    return query_ids, np.array([r[1] for r in rows], dtype=np.float64)
+    low, high = _doc_id_bounds(catalog, run)
+    dense = all(r[1] == high - low + 1 for r in rows)
+    return query_ids, (low, high) if dense else None
 
 
-def _documents_of(catalog: Catalog, run: RunRecord, n_queries: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _doc_id_bounds(catalog: Catalog, run: RunRecord) -> tuple[int, int]:
+    """The smallest and largest doc id, from the Parquet row groups' statistics (no scan) where every row
+    group has them."""
+    source = sql_text(score_source(run.out_path))
+    low, high, missing = catalog.one(
+        "SELECT min(stats_min_value::BIGINT), max(stats_max_value::BIGINT), "
+        "count(*) FILTER (WHERE stats_min_value IS NULL OR stats_max_value IS NULL) "
+        f"FROM parquet_metadata('{source}') WHERE path_in_schema = 'doc_id'")
+    if missing or low is None:
+        low, high = catalog.one("SELECT min(doc_id), max(doc_id) FROM scores")
+    return int(low), int(high)
+
+
+def _documents_of(catalog: Catalog, run: RunRecord, n_queries: int,
+                  dense: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The run's document ids in order (also as the temporary table audit_docs), each one's source as a
-    code into the sorted source names, and those names. Every query must score every document."""
-    catalog.sql("CREATE OR REPLACE TEMP TABLE audit_docs AS "
-                "SELECT doc_id, count(*) AS n FROM scores GROUP BY doc_id ORDER BY doc_id")
-    partial = catalog.one("SELECT doc_id, n FROM audit_docs WHERE n <> ? LIMIT 1", [n_queries])
-    if partial:
-        raise CuratorError(f"the scores of run {run.id} are not a full query × document table: document "
-                           f"{partial[0]} has {partial[1]} scores for {n_queries} queries")
+    code into the sorted source names, and those names. Every query must score every document: with
+    consecutive ids the counts per query say so; otherwise a grouping by document checks it."""
+    if dense:
+        catalog.sql("CREATE OR REPLACE TEMP TABLE audit_docs AS SELECT range AS doc_id FROM range(?, ?)",
+                    [dense[0], dense[1] + 1])
+    else:
+        catalog.sql("CREATE OR REPLACE TEMP TABLE audit_docs AS "
+                    "SELECT doc_id, count(*) AS n FROM scores GROUP BY doc_id ORDER BY doc_id")
+        partial = catalog.one("SELECT doc_id, n FROM audit_docs WHERE n <> ? ORDER BY doc_id LIMIT 1", [n_queries])
+        if partial:
+            raise _not_full(run, partial[0], partial[1], n_queries)
     table = catalog.con.sql("SELECT a.doc_id, d.source FROM audit_docs a LEFT JOIN documents d ON d.id = a.doc_id "
                             "ORDER BY a.doc_id").to_arrow_table()
     doc_ids = table.column("doc_id").to_numpy()
@@ -129,6 +162,49 @@ def _documents_of(catalog: Catalog, run: RunRecord, n_queries: int) -> tuple[np.
     order = np.argsort(names)                        # codes into the sorted names
     codes = np.argsort(order)[encoded.indices.to_numpy()]
     return doc_ids, codes.astype(np.int64), [names[i] for i in order]
+
+
+def _not_full(run: RunRecord, doc_id: int, n: int, n_queries: int) -> CuratorError:
+    return CuratorError(f"the scores of run {run.id} are not a full query × document table: document "
+                        f"{doc_id} has {n} scores for {n_queries} queries")
+
+
+def _answer_ranks(catalog: Catalog, rows: dict[str, np.ndarray], tops: dict[str, np.ndarray],
+                  answers: dict[str, str], doc_ids: np.ndarray) -> dict[str, dict]:
+    """`analyses.query_answer` of each query in `tops` (its ANSWER_TOP best positions, in order) without
+    matching every text: the answer is looked for in the texts of those documents, then of the best
+    ANSWER_WIDER where none holds it, and only then in every text (by DuckDB, for those answers alone)."""
+    result = {}
+    texts = _texts(catalog, doc_ids[np.unique(np.concatenate(list(tops.values())))] if tops else [])
+    for query_id, top in tops.items():
+        pattern = analyses.answer_pattern(answers[query_id])
+        has = np.array([bool(pattern.search(texts[d])) for d in doc_ids[top]], dtype=bool)
+        first = int(np.argmax(has)) + 1 if has.any() else None
+        if first is None and len(top) < len(doc_ids):
+            first = _first_rank_beyond(catalog, rows[query_id], pattern, answers[query_id], doc_ids)
+        result[query_id] = {"answer": answers[query_id], "top": int(min(ANSWER_TOP, len(doc_ids))),
+                            "contains": int(has[:ANSWER_TOP].sum()), "first_rank": first}
+    return result
+
+
+def _first_rank_beyond(catalog: Catalog, row: np.ndarray, pattern, answer: str, doc_ids: np.ndarray) -> int | None:
+    """The rank of the best document holding the answer when none of the top ANSWER_TOP does."""
+    wider = analyses.top_order(row, np.sort(row), ANSWER_WIDER)
+    texts = _texts(catalog, doc_ids[wider])
+    has = np.array([bool(pattern.search(texts[d])) for d in doc_ids[wider]], dtype=bool)
+    if has.any():
+        return int(np.argmax(has)) + 1
+    if len(wider) == len(doc_ids):
+        return None
+    return analyses.best_rank(row, np.flatnonzero(_answer_documents(catalog, doc_ids, {answer})[answer]))
+
+
+def _texts(catalog: Catalog, ids) -> dict[int, str]:
+    """The texts of the documents `ids`, by id."""
+    if not len(ids):
+        return {}
+    return dict(catalog.sql("SELECT id, text FROM documents WHERE id IN (SELECT unnest(?::BIGINT[]))",
+                            [[int(i) for i in ids]]))
 
 
 def _answer_documents(catalog: Catalog, doc_ids: np.ndarray, answers: set[str]) -> dict[str, np.ndarray]:
@@ -150,37 +226,71 @@ def _answer_documents(catalog: Catalog, doc_ids: np.ndarray, answers: set[str]) 
     return found
 
 
-def _document_blocks(catalog: Catalog, query_ids: list[str], doc_ids: np.ndarray):
-    """Queries × documents blocks of float64 scores, every query's scores of the same consecutive documents.
-    A block is a doc-id range, which Parquet row-group statistics let DuckDB find without reading the rest
-    when the parts are written by document chunk (as `curator score` writes them)."""
-    size = max(1, SLICE_BYTES // (8 * len(query_ids)))
+def _positions(doc_ids: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+    """Where each of `ids` is in the sorted `doc_ids`: an offset for consecutive ids (searching 10⁸ ids
+    in millions costs more than reading them), a binary search otherwise. None if one is not there."""
+    if not len(ids):
+        return ids
+    if doc_ids[-1] - doc_ids[0] + 1 == len(doc_ids):
+        at = ids - doc_ids[0]
+        return at if at.min() >= 0 and at.max() < len(doc_ids) else None
+    at = np.minimum(np.searchsorted(doc_ids, ids), len(doc_ids) - 1)
+    return at if (doc_ids[at] == ids).all() else None
+
+
+def _fill(catalog: Catalog, run: RunRecord, query: str, params: list, shape: tuple[int, int], dtype,
+          row_offset: int, doc_ids: np.ndarray, column_offset: int = 0) -> np.ndarray:
+    """A queries × documents slice from the rows (i, doc_id, score) of `query`. Cells start as NaN, so a
+    pair scored twice, which leaves another pair without a score, is found as a NaN left over."""
+    matrix = np.full(shape, np.nan, dtype=dtype)
+    for batch in arrow_batches(catalog, query, params, rows=1_000_000):
+        at = _positions(doc_ids, batch.column("doc_id").to_numpy())
+        if at is None:
+            raise CuratorError(f"the scores of run {run.id} are not a full query × document table: some "
+                               f"documents are scored by some queries only")
+        matrix[batch.column("i").to_numpy() - row_offset, at - column_offset] = batch.column("score").to_numpy()
+    holes = np.isnan(matrix)
+    if holes.any():
+        column = int(np.argmax(holes.any(axis=0)))
+        raise _not_full(run, int(doc_ids[column + column_offset]), int(shape[0] - holes[:, column].sum()), shape[0])
+    return matrix
+
+
+def _score_dtype(catalog: Catalog):
+    """Scores keep the dataset's precision (float32 as `curator score` writes them; float64 in older files)."""
+    kind = dict((row[0], row[1]) for row in catalog.sql("DESCRIBE scores"))["score"]
+    return np.float32 if kind in ("FLOAT", "REAL") else np.float64
+
+
+def _document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray):
+    """Queries × documents blocks, every query's scores of the same consecutive documents, for the
+    correlations when the queries do not fit in one slice. A block is a doc-id range, which Parquet
+    row-group statistics let DuckDB find without reading the rest when the parts are written by
+    document chunk (as `curator score` writes them)."""
+    dtype = _score_dtype(catalog)
+    size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(query_ids)))
+    query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
+             "WHERE s.doc_id BETWEEN ? AND ?")
     for start in range(0, len(doc_ids), size):
         ids = doc_ids[start:start + size]
-        block = np.zeros((len(query_ids), len(ids)))
-        query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
-                 "WHERE s.doc_id BETWEEN ? AND ?")
-        for batch in arrow_batches(catalog, query, [int(ids[0]), int(ids[-1])]):
-            columns = np.searchsorted(ids, batch.column("doc_id").to_numpy())
-            block[batch.column("i").to_numpy(), columns] = batch.column("score").to_numpy()
-        yield block
+        yield _fill(catalog, run, query, [int(ids[0]), int(ids[-1])], (len(query_ids), len(ids)), dtype, 0,
+                    doc_ids, start)
 
 
-def _query_groups(catalog: Catalog, query_ids: list[str], doc_ids: np.ndarray):
-    """(query ids, their scores × all documents in doc-id order), a group of queries at a time. Scores
-    keep the dataset's precision (float32 as `curator score` writes them; float64 in older files)."""
-    kind = dict((row[0], row[1]) for row in catalog.sql("DESCRIBE scores"))["score"]
-    dtype = np.float32 if kind in ("FLOAT", "REAL") else np.float64
+def _query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray):
+    """(query ids, their scores × all documents in doc-id order), a group of queries at a time: all of
+    them at once when they fit in SLICE_BYTES."""
+    dtype = _score_dtype(catalog)
     size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(doc_ids)))
     for start in range(0, len(query_ids), size):
         group = query_ids[start:start + size]
-        matrix = np.zeros((len(group), len(doc_ids)), dtype=dtype)
-        query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
-                 "WHERE q.i BETWEEN ? AND ?")
-        for batch in arrow_batches(catalog, query, [start, start + len(group) - 1]):
-            rows = batch.column("i").to_numpy() - start
-            matrix[rows, np.searchsorted(doc_ids, batch.column("doc_id").to_numpy())] = batch.column("score").to_numpy()
-        yield group, matrix
+        if len(group) == len(query_ids):
+            query, params = "SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id)", []
+        else:
+            query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
+                     "WHERE q.i BETWEEN ? AND ?")
+            params = [start, start + len(group) - 1]
+        yield group, _fill(catalog, run, query, params, (len(group), len(doc_ids)), dtype, start, doc_ids)
 
 
 def _run_summary(run: RunRecord, model: str, n_queries: int, n_docs: int, tasks: dict) -> dict:
