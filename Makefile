@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo demo-gpu test bench bench-influence clean
+.PHONY: demo demo-gpu test browser bench bench-influence clean
 
 # The environment, rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -25,8 +25,14 @@ demo: $(VENV)/.installed
 demo-gpu: $(VENV)/.installed
 	$(BIN)/curator demo --gpu --workspace demo-workspace-gpu
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(BIN)/pytest
+
+# tests/test_web.py drives Debian's Chromium with Playwright (its own browser download is not used).
+# Installed only where it is missing, apt exists and we are root; elsewhere the test skips and says why.
+browser:
+	@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && apt-get install -y -qq chromium) || echo "could not install chromium"
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/ingest_jsonl.py --record docs/benchmarks.md
