@@ -235,7 +235,9 @@ function progressCell(job) {
   if (p.total) { bar.max = p.total; bar.value = p.done; } else if (job.state === "done") { bar.max = bar.value = 1; }
   // (no value: the bar shows activity of unknown length)
   const rate = p.rate && !FINAL.has(job.state) ? `, ${fmt(p.rate)} ${p.unit}/s` : "";
-  const text = `${p.stage ? p.stage + ": " : ""}${fmt(p.done)}${p.total ? " / " + fmt(p.total) : ""} ${p.unit}${rate}`;
+  // A stage of unknown size that counts nothing (index, rank, audit) shows only its name.
+  const count = p.total || p.done ? `${fmt(p.done)}${p.total ? " / " + fmt(p.total) : ""} ${p.unit}${rate}` : "";
+  const text = [p.stage, count].filter(Boolean).join(": ");
   cell.append(bar, el("span", { class: "progress-text" }, text));
   return cell;
 }
