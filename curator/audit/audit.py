@@ -5,14 +5,17 @@ run exists, the paper's analyses (curator/audit/analyses.py) on its scores. The
 result is one JSON-ready dict; curator/audit/report.py draws the HTML from it, so
 every figure's numbers are in the JSON.
 
-The scores are never held whole (curator/curate/scores.py): DuckDB reads the
-run's dataset in passes that each hold a bounded slice in numpy,
-  documents  blocks of documents with every query's scores: the query-by-query
-             correlations (sums of products, `analyses.Gram`);
+The scores are held at most SLICE_BYTES at a time (curator/curate/scores.py):
+DuckDB reads the run's dataset into numpy slices,
   queries    groups of queries with all their documents: each query's
-             concentration, top and bottom documents per source and answer ranks;
-and the answers are found in the texts by DuckDB (`analyses.answer_re2`).
-Each slice is at most SLICE_BYTES of scores.
+             concentration, top and bottom documents per source and answer
+             ranks, from one sort of its scores;
+  documents  blocks of documents with every query's scores: the query-by-query
+             correlations (sums of products, `analyses.Gram`), read only when
+             the queries do not all fit in one group (then the group is used);
+and each answer is looked for in the texts of its query's top documents, every
+text being searched (by DuckDB, `analyses.answer_re2`) only for an answer that
+none of the top ANSWER_WIDER documents holds.
 """
 
 from __future__ import annotations
@@ -102,7 +105,8 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
             for task in sorted(set(tasks.values()))},
         "correlations": analyses.correlations(gram.correlation(), query_ids, tasks),
         "concentration": analyses.concentration(concentration, query_ids, tasks),
-        "answer_occurrence": analyses.answer_occurrence({q: occurrence[q] for q in query_ids if q in occurrence}, tasks),
+        "answer_occurrence": analyses.answer_occurrence(
+            {q: occurrence[q] for q in query_ids if q in occurrence}, tasks),
     }
 
 
