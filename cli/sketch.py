@@ -115,9 +115,9 @@ def index_build(
                                               show_default=False)] = None,
     name: Annotated[str | None, typer.Option(help="Index name. Default: STORE-FACTORY.", show_default=False)] = None,
     rescore: Annotated[int | None, typer.Option(help="Candidates per query re-scored exactly from the float16 "
-                                                     "store (0: off). Default: 64 for approximate indexes.",
+                                                     "store (0: off). Default: 32 for approximate indexes.",
                                                 show_default=False)] = None,
-    nprobe: Annotated[int | None, typer.Option(help="IVF lists searched per query. Default: 32.",
+    nprobe: Annotated[int | None, typer.Option(help="IVF lists searched per query. Default: 128.",
                                                show_default=False)] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Build afresh even when the index exists (by "
                                                             "default only the store's new shards are added).")]

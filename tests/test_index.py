@@ -129,7 +129,7 @@ def test_a_trained_index_grows_with_its_own_quantizer_as_if_built_over_everythin
     faiss_index.save(trained, first["path"].replace("ivf.faiss", "ivf-ref.faiss"))
     queries = structured(8, 9).astype(np.float32)
     opened = open_search(ws, "ivf")
-    assert opened.meta.rescore == 40 and opened.meta.search == {"nprobe": 32}
+    assert opened.meta.rescore == 40 and opened.meta.search == {"nprobe": 128}
     faiss_index.set_search_parameters(trained, opened.meta.search)
     got = faiss_index.search(opened.index, queries, 50)
     want = faiss_index.search(trained, queries, 50)

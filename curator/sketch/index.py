@@ -13,8 +13,8 @@ Index choices (`--factory`):
 - `ProjN,IVFn,SQ8` (the `auto` choice past `FLAT_MAX_BYTES`): the sketches
   projected onto the N directions of most energy (indexes/faiss_index.py), in an
   IVF index with 8-bit scalar codes (one byte a dimension) trained on a sample
-  of the store. (PQ codes lose too much of an inner product's ranking here:
-  measured, search_scale.md.) It only proposes candidates:
+  of the store. (PQ codes lose too much of an inner product's ranking:
+  docs/sketches.md.) It only proposes candidates:
   every search re-scores `rescore` of them exactly from the float16 store
   (memory-mapped shards), so the scores returned are sketch scores, and
   `curator search --rerank` re-scores the best of those with exact EK-FAC.
@@ -47,8 +47,8 @@ INDEX_META_VERSION = 1
 FLAT_MAX_BYTES = 2 * 2**30        # `auto` keeps a store exact (Flat) while its float32 copy fits in this
 TRAIN_SAMPLE = 20_000             # store rows the projection and the quantizers learn from
 PROJECTION_DIM = 256
-DEFAULT_RESCORE = 64              # candidates per query re-scored from the store (measured: search_scale.md)
-DEFAULT_NPROBE = 32
+DEFAULT_RESCORE = 32              # candidates per query re-scored from the store (measured: docs/results/search_scale.md)
+DEFAULT_NPROBE = 128              # of at most 512 lists: fewer miss much of the exact top 10 (search_scale.md)
 
 
 # -- the store's float16 shards, memory-mapped -------------------------------------------------
