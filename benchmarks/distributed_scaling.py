@@ -45,7 +45,7 @@ from curator.catalog.querygen import generate  # noqa: E402
 from curator.catalog.records import score_source  # noqa: E402
 from curator.catalog.workspace import Workspace  # noqa: E402
 from curator.constants import REASONING_TASKS  # noqa: E402
-from curator.demo import DemoSettings, build_demo_corpus, machine_description  # noqa: E402
+from curator.demo import DemoSettings, build_demo_corpus  # noqa: E402
 from curator.influence.factors import load_tensors  # noqa: E402
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -165,7 +165,8 @@ def main() -> None:
         "slowest rank. Score pass: the slowest rank's document pass. Wall time includes starting the "
         "processes and loading the model in each.",
         "",
-        f"Machine: {machine_description(args.device)}; load average before the run {load[0]:.1f}, "
+        f"Machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, device {args.device}, torch "
+        f"{torch.__version__}; load average before the run {load[0]:.1f}, "
         f"{load[1]:.1f}, {load[2]:.1f}.",
     ]
     print("\n".join(lines))
