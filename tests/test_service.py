@@ -272,3 +272,28 @@ def test_job_lifecycle_with_events_and_cancel(built):
         assert api.post(f"/jobs/{running['id']}/cancel").status_code == 409
         # The server is still up and the catalog is usable after the kill.
         assert submit_and_wait(api, {"kind": "audit"})["state"] == "done"
+
+
+def test_search_reuses_the_query_frame_until_its_files_change(built):
+    """The server's searcher reads the store's factors and bases once; a rewritten factors file (a refit)
+    is read again. Run in this process, with the server's own classes, on the served workspace."""
+    from curator.catalog.workspace import Workspace
+    from curator.service.db import ServerCatalog
+    from curator.service.search import Searcher
+    from curator.sketch.search import SearchRequest
+
+    server, _, _, jobs = built
+    ws = Workspace(server.ws)
+    searcher = Searcher(ServerCatalog(ws))
+    request = SearchRequest(prompt="Calculate the answer: (2 + 5) * 3", completion="2 + 5 = 7. 7 * 3 = 21.",
+                            top=4, bottom=2)
+    first = [hits.model_dump() for hits in searcher.search(request)]
+    assert searcher.frames.loads == 1
+    assert [hits.model_dump() for hits in searcher.search(request)] == first
+    assert searcher.frames.loads == 1            # the second search read no factors or bases
+    factors = ws.root / jobs["fit"]["result"]["record"]["path"]
+    copy = factors.with_name(factors.name + ".copy")
+    copy.write_bytes(factors.read_bytes())
+    os.replace(copy, factors)                    # the same bytes, as a refit's rename leaves them
+    assert [hits.model_dump() for hits in searcher.search(request)] == first
+    assert searcher.frames.loads == 2

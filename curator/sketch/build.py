@@ -14,6 +14,7 @@ whole catalog grows by new shards after another ingest.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,8 +25,8 @@ from curator.catalog.documents import document_ids
 from curator.catalog.queries import Query, select_queries
 from curator.catalog.workspace import Workspace
 from curator.errors import CuratorError
-from curator.influence.ekfac import sketch_eigen_frame, sketch_tokens
-from curator.influence.factors import get_factors, load_layer_factors, load_model_for
+from curator.influence.ekfac import LayerFactors, sketch_eigen_frame, sketch_tokens
+from curator.influence.factors import FactorsRecord, get_factors, load_layer_factors, load_model_for
 from curator.influence.queries import check_compatible, prepare_queries
 from curator.model import distributed
 from curator.model.document_pass import NoProgress, PassProgress, PassSettings, Timer, chunks_of, document_pass
@@ -159,18 +160,41 @@ def _remove_unlisted_shards(directory, store: SketchStore) -> None:
             path.unlink()
 
 
-def sketch_queries(ws: Workspace, store: SketchStore, loaded: LoadedModel, queries: list[Query],
-                   batch_tokens: int = 4096) -> tuple[np.ndarray, dict[str, float]]:
-    """(Q, dim) float32 query sketches Uᵀ P_q V with the store's own bases and settings, and ℓ(q)."""
-    with Catalog.open(ws) as catalog:
-        record = get_factors(catalog, store.factors_id)
+@dataclass
+class QueryFrame:
+    """What sketching a query takes from a store besides the model: its fit's record, the fit's factors
+    and the store's query bases, on one device. Loading them reads the factors file, so a server builds
+    one per store and reuses it (curator/service/search.py); the CLI builds one per call."""
+
+    record: FactorsRecord
+    factors: dict[str, LayerFactors]
+    query_bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    device: str
+
+
+def load_query_frame(ws: Workspace, store: SketchStore, device, record: FactorsRecord | None = None) -> QueryFrame:
+    """Read the store's query bases and its fit's factors onto `device`."""
+    if record is None:
+        with Catalog.open(ws) as catalog:
+            record = get_factors(catalog, store.factors_id)
     _, query_bases = load_bases(store_dir(ws, store.id) / "bases.safetensors", store.modules,
                                 rebuild_command(store))
-    modules = check_compatible(loaded, record, None)
-    factors = {name: f.to(loaded.device) for name, f in load_layer_factors(ws, record).items()}
-    prepared, losses = prepare_queries(loaded, modules, factors, queries, store.max_seq_len, store.chat_template,
-                                       None, batch_tokens, eigen_frame=True)
-    parts = [sketch_eigen_frame(prepared[name], factors[name], query_bases[name][0].to(loaded.device),
-                                query_bases[name][1].to(loaded.device)).reshape(len(queries), -1)
-             for name in store.modules]
+    factors = {name: f.to(device) for name, f in load_layer_factors(ws, record).items()}
+    on_device = {name: (u.to(device), v.to(device)) for name, (u, v) in query_bases.items()}
+    return QueryFrame(record=record, factors=factors, query_bases=on_device, device=str(device))
+
+
+def sketch_queries(ws: Workspace, store: SketchStore, loaded: LoadedModel, queries: list[Query],
+                   batch_tokens: int = 4096, *, frame: QueryFrame | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """(Q, dim) float32 query sketches Uᵀ P_q V with the store's own bases and settings, and ℓ(q).
+
+    `frame`: the store's factors and query bases already loaded on the model's device (else read here)."""
+    frame = frame or load_query_frame(ws, store, loaded.device)
+    if frame.device != str(loaded.device):
+        raise CuratorError(f"the query frame is on {frame.device} but the model on {loaded.device}")
+    modules = check_compatible(loaded, frame.record, None)
+    prepared, losses = prepare_queries(loaded, modules, frame.factors, queries, store.max_seq_len,
+                                       store.chat_template, None, batch_tokens, eigen_frame=True)
+    parts = [sketch_eigen_frame(prepared[name], frame.factors[name], *frame.query_bases[name])
+             .reshape(len(queries), -1) for name in store.modules]
     return torch.cat(parts, dim=1).cpu().numpy(), losses
