@@ -80,3 +80,15 @@ def token_list(output: OutputOption = OutputFormat.table, workspace: WorkspaceOp
 
     rows = [t.model_dump() for t in tokens_table(workspace_from(workspace))]
     print_frame(pl.DataFrame(rows, schema=["id", "name", "scope"]), output, title=f"{len(rows)} tokens")
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token: Annotated[str, typer.Argument(help="The token's id or name (`curator token list`).")],
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Delete a token. A running server refuses it within 30 s (it remembers verified tokens that long)."""
+    from curator.service.auth import revoke_token
+
+    info = revoke_token(workspace_from(workspace), token)
+    err_console.print(f"Revoked token {info.id} ({info.name}, {info.scope}).")

@@ -297,3 +297,15 @@ def test_search_reuses_the_query_frame_until_its_files_change(built):
     os.replace(copy, factors)                    # the same bytes, as a refit's rename leaves them
     assert [hits.model_dump() for hits in searcher.search(request)] == first
     assert searcher.frames.loads == 2
+
+
+def test_tokens_are_revoked_beside_the_running_server(served):
+    server, _, _ = served
+    token = _token(server.ws, "read")
+    token_id = token.split("_")[1]
+    curator("token", "revoke", token_id, "-w", server.ws)
+    assert token_id not in curator("token", "list", "-o", "json", "-w", server.ws).stdout
+    with server.client(token) as api:
+        assert api.get("/sources").status_code == 401
+    unknown = curator("token", "revoke", "nobody", "-w", server.ws, check=False)
+    assert unknown.returncode == 1 and "no token" in unknown.stderr

@@ -42,15 +42,32 @@ def create_token(ws: Workspace, scope: Scope, name: str | None = None) -> tuple[
         raise CuratorError(f"scope must be read or write, not {scope!r}")
     token_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16)
     info = TokenInfo(id=token_id, name=name or f"{scope}-{token_id}", scope=scope)
-    # A running server re-reads tokens from the catalog, so adding one beside it is allowed: it is one
-    # short insert (the server.json ownership check would otherwise refuse it).
-    server = _server_pid(ws)
-    if server is not None:
-        os.environ[SERVER_PID_ENV] = server
-    with Catalog.open(ws, write=True) as catalog:
+    with _beside_server(ws) as catalog:
         catalog.sql("INSERT INTO api_tokens (id, name, scope, salt, digest) VALUES (?, ?, ?, ?, ?)",
                     [info.id, info.name, info.scope, salt, _digest(salt, secret)])
     return info, f"{PREFIX}{token_id}_{secret}"
+
+
+def revoke_token(ws: Workspace, which: str) -> TokenInfo:
+    """Delete the token whose id or name is `which`. A running server stops accepting it within CACHE_S
+    seconds (it remembers a verified token that long)."""
+    with _beside_server(ws) as catalog:
+        rows = catalog.sql("SELECT id, name, scope FROM api_tokens WHERE id = ? OR name = ?", [which, which])
+        if len(rows) != 1:
+            known = ", ".join(f"{t.id} ({t.name})" for t in list_tokens(catalog)) or "none"
+            raise CuratorError(f"{'no' if not rows else 'more than one'} token has the id or name {which!r}; "
+                               f"tokens: {known}" + ("; give the id" if rows else ""))
+        catalog.sql("DELETE FROM api_tokens WHERE id = ?", [rows[0][0]])
+    return TokenInfo(id=rows[0][0], name=rows[0][1], scope=rows[0][2])
+
+
+def _beside_server(ws: Workspace) -> Catalog:
+    """A write connection allowed beside a running server: a token change is one short statement, and the
+    server reads tokens from the catalog (its server.json ownership check would otherwise refuse it)."""
+    server = _server_pid(ws)
+    if server is not None:
+        os.environ[SERVER_PID_ENV] = server
+    return Catalog.open(ws, write=True)
 
 
 def list_tokens(catalog: Catalog) -> list[TokenInfo]:
