@@ -11,6 +11,7 @@ themselves are the library's (sketch_queries, top_and_bottom, rerank, snippets).
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from curator.catalog.documents import snippets
 from curator.catalog.queries import Query, select_queries
@@ -73,6 +74,9 @@ class Searcher:
         self.models: dict[tuple, object] = {}
         self.frames = QueryFrames(self.ws, catalog.reading)
         self.lock = threading.Lock()        # one search at a time: they share the loaded model
+        # ...and always on this one thread: torch's OpenMP keeps a thread team per calling thread, so
+        # searches hopping over the server's request threads ran several times slower than on one.
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
 
     def _index(self, name: str | None):
         # The name resolves in the catalog each time (the latest index changes); the FAISS file is
@@ -98,6 +102,9 @@ class Searcher:
         return self.models[key]
 
     def search(self, request: SearchRequest) -> list[QueryHits]:
+        return self.thread.submit(self._search, request).result()
+
+    def _search(self, request: SearchRequest) -> list[QueryHits]:
         with self.lock:
             index, store = self._index(request.index)
             if request.queries:
