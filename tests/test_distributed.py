@@ -1,8 +1,9 @@
 """fit, score and sketch under torchrun: two gloo processes on this CPU give what one process gives.
 
-Each check runs the same command in two copies of one workspace, once as a single process and
-once as `torchrun --nproc-per-node 2 -m curator ...`, and compares the artifacts. Documents are
-split into small chunks so that both ranks get work and long documents span several windows.
+Each check runs the same work in two copies of one workspace, once in this process through the
+library (what the CLI calls) and once as `torchrun --nproc-per-node 2 -m curator ...`, and compares
+the artifacts. Documents are split into small chunks so that both ranks get work and long
+documents span several windows.
 """
 
 from __future__ import annotations
@@ -16,16 +17,21 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from helpers import curator, write_jsonl
+from helpers import run_ingest, write_jsonl
 from tinylm import TRAINING_TEXT, save_tiny
 
-from curator.catalog.database import Catalog
+from curator.catalog.database import Catalog, create_workspace
 from curator.catalog.documents import document_ids
-from curator.catalog.queries import select_queries
+from curator.catalog.queries import add_queries, select_queries
+from curator.catalog.querygen import generate
 from curator.catalog.records import score_source
 from curator.catalog.workspace import Workspace
 from curator.influence.factors import load_tensors
+from curator.influence.fit import FitConfig, fit
+from curator.influence.score import ScoreConfig, score
 from curator.influence.score_dataset import part_name
+from curator.sketch.fidelity import sketch_and_measure
+from curator.sketch.store import SketchConfig
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 FIT = ("--max-seq-len", "12", "--layers", "last:1", "--chunk-docs", "3", "--batch-tokens", "48")
@@ -45,19 +51,18 @@ def torchrun(ranks: int, *args, check: bool = True) -> subprocess.CompletedProce
 def corpus(tmp_path_factory):
     """A workspace with two sources of documents of varied length, queries, and a saved tiny model."""
     root = tmp_path_factory.mktemp("dist")
-    ws = root / "base"
-    curator("init", ws)
+    ws, _ = create_workspace(root / "base")
     write_jsonl(root / "code.jsonl", [{"text": t * k} for t in TRAINING_TEXT[:3] for k in (1, 2, 4)])
     write_jsonl(root / "prose.jsonl", [{"text": f"Note {i}: " + t} for i, t in enumerate(TRAINING_TEXT * 2)])
-    curator("ingest", root / "code.jsonl", "--source", "code", "-w", ws)
-    curator("ingest", root / "prose.jsonl", "--source", "prose", "-w", ws)
-    curator("queries", "generate", "--task", "arithmetic", "--n", "3", "-w", ws)
-    curator("queries", "generate", "--task", "slope", "--n", "2", "-w", ws)
+    run_ingest(ws, [root / "code.jsonl"], source="code")
+    run_ingest(ws, [root / "prose.jsonl"], source="prose")
+    add_queries(ws, generate("arithmetic", 3) + generate("slope", 2))
     model = save_tiny(root / "tiny", seed=3)
     single = root / "single"
-    shutil.copytree(ws, single)
-    curator("fit", "--model", model, *FIT, "-w", single)
-    return root, ws, model, single
+    shutil.copytree(ws.root, single)
+    fit(Workspace(single), FitConfig(model=str(model), max_seq_len=12, layers="last:1", chunk_docs=3,
+                                     batch_tokens=48))
+    return root, ws.root, model, single
 
 
 def copy_of(workspace: Path, to: Path) -> Path:
@@ -95,12 +100,11 @@ def test_two_ranks_fit_the_factors_of_one_process(corpus, tmp_path):
 def test_two_ranks_score_and_sketch_what_one_process_does(corpus, tmp_path):
     root, ws, model, single = corpus
     two = copy_of(single, tmp_path / "two")      # the same factors
-    for workspace, ranks in ((single, 1), (two, 2)):
-        args = ("score", "--chunk-docs", "2", "--out", workspace / "scores", "-w", workspace)
-        torchrun(2, *args) if ranks == 2 else curator(*args)
-        args = ("sketch", "--suite", "arithmetic", "--rank", "3", "--shard-docs", "4", "--fidelity-sample", "8",
-                "-w", workspace)
-        torchrun(2, *args) if ranks == 2 else curator(*args)
+    score(Workspace(single), ScoreConfig(chunk_docs=2), out=single / "scores")
+    sketch_and_measure(Workspace(single), SketchConfig(suite="arithmetic", rank=3, shard_docs=4), sample=8)
+    torchrun(2, "score", "--chunk-docs", "2", "--out", two / "scores", "-w", two)
+    torchrun(2, "sketch", "--suite", "arithmetic", "--rank", "3", "--shard-docs", "4", "--fidelity-sample", "8",
+             "-w", two)
     a, b = scores_of(single / "scores"), scores_of(two / "scores")
     assert a.select("query_id", "doc_id").equals(b.select("query_id", "doc_id"))
     assert a.height == 5 * 21 and a.select("query_id", "doc_id").is_duplicated().sum() == 0
@@ -124,10 +128,11 @@ def test_a_failing_rank_fails_the_job_and_a_rerun_on_one_process_resumes(corpus,
     root, ws, model, single = corpus
     work = copy_of(single, tmp_path / "work")
     out = work / "growing-run"
-    curator("score", "--chunk-docs", "2", "--out", out, "-w", work)
+    config = ScoreConfig(chunk_docs=2)
+    score(Workspace(work), config, out=out)
     before = {p.name for p in out.glob("*.parquet")}
     write_jsonl(root / "more.jsonl", [{"text": f"More {i}: " + t} for i, t in enumerate(TRAINING_TEXT * 2)])
-    curator("ingest", root / "more.jsonl", "--source", "more", "-w", work)
+    run_ingest(Workspace(work), [root / "more.jsonl"], source="more")
     with Catalog.open(Workspace(work)) as catalog:
         query_ids = [q.id for q in select_queries(catalog, "all")]
         new_ids = document_ids(catalog)[21:]
@@ -143,12 +148,12 @@ def test_a_failing_rank_fails_the_job_and_a_rerun_on_one_process_resumes(corpus,
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "pending").glob("*.parquet") if p.is_file()}
     assert kept, "the other rank finished parts before the job stopped"
     blocked.rmdir()
-    resumed = curator("score", "--chunk-docs", "2", "--out", out, "-w", work)
-    assert "33 documents (12 new)" in resumed.stdout
+    resumed = score(Workspace(work), config, out=out)          # the same run, now in one process
+    assert resumed.stats["documents"] == 33 and resumed.stats["added_documents"] == 12
     published = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     assert before < set(published) and all(published[name] == mtime for name, mtime in kept.items())
     reference = copy_of(work, tmp_path / "reference")
-    curator("score", "--chunk-docs", "5", "--out", reference / "reference-run", "-w", reference)
+    score(Workspace(reference), ScoreConfig(chunk_docs=5), out=reference / "reference-run")
     a, b = scores_of(reference / "reference-run"), scores_of(out)
     assert a.height == 5 * 33 and a.select("query_id", "doc_id").equals(b.select("query_id", "doc_id"))
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
