@@ -20,7 +20,8 @@ def main() -> None:
         from curator.cli.app import main as run_cli
         run_cli()
         return
-    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    # The first argument that names a command (an option's value before it is not one).
+    command = next((arg for arg in sys.argv[1:] if arg in _command_names()), None)
     if command not in DISTRIBUTED_COMMANDS:
         sys.stderr.write(f"error: under torchrun curator runs {', '.join(DISTRIBUTED_COMMANDS)}; "
                          f"run `curator {command or ''}` as one process\n")
@@ -42,6 +43,13 @@ def main() -> None:
             distributed.stop()
 
     run_rank()
+
+
+def _command_names() -> set[str]:
+    from curator.cli.app import app
+
+    return ({command.name or command.callback.__name__ for command in app.registered_commands}
+            | {group.name for group in app.registered_groups})
 
 
 if __name__ == "__main__":

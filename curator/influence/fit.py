@@ -82,7 +82,9 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
     modules = tracked_modules(loaded.model, config.modules, config.layers)
     with Catalog.open(ws) as catalog:
         ids = document_ids(catalog, config.max_docs, config.seed)
-        fit_id = content_id("fit", FIT_VERSION, loaded.info.id, config.identity(), ids)
+        # Empirical-Fisher fits draw no labels: their ids stay what they were before FIT_VERSION 2.
+        version = [FIT_VERSION] if config.fisher == "sampled" else []
+        fit_id = content_id("fit", *version, loaded.info.id, config.identity(), ids)
         existing = catalog.one("SELECT id FROM factors WHERE id = ?", [fit_id])
     path = ws.artifact_dir("factors") / f"{fit_id}.safetensors"
     if existing and path.is_file() and not force:
@@ -92,6 +94,7 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
     # ended) only needs recording.
     finished = None if force else finished_factors(path, fit_id)
     if finished is not None:
+        ranks.barrier()          # every rank has closed its read-only catalog before rank 0 writes it
         if ranks.main:
             _record(ws, loaded, finished, {})
         return FitResult(record=finished)
@@ -193,7 +196,7 @@ def _covariance_sums(loaded: LoadedModel, modules: dict, catalog: Catalog, ids: 
     for name, module in modules.items():
         d_in = module.in_features + (module.bias is not None)
         for key, size in (("a_cov", d_in), ("s_cov", module.out_features)):
-            sums[name][key] = ranks.all_reduce(_as_tensor(sums[name][key], (size, size), loaded.device)).cpu()
+            sums[name][key] = ranks.all_reduce(_as_tensor(sums[name][key], (size, size), loaded.device))
         sums[name]["tokens"] = torch.tensor(totals.tokens)
     return sums, totals
 

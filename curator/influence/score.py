@@ -141,14 +141,19 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
             manifest = manifest.model_copy(update={"query_batches": fresh_batches})
             dataset.write_manifest(manifest)
         todo = np.setdiff1d(np.asarray(ids, dtype=np.int64), dataset.scored_documents(manifest)).tolist()
-        plan = {"manifest": manifest, "todo": todo}
-    plan = ranks.share(plan)
+        with Catalog.open(ws) as catalog:
+            done = catalog.one("SELECT out_path, stats FROM runs WHERE id = ?", [run_id])
+        # Reused only when the record covers what is on disk: an extended run whose recording
+        # failed (the catalog was locked) is recorded again.
+        reused = (record and done is not None and Path(done[0]) == out.resolve() and not todo and not force
+                  and json.loads(done[1]).get("documents") == manifest.documents)
+        plan = {"manifest": manifest, "todo": todo, "reused": reused and done}
+    plan = ranks.share(plan)        # one decision for every rank
     manifest, todo = plan["manifest"], plan["todo"]
-    with Catalog.open(ws) as catalog:
-        done = catalog.one("SELECT out_path, stats FROM runs WHERE id = ?", [run_id])
-    if record and done and Path(done[0]) == out.resolve() and not todo and not force:
-        return ScoreResult(run_id=run_id, factors_id=factors_record.id, out_path=done[0],
-                           stats=json.loads(done[1]), reused=True)
+    if plan["reused"]:
+        out_path, stats = plan["reused"]
+        return ScoreResult(run_id=run_id, factors_id=factors_record.id, out_path=out_path,
+                           stats=json.loads(stats), reused=True)
 
     by_id = {q.id: q for q in queries}
     query_batches = [[by_id[qid] for qid in batch] for batch in manifest.query_batches]

@@ -117,7 +117,10 @@ class ScoreDataset:
         The new manifest is written first: once it is on disk the parts belong to the run,
         and `open` finishes moving them if this is killed halfway.
         """
-        missing = [name for name in parts if not (self.pending / name).is_file()]
+        # Listing the folder (rather than a stat per name) also refreshes a network filesystem's
+        # view of files other nodes have just renamed into it.
+        present = set(os.listdir(self.pending)) if self.pending.is_dir() else set()
+        missing = [name for name in parts if name not in present]
         if missing:
             raise CuratorError(f"{len(missing)} parts of the run are missing from {self.pending} (a rank stopped "
                                f"early?); run the same command again to finish them")

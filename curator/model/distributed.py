@@ -47,10 +47,20 @@ class Ranks:
         return self.world > 1
 
     def device(self, device: str) -> str:
-        """The device this rank uses for the command's `--device`: `cuda` means this rank's own GPU."""
-        if self.distributed and device == "cuda":
-            return f"cuda:{self.local_rank}"
-        return device
+        """The device this rank uses for the command's `--device`: `cuda` means this rank's own GPU
+        (made the current one, which NCCL's collectives use)."""
+        if not self.distributed or not device.startswith("cuda"):
+            return device
+        if device != "cuda":
+            from curator.errors import CuratorError
+            raise CuratorError(f"--device {device}: under torchrun give --device cuda; each rank takes the GPU of "
+                               f"its local rank")
+        if self.local_rank >= torch.cuda.device_count():
+            from curator.errors import CuratorError
+            raise CuratorError(f"rank {self.rank} has local rank {self.local_rank} but this node has "
+                               f"{torch.cuda.device_count()} GPUs; start at most that many processes per node")
+        torch.cuda.set_device(self.local_rank)
+        return f"cuda:{self.local_rank}"
 
     def barrier(self) -> None:
         if self.distributed:
@@ -122,10 +132,7 @@ def start() -> Ranks:
     timeout = datetime.timedelta(seconds=float(os.environ.get("CURATOR_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     torch.distributed.init_process_group(backend=backend, timeout=timeout)
-    ranks = current()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(ranks.local_rank)
-    return ranks
+    return current()
 
 
 def stop() -> None:

@@ -14,6 +14,7 @@ whole catalog grows by new shards after another ingest.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,7 +82,7 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
     store, todo = plan["store"], plan["todo"]
     if not todo and store.complete:
         # Recorded unless the catalog was locked when the run ended: then recording is all that is left.
-        if ranks.main and not store_recorded(ws, store.id):
+        if ranks.main and not store_recorded(ws, store):
             record_store(ws, store)
         return store
 
@@ -113,7 +114,8 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
     if not ranks.main:
         return ranks.share(None)
     added = [shard_entry(shard_name(chunk), len(chunk)) for chunk in chunks]
-    missing = [entry["file"] for entry in added if not (directory / entry["file"]).is_file()]
+    present = set(os.listdir(directory))     # a listing also refreshes a network filesystem's view
+    missing = [entry["file"] for entry in added if entry["file"] not in present]
     if missing:
         raise CuratorError(f"{len(missing)} shards are missing from {directory} (a rank stopped early?); run the "
                            f"same command again to finish them")

@@ -232,9 +232,12 @@ def record_store(ws: Workspace, store: SketchStore) -> None:
         catalog.sql("COMMIT")
 
 
-def store_recorded(ws: Workspace, store_id: str) -> bool:
+def store_recorded(ws: Workspace, store: SketchStore) -> bool:
+    """Whether the catalog's record of the store is this manifest's (an extended store whose recording
+    failed has an older one)."""
     with Catalog.open(ws) as catalog:
-        return catalog.one("SELECT 1 FROM sketch_stores WHERE id = ?", [store_id]) is not None
+        row = catalog.one("SELECT manifest FROM sketch_stores WHERE id = ?", [store.id])
+    return row is not None and json.loads(row[0]).get("documents") == store.documents
 
 
 def record_fidelity(ws: Workspace, store: SketchStore, result: dict) -> SketchStore:
