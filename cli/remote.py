@@ -56,6 +56,12 @@ def factors(output=OutputFormat.table, **_) -> None:
     _frame(rows, output, f"{len(rows)} fits")
 
 
+def mixes(output=OutputFormat.table, **_) -> None:
+    with client() as api:
+        rows = api.mixtures()
+    _frame(rows, output, f"{len(rows)} mixtures")
+
+
 def search(prompt=None, completion=None, queries=None, top=10, bottom=5, rerank=0, index=None, device="cpu",
            dtype=None, **_) -> None:
     import typer

@@ -174,6 +174,10 @@ def test_cli_reads_and_searches_through_the_server(built):
     env = {"CURATOR_SERVER": server.url, "CURATOR_TOKEN": tokens["read"], "CURATOR_WORKSPACE": "/nonexistent"}
     assert json.loads(curator("sources", "-o", "json", env=env).stdout)[0]["documents"] == 12
     assert len(json.loads(curator("runs", "-o", "json", env=env).stdout)) == 1
+    with server.client(tokens["read"]) as api:
+        mixtures = api.get("/mixtures").json()
+    listed = json.loads(curator("mixes", "-o", "json", env=env).stdout)
+    assert mixtures and [m["name"] for m in listed] == [m["name"] for m in mixtures]
     found = curator("search", "--prompt", "Calculate the answer: (1 + 2) * 3", "--completion", "The answer is 9.",
                     "--top", "2", env=env).stdout
     assert "ad-hoc" in found and "mixed" in found
