@@ -123,12 +123,17 @@ def queries(request: Request, selector: Annotated[str, Query(min_length=1, max_l
 
 # -- recorded work ---------------------------------------------------------------------------------
 
+def _records_page(request: Request, table: str, order: str, get, limit: int, offset: int):
+    """One page of a catalog table's records, oldest first, each read by its id with `get`."""
+    ids = _ids(request, table, "id", order)
+    chosen = ids[offset:offset + limit]
+    items = _svc(request).catalog.read(lambda c: [get(c, i) for i in chosen])
+    return _page(items, len(ids), limit, offset)
+
+
 @router.get("/fits")
 def fits(request: Request, limit: Limit = 50, offset: Offset = 0) -> Page[FactorsRecord]:
-    ids = _ids(request, "factors", "id", "created_at")
-    chosen = ids[offset:offset + limit]
-    items = _svc(request).catalog.read(lambda c: [get_factors(c, i) for i in chosen])
-    return _page(items, len(ids), limit, offset)
+    return _records_page(request, "factors", "created_at", get_factors, limit, offset)
 
 
 @router.get("/fits/{fit_id}")
@@ -139,10 +144,7 @@ def fit(request: Request, fit_id: Key) -> FactorsRecord:
 
 @router.get("/runs")
 def runs(request: Request, limit: Limit = 50, offset: Offset = 0) -> Page[RunRecord]:
-    ids = _ids(request, "runs", "id", "finished_at")
-    chosen = ids[offset:offset + limit]
-    items = _svc(request).catalog.read(lambda c: [get_run(c, i) for i in chosen])
-    return _page(items, len(ids), limit, offset)
+    return _records_page(request, "runs", "finished_at", get_run, limit, offset)
 
 
 @router.get("/runs/{run_id}")
