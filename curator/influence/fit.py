@@ -157,7 +157,9 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
     # Every rank has closed its read-only catalog here: rank 0 may write it after the all-reduces.
     windows = ranks.all_sum(seen.windows)
     for name in modules:
-        corrected_sums[name] = ranks.all_reduce(_as_tensor(corrected_sums[name], bases[name]))
+        q_s, q_a = bases[name]
+        corrected_sums[name] = ranks.all_reduce(_as_tensor(corrected_sums[name], (q_s.shape[0], q_a.shape[0]),
+                                                           q_s.device))
     counts = _merged(ranks.gather(counts))
     if not ranks.main:
         return ranks.share(None)
@@ -201,15 +203,12 @@ def _covariance_sums(loaded: LoadedModel, modules: dict, catalog: Catalog, ids: 
     return sums, totals
 
 
-def _as_tensor(total, like, device=None) -> torch.Tensor:
+def _as_tensor(total, shape: tuple[int, int], device) -> torch.Tensor:
     """A running sum that is still the integer 0 (a rank without documents) as a float64 tensor
     of the shape the other ranks have, so the all-reduce sees the same tensor on every rank."""
     if isinstance(total, torch.Tensor):
         return total
-    if isinstance(like, tuple) and like and isinstance(like[0], torch.Tensor):   # (Q_S, Q_A)
-        q_s, q_a = like
-        return torch.zeros(q_s.shape[0], q_a.shape[0], dtype=torch.float64, device=q_s.device)
-    return torch.zeros(like, dtype=torch.float64, device=device)
+    return torch.zeros(shape, dtype=torch.float64, device=device)
 
 
 def _merged(parts: list[dict] | None) -> dict:
