@@ -37,8 +37,8 @@ def _fidelity_table(result: dict, title: str) -> None:
     for name, group in result.get("groups", {}).items():
         mean = group["mean"]
         console.print(f"  {name} ({', '.join(group['families'])}): Spearman {mean['spearman']:.3f}, top-10 "
-                      f"recall in the top 5% {mean['top10_recall_at_5pct']:.2f}, over {group['queries']} queries",
-                      highlight=False)
+                      f"overlap {mean['top10_overlap']:.2f}, exact top 10 in the sketch's top 5% "
+                      f"{mean['top10_recall_at_5pct']:.2f}, over {group['queries']} queries", highlight=False)
 
 
 def sketch(
@@ -46,9 +46,18 @@ def sketch(
                                             "tasks, query sets or ids).", show_default=False)],
     method: Annotated[Method, typer.Option(help="whitened-subspace (built from the suite in whitened "
                                                 "coordinates; the most faithful, docs/benchmarks.md), "
-                                                "query-subspace (the same in plain coordinates), or the baselines "
-                                                "eigen (top Fisher eigenvectors) and random.")]
+                                                "mixed (whitened-subspace's suite directions interleaved with "
+                                                "directions of the documents' own gradients: for queries "
+                                                "phrased unlike the suite, docs/sketches.md), query-subspace (the "
+                                                "same in plain coordinates), or the baselines eigen (top Fisher "
+                                                "eigenvectors) and random.")]
     = "whitened-subspace",
+    document_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="mixed: share of each layer's directions "
+                                                                          "(per side) taken from the documents' "
+                                                                          "gradients instead of the suite's.")]
+    = 0.5,
+    document_sample: Annotated[int, typer.Option(min=2, help="mixed: documents (a seeded sample of the store's) "
+                                                             "whose gradients give those directions.")] = 256,
     rank: Annotated[int | None, typer.Option(help="k per layer side: a k × k sketch per layer.",
                                              show_default=False)] = None,
     budget_bytes: Annotated[int | None, typer.Option(help="Bytes per document, spread over layers by where the "
@@ -86,7 +95,7 @@ def sketch(
 
     ws = workspace_from(workspace)
     config = SketchConfig(suite=suite, method=method.value, rank=rank, budget_bytes=budget_bytes,
-                          precision=precision.value, factors=factors, device=device, dtype=dtype.value,
+                          document_share=document_share, document_sample=document_sample, precision=precision.value, factors=factors, device=device, dtype=dtype.value,
                           batch_tokens=batch_tokens, shard_docs=shard_docs, seed=seed)
     with PassBar() as bar:
         store, result = sketch_and_measure(ws, config, holdout=holdout, sample=fidelity_sample, progress=bar,

@@ -56,7 +56,7 @@ def setup(tmp_path_factory):
     return ws, lm, exact
 
 
-@pytest.mark.parametrize("method", ["query-subspace", "whitened-subspace"])
+@pytest.mark.parametrize("method", ["query-subspace", "whitened-subspace", "mixed"])
 def test_full_rank_sketch_scores_equal_exact_scores_for_suite_queries(setup, method):
     ws, lm, exact = setup
     store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", method=method, rank=64, precision="float32", shard_docs=5,
@@ -176,7 +176,7 @@ def test_fidelity_reuses_a_stored_exact_run_and_agrees_with_scoring_afresh(setup
         assert fresh["mean"][key] == pytest.approx(value, abs=1e-6), key
 
 
-@pytest.mark.parametrize("method", ["query-subspace", "whitened-subspace", "eigen", "random"])
+@pytest.mark.parametrize("method", ["query-subspace", "whitened-subspace", "mixed", "eigen", "random"])
 def test_bases_are_nested_so_a_smaller_rank_is_a_block_of_a_larger_store(setup, method):
     """benchmarks/sketch_fidelity.py reads every rank of its curve from one store; this is why it may."""
     ws, lm, _ = setup
@@ -254,3 +254,81 @@ def test_fidelity_reports_queries_of_the_suites_family_apart_from_other_formats(
     assert groups["cross-format"]["mean"]["spearman"] == pytest.approx(np.mean([spearman[q.id] for q in others]))
     from curator.sketch.store import load_store
     assert load_store(ws, store.id).fidelity["groups"]["cross-format"]["queries"] == 3
+
+
+# -- mixed bases: the suite's directions interleaved with the documents' own ------------------------
+
+def test_interleave_takes_a_share_of_every_prefix_and_completes_the_space():
+    from curator.sketch.bases import interleave
+
+    generator = torch.Generator().manual_seed(3)
+    d = 12
+    first = torch.linalg.qr(torch.randn(d, 5, generator=generator, dtype=torch.float64))[0]
+    second = torch.linalg.qr(torch.randn(d, 4, generator=generator, dtype=torch.float64))[0]
+    second[:, 1] = first[:, 0]              # already taken by the time it comes up: skipped
+    full = interleave(first, second, d, 0.5)
+    np.testing.assert_allclose((full.T @ full).numpy(), np.eye(d), atol=1e-10)      # complete: exact sketches
+    for k in range(1, d + 1):
+        np.testing.assert_array_equal(interleave(first, second, k, 0.5).numpy(), full[:, :k].numpy())
+    # Column 0 is the suite's first, column 1 the documents' first (made orthogonal to it), column 3 is
+    # the documents' third because their second was the suite's first.
+    np.testing.assert_allclose(full[:, 0].numpy(), first[:, 0].numpy(), atol=1e-12)
+    def rank(*columns):
+        return np.linalg.matrix_rank(np.column_stack([c.numpy() for c in columns]), tol=1e-8)
+
+    assert rank(full[:, 1], first[:, 0], second[:, 0]) == 2
+    assert rank(full[:, 3], *full[:, :3].T, second[:, 2]) == 4 and abs(float(full[:, 3] @ second[:, 2])) > 0.1
+    np.testing.assert_allclose(interleave(first, second, 5, 0.0).numpy(), first.numpy(), atol=1e-12)
+    np.testing.assert_allclose(interleave(first, second, 4, 1.0)[:, 0].numpy(), second[:, 0].numpy(), atol=1e-12)
+    with pytest.raises(Exception, match="between 0 and 1"):
+        interleave(first, second, 3, 1.5)
+
+
+def test_document_grams_equal_brute_force_sums_over_window_gradients(setup):
+    """The token-Gram shortcut against whitened per-window gradients formed in full."""
+    from curator.catalog.database import Catalog as Cat
+    from curator.catalog.documents import document_ids
+    from curator.influence.ekfac import sequence_gradients, whitening_scales
+    from curator.influence.factors import get_factors, load_layer_factors
+    from curator.influence.queries import check_compatible
+    from curator.model.document_pass import PassSettings, document_pass
+    from curator.sketch.bases import document_grams
+
+    ws, lm, _ = setup
+    config = SketchConfig(suite="s0", method="mixed", rank=2, document_sample=7, seed=4, batch_tokens=96)
+    with Cat.open(ws) as catalog:
+        record = get_factors(catalog, None)
+    modules = check_compatible(lm, record, None)
+    factors = load_layer_factors(ws, record)
+    grams = document_grams(lm, modules, ws, factors, config, record.settings["max_seq_len"])
+    with Cat.open(ws) as catalog:
+        from curator.catalog.documents import seeded_sample
+        sample = seeded_sample(catalog, document_ids(catalog), 7, 4)
+    windows: dict[str, list] = {name: [] for name in modules}
+    settings = PassSettings(max_len=record.settings["max_seq_len"], batch_tokens=96, chunk_docs=7)
+
+    def keep(name, a, delta, _batch, _output):
+        windows[name].append(sequence_gradients(a, delta, torch.float64))
+
+    with Cat.open(ws) as catalog:
+        document_pass(lm.model, modules, lm.tokenizer, catalog, sample, settings, keep)
+    for name, parts in windows.items():
+        f = factors[name]
+        d_s, d_a = whitening_scales(f)
+        g = torch.cat(parts)
+        assert g.shape[0] >= 7
+        w = (f.q_s.double().T @ g @ f.q_a.double()) / d_s[:, None] / d_a[None, :]
+        w = w - w.mean(dim=0)
+        left, right = grams[name]
+        np.testing.assert_allclose(left.numpy(), torch.einsum("boi,bpi->op", w, w).numpy(), rtol=1e-6,
+                                   atol=1e-9 * float(left.abs().max()))
+        np.testing.assert_allclose(right.numpy(), torch.einsum("boi,boj->ij", w, w).numpy(), rtol=1e-6,
+                                   atol=1e-9 * float(right.abs().max()))
+
+
+def test_mixed_identity_leaves_other_methods_ids_alone():
+    base = SketchConfig(suite="s0", rank=3)
+    assert "document_share" not in base.identity()
+    assert base.identity() == base.model_copy(update={"document_share": 0.9}).identity()
+    mixed = base.model_copy(update={"method": "mixed"})
+    assert mixed.identity() != mixed.model_copy(update={"document_share": 0.9}).identity()

@@ -331,12 +331,32 @@ def whitened_subspace_bases(m: torch.Tensor, factors: LayerFactors, k_out: int, 
     because the curvature is. Documents are sketched with U_doc = Q_S D_S⁻¹ Ũ,
     V_doc = Q_A D_A⁻¹ Ṽ and queries with U_query = Q_S D_S Ũ, V_query = Q_A D_A Ṽ.
     """
-    q_s, q_a = factors.q_s.to(torch.float64), factors.q_a.to(torch.float64)
     d_s, d_a = whitening_scales(factors)
     u, v = _top_singular_vectors(d_s[:, None] * m.to(torch.float64) * d_a[None, :], k_out, k_in)
+    return whitened_frame_bases(u, v, factors)
+
+
+def whitened_frame_bases(u: torch.Tensor, v: torch.Tensor, factors: LayerFactors
+                         ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(U_doc, V_doc), (U_query, V_query) for orthonormal Ũ (d_out × k), Ṽ (d_in × k) of the whitened
+    eigen-frame: documents D_S⁻¹ Q_Sᵀ G Q_A D_A⁻¹ and queries D_S Q_Sᵀ P_q Q_A D_A are projected on the
+    same Ũ, Ṽ, so the sketches' inner product is ⟨P_q, G⟩ exactly when Ũ, Ṽ are complete."""
+    q_s, q_a = factors.q_s.to(torch.float64), factors.q_a.to(torch.float64)
+    d_s, d_a = whitening_scales(factors)
+    u, v = u.to(torch.float64), v.to(torch.float64)
     documents = (q_s @ (u / d_s[:, None]), q_a @ (v / d_a[:, None]))
     queries = (q_s @ (u * d_s[:, None]), q_a @ (v * d_a[:, None]))
     return (documents[0].float(), documents[1].float()), (queries[0].float(), queries[1].float())
+
+
+def whitened_tokens(a: torch.Tensor, delta: torch.Tensor, factors: LayerFactors
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, (D_A⁻¹ Q_Aᵀ a_t, D_S⁻¹ Q_Sᵀ δ_t) in float64: a document's whitened eigen-frame
+    gradient is Σ_t δ'_t a'_tᵀ (the frame `whitened_frame_bases` projects)."""
+    d_s, d_a = whitening_scales(factors)
+    a_w = (a.to(torch.float64) @ factors.q_a.to(torch.float64)) / d_a
+    d_w = (delta.to(torch.float64) @ factors.q_s.to(torch.float64)) / d_s
+    return a_w, d_w
 
 
 def eigen_bases(factors: LayerFactors, eigvals_s: torch.Tensor, eigvals_a: torch.Tensor,

@@ -55,6 +55,19 @@ class SketchConfig(Settings):
     shard_docs: int = Field(4096, ge=1, description="documents per shard", json_schema_extra=NOT_IDENTITY)
     device: str = Field("cpu", json_schema_extra=NOT_IDENTITY)
     seed: int = 0
+    document_share: float = Field(0.5, ge=0.0, le=1.0,
+                                  description="mixed: share of each layer's directions (per side) that carry the "
+                                              "documents' own gradient energy instead of the suite's")
+    document_sample: int = Field(256, ge=2, description="mixed: documents whose gradients give those directions")
+
+    def identity(self) -> dict:
+        # Settings of the mixed bases mean nothing to other methods: leaving them out keeps those
+        # stores' ids what they were before the fields existed.
+        found = super().identity()
+        if self.method != "mixed":
+            found.pop("document_share", None)
+            found.pop("document_sample", None)
+        return found
 
 
 class SketchStore(BaseModel):
@@ -103,6 +116,9 @@ def rebuild_command(store: SketchStore) -> str:
         parts += ["--rank", str(s["rank"])]
     if s.get("budget_bytes") is not None:
         parts += ["--budget-bytes", str(s["budget_bytes"])]
+    if store.method == "mixed":
+        parts += ["--document-share", str(s.get("document_share", 0.5)),
+                  "--document-sample", str(s.get("document_sample", 256))]
     if s.get("dtype", "float32") != "float32":
         parts += ["--dtype", s["dtype"]]
     return shlex.join(parts) + " --force"
