@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from curator.cli import audit, demo, docs, fit, ingest, mix, queries, remote, score, serve, sketch
+from curator.cli import audit, demo, docs, evaluate, fit, ingest, mix, queries, remote, score, serve, sketch
 from curator.cli.common import console, err_console
 
 app = typer.Typer(
@@ -77,6 +77,7 @@ app.command("fidelity")(sketch.fidelity)
 app.command("audit")(audit.audit)
 app.command("demo")(demo.demo)
 app.command("compare")(audit.compare)
+app.command("evaluate")(evaluate.evaluate)
 app.command("serve")(serve.serve)
 app.add_typer(serve.token_app, name="token")
 

@@ -27,6 +27,7 @@ LAYERS = [
     ("curator.sketch",),        # bases, store, build, index, sketch scores, search, fidelity
     ("curator.curate",),        # rank, mix, export
     ("curator.audit",),         # analyses, report
+    ("curator.evaluate",),      # train arms at equal tokens on mixtures and baselines, measure, report
     ("curator.demo",),
     ("curator.service", "curator.client"),  # `curator serve` (HTTP over the library) and its client
     ("curator.cli",),

@@ -268,6 +268,42 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        7,
+        "evaluations: mixtures and baselines trained at equal tokens, measured per arm and seed",
+        """
+        -- One `curator evaluate`: its settings and where its report is. Its work folder
+        -- (checkpoints, finished arms) is reports/evaluations/ID in the workspace.
+        CREATE TABLE evaluations (
+            id            VARCHAR PRIMARY KEY,
+            mixtures      JSON NOT NULL,
+            baselines     JSON NOT NULL,
+            model_id      VARCHAR NOT NULL,    -- the starting weights (or the from-scratch config's id)
+            settings      JSON NOT NULL,       -- the EvaluateConfig
+            state         VARCHAR NOT NULL,    -- running | done
+            report        VARCHAR,             -- the HTML report; the JSON sits beside it
+            started_at    TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            finished_at   TIMESTAMP
+        );
+
+        -- One row per arm and seed; arm 'base' is the model before training.
+        CREATE TABLE evaluation_results (
+            evaluation_id   VARCHAR NOT NULL,
+            arm             VARCHAR NOT NULL,
+            kind            VARCHAR NOT NULL,  -- base | mixture | random | source-matched | bottom
+            seed            INTEGER NOT NULL,
+            documents       BIGINT,
+            distinct_tokens BIGINT,            -- tokens of the arm's documents
+            trained_tokens  BIGINT NOT NULL,
+            reasoning_loss  DOUBLE NOT NULL,   -- nats per completion token
+            factual_loss    DOUBLE,
+            general_ppl     DOUBLE NOT NULL,
+            accuracy        DOUBLE,
+            details         JSON NOT NULL,     -- per task, the loss curve, timings
+            PRIMARY KEY (evaluation_id, arm, seed)
+        );
+        """,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -1,0 +1,309 @@
+"""`curator evaluate` on a tiny real model: a real workspace ingested, fitted, scored, ranked and mixed,
+then every arm really trained. No mocks: a killed run is stopped by an exception raised at a checkpoint
+boundary, and the resumed run is compared with an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from helpers import run_ingest, write_jsonl
+from tinylm import tiny_tokenizer
+
+from curator.catalog.database import Catalog, create_workspace
+from curator.catalog.queries import store_queries
+from curator.catalog.querygen import FAMILIES, generate
+from curator.curate.mix import MixSpec, mix
+from curator.curate.rank import RankConfig, rank
+from curator.errors import CuratorError
+from curator.evaluate import measure
+from curator.evaluate.arms import fill_tokens, plan_arms
+from curator.evaluate.config import EvaluateConfig
+from curator.evaluate.heldout import answer_from_prompt, answer_in_completion, heldout_queries
+from curator.evaluate.run import evaluate, work_folder
+from curator.evaluate.train import Progress
+from curator.influence.fit import FitConfig, fit
+from curator.influence.score import ScoreConfig, score
+
+# Small enough to train every arm in well under a second: 4 steps of 4 × 32 tokens, two checkpoints.
+SMALL = dict(tokens=512, seeds=2, seq_len=32, batch_rows=4, checkpoints=2, eval_per_task=3, max_new_tokens=16,
+             heldout_docs=6, lr=3e-3)
+
+
+def corpus() -> list[dict]:
+    """Short documents of two sources: worked arithmetic ('math') and plain prose ('web')."""
+    rng = random.Random(7)
+    rows = []
+    for i in range(40):
+        a, b, c = rng.randint(1, 20), rng.randint(1, 20), rng.randint(2, 9)
+        rows.append({"source": "math", "text": f"Calculate ({a} + {b}) * {c}: first {a} + {b} = {a + b}, "
+                                              f"then {a + b} * {c} = {(a + b) * c}."})
+    words = "the river runs past a town where people walk by the old bridge in the evening".split()
+    for _ in range(40):
+        rows.append({"source": "web", "text": " ".join(rng.choice(words) for _ in range(rng.randint(8, 20))) + "."})
+    return rows
+
+
+def save_model(folder):
+    """tinylm's tiny Llama, with room for the paper's long slope queries (byte-level tokens)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices on a shared machine: torch's thread team costs far more than it gives here."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, one_thread):
+    """A workspace with a ranking ('reasoning', from 2 queries per reasoning task) and two mixtures that
+    hold the same documents under different names."""
+    root = tmp_path_factory.mktemp("evaluate")
+    ws, _ = create_workspace(root / "ws")
+    rows = corpus()
+    for source in ("math", "web"):
+        write_jsonl(root / f"{source}.jsonl", [{"text": r["text"]} for r in rows if r["source"] == source])
+        run_ingest(ws, [root / f"{source}.jsonl"], source=source)
+    model = str(save_model(root / "tiny"))
+    with Catalog.open(ws, write=True) as catalog:
+        store_queries(catalog, [q for task in ("arithmetic", "slope", "linear") for q in generate(task, 2, seed=0)])
+    fit(ws, FitConfig(model=model, max_seq_len=64, layers="last:1"))
+    score(ws, ScoreConfig(queries="arithmetic,slope,linear"))
+    rank(ws, RankConfig(name="reasoning"))
+    for name in ("top", "twin"):
+        mix(ws, MixSpec(name=name, ranking="reasoning", budget_tokens=700))
+    return root, ws, model
+
+
+@pytest.fixture(scope="module")
+def finished(mixed):
+    """One complete evaluation of both mixtures and all three baselines, two seeds."""
+    root, ws, _ = mixed
+    config = EvaluateConfig(mixtures=["top", "twin"], keep_final=True, **SMALL)
+    return config, evaluate(ws, config)
+
+
+def test_arms_given_the_same_documents_and_seed_give_identical_checkpoints_and_numbers(mixed, finished):
+    from safetensors.torch import load_file
+
+    _, ws, _ = mixed
+    config, data = finished
+    by = {(r["arm"], r["seed"]): r for r in data["results"]}
+    for seed in range(config.seeds):
+        top, twin = dict(by["top", seed]), dict(by["twin", seed])
+        assert top.pop("arm") == "top" and twin.pop("arm") == "twin"
+        top.pop("seconds"), twin.pop("seconds")
+        assert top == twin
+        folder = work_folder(ws, data["id"])
+        a, b = load_file(folder / f"top-s{seed}" / "final.safetensors"), load_file(folder / f"twin-s{seed}" /
+                                                                                    "final.safetensors")
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    # Training changed the weights, and differently for different documents: the check can fail.
+    other = load_file(work_folder(ws, data["id"]) / "random-s0" / "final.safetensors")
+    assert any(not a[k].equal(other[k]) for k in a)
+    assert by["top", 0]["reasoning_loss"] != by["base", 0]["reasoning_loss"]
+
+
+def test_every_arm_trains_on_equal_tokens_within_one_document(mixed, finished):
+    _, ws, _ = mixed
+    config, data = finished
+    with Catalog.open(ws) as catalog:
+        plan = plan_arms(catalog, config)
+        tokens = dict(catalog.sql("SELECT doc_id, tokens FROM token_counts"))
+    assert {a.kind for a in plan.arms} == {"mixture", "random", "source-matched", "bottom"}
+    assert len(plan.arms) == 5 * config.seeds
+    for arm in plan.arms:
+        assert sum(tokens[d] for d in arm.doc_ids) == arm.tokens
+        assert config.tokens - plan.largest_document < arm.tokens <= config.tokens, arm.label
+        assert len(set(arm.doc_ids)) == len(arm.doc_ids)
+        assert not set(arm.doc_ids) & set(plan.heldout_doc_ids)
+    trained = {(r["arm"], r["seed"]): r["trained_tokens"] for r in data["results"] if r["arm"] != "base"}
+    assert set(trained.values()) == {config.steps * config.batch_tokens} and len(trained) == 10
+    # The random baselines differ by seed; the bottom arm is the ranking's worst end.
+    random_arms = [a for a in plan.arms if a.kind == "random"]
+    assert random_arms[0].doc_ids != random_arms[1].doc_ids
+    with Catalog.open(ws) as catalog:
+        ranks = dict(catalog.sql("SELECT doc_id, rank FROM ranking_scores WHERE ranking = 'reasoning'"))
+    bottom = next(a for a in plan.arms if a.kind == "bottom")
+    top = next(a for a in plan.arms if a.kind == "mixture")
+    assert min(ranks[d] for d in bottom.doc_ids) > max(ranks[d] for d in top.doc_ids)
+
+
+def test_fill_stops_within_one_document_and_source_matching_keeps_shares():
+    from curator.evaluate.arms import Candidate, source_matched
+
+    rng = random.Random(3)
+    docs = [(i, rng.randint(1, 40)) for i in range(200)]
+    for target in (1, 17, 300, 1000):
+        ids, total = fill_tokens(docs, target)
+        assert total == sum(dict(docs)[i] for i in ids) and target - 40 < total <= target
+    pool = [Candidate(doc_id=i, source="a" if i % 3 else "b", tokens=t) for i, t in docs]
+    ids, total = source_matched(pool, {"a": 0.25, "b": 0.75}, 1200, seed=0)
+    share_b = sum(t for i, t in docs if i in ids and i % 3 == 0) / total
+    assert 1200 - 40 < total <= 1200 and abs(share_b - 0.75) < 40 / 1200
+
+
+def test_heldout_queries_are_disjoint_from_the_rankings_queries(mixed, finished):
+    _, ws, _ = mixed
+    config, data = finished
+    held = json.loads((work_folder(ws, data["id"]) / "heldout.json").read_text())
+    with Catalog.open(ws) as catalog:
+        used = json.loads(catalog.one("SELECT query_ids FROM rankings WHERE name = 'reasoning'")[0])
+        prompts = {p for (p,) in catalog.sql("SELECT prompt FROM queries WHERE id IN (SELECT unnest(?))", [used])}
+    assert len(used) == 6 and sorted(held["ranking_queries"]) == sorted(used)
+    assert {q["task"] for q in held["queries"]} == {"arithmetic", "slope", "linear", "factual-control"}
+    assert not {q["id"] for q in held["queries"]} & set(used)
+    assert not {q["prompt"] for q in held["queries"]} & prompts
+    # Asking for a ranked query is refused before anything is written.
+    with Catalog.open(ws) as catalog:
+        before = catalog.sql("SELECT count(*) FROM evaluations")
+    with pytest.raises(CuratorError, match="arithmetic-s0-0000|ranking reasoning was built from"):
+        evaluate(ws, EvaluateConfig(mixtures=["top"], eval_queries="arithmetic-s0", **SMALL))
+    # The generator's seed 0 is the ranking's own: the default queries at that seed are refused too.
+    with Catalog.open(ws) as catalog:
+        with pytest.raises(CuratorError, match="--eval-seed"):
+            plan = plan_arms(catalog, EvaluateConfig(mixtures=["top"], eval_seed=0, **SMALL))
+            heldout_queries(catalog, EvaluateConfig(mixtures=["top"], eval_seed=0, **SMALL), plan.rankings)
+        assert catalog.sql("SELECT count(*) FROM evaluations") == before
+
+
+class StopAt(Progress):
+    """Raises at the n-th checkpoint boundary (after the state is saved), as a kill would land there."""
+
+    def __init__(self, after: int | None = None):
+        self.after, self.seen, self.arms = after, 0, []
+
+    def arm(self, label, steps, done):
+        self.arms.append((label, done))
+
+    def checkpoint(self, label, step):
+        self.seen += 1
+        if self.after is not None and self.seen == self.after:
+            raise KeyboardInterrupt(f"killed at {label} step {step}")
+
+
+def test_a_killed_evaluation_resumes_to_the_same_result(mixed, finished):
+    """Killed in the second arm, after its first checkpoint; the rerun keeps the finished arm, resumes the
+    second at its checkpoint and ends with the numbers of an uninterrupted run (the `finished` evaluation
+    trained the same arms with the same settings)."""
+    _, ws, _ = mixed
+    _, reference = finished
+    config = EvaluateConfig(mixtures=["top", "twin"], baselines=["random"], **SMALL)
+    stop = StopAt(after=3)        # top-s0: checkpoints at steps 2 and 4; twin-s0: the kill at step 2
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ws, config, progress=stop)
+    assert [a for a, _ in stop.arms] == ["top-s0", "twin-s0"]
+    folder = next(p for p in work_folder(ws, "x").parent.iterdir() if (p / "twin-s0" / "state.pt").is_file())
+    assert (folder / "top-s0" / "result.json").is_file() and not (folder / "twin-s0" / "result.json").exists()
+    again = StopAt()
+    data = evaluate(ws, config, progress=again)
+    assert again.arms[0] == ("twin-s0", 2)            # top-s0 was not trained again
+    assert not list(folder.rglob("state.pt"))
+    want = {(r["arm"], r["seed"]): r for r in reference["results"] if r["arm"] in ("base", "top", "twin", "random")}
+    got = {(r["arm"], r["seed"]): r for r in data["results"]}
+    assert got.keys() == want.keys()
+    for key in want:
+        assert {k: v for k, v in got[key].items() if k != "seconds"} == \
+               {k: v for k, v in want[key].items() if k != "seconds"}, key
+    with Catalog.open(ws) as catalog:
+        rows = catalog.sql("SELECT arm, seed, reasoning_loss FROM evaluation_results WHERE evaluation_id = ? "
+                           "ORDER BY arm, seed", [data["id"]])
+        state = catalog.one("SELECT state FROM evaluations WHERE id = ?", [data["id"]])[0]
+    assert state == "done" and len(rows) == 8
+    assert all(loss == got[arm, seed]["reasoning_loss"] for arm, seed, loss in rows)
+
+
+def test_the_accuracy_check_solves_each_problem_again_from_the_prompt():
+    checked = 0
+    for task in ("arithmetic", "slope", "linear"):
+        for family in FAMILIES:
+            for query in generate(task, 20, seed=5, family=family):
+                solved = answer_from_prompt(task, query.prompt)
+                if family in ("paper", "terse", "code"):
+                    assert solved == int(query.answer), query.prompt
+                    checked += 1
+                if family == "paper":
+                    assert answer_in_completion(query.completion) == solved
+    assert checked == 3 * 3 * 20
+    assert answer_from_prompt("arithmetic", "Calculate the answer: (7 - 2) * 3") == 15
+    assert answer_from_prompt("slope", "through the points (1, 10) and (3, 4)?") == -3
+    assert answer_from_prompt("slope", "through the points (0, 0) and (2, 1)?") is None     # 1/2: no integer
+    assert answer_from_prompt("linear", "Solve for x: 4x + 3 = 19") == 4
+    # A stored answer is not trusted: the check uses the one solved from the prompt.
+    wrong = generate("linear", 1, seed=9)[0].model_copy(update={"answer": "999"})
+    assert measure.checkable([wrong]) == [(wrong, answer_from_prompt("linear", wrong.prompt))]
+    assert answer_in_completion("x = 12 / 3 = 4.\n\nCalculate 5 + 5 = 10") == 4
+
+
+def test_the_report_says_plainly_when_the_mixture_does_not_beat_a_baseline(mixed, finished):
+    from curator.evaluate import stats
+
+    _, ws, _ = mixed
+    _, data = finished
+    html = open(data["report"]).read()
+    assert "<svg" in html and "Does the mixture help?" in html
+    assert len(data["sentences"]) == 2 * 2 * 3      # 2 mixtures × 3 baselines × (loss, accuracy)
+    for sentence in data["sentences"]:
+        assert sentence in html.replace("&#x27;", "'")
+    comparisons = [c for c in data["comparisons"] if c["metric"] == "reasoning_loss"]
+    for c in comparisons:
+        said = stats.sentence(c["mixture"], c["against"], c)
+        assert ("does NOT beat" in said) == (c["verdict"] != "better")
+    mixture = [{"seed": s, "reasoning_loss": 2.0 + 0.01 * s} for s in range(3)]
+    better = [{"seed": s, "reasoning_loss": 1.5 + 0.02 * s} for s in range(3)]
+    worse = stats.compare(mixture, better, "reasoning_loss")
+    assert worse["verdict"] == "worse" and "does NOT beat" in stats.sentence("m", "b", worse)
+    assert stats.compare(better, mixture, "reasoning_loss")["verdict"] == "better"
+    noisy = [{"seed": s, "reasoning_loss": 2.0 + (0.3 if s == 1 else -0.2)} for s in range(3)]
+    assert stats.compare(mixture, noisy, "reasoning_loss")["verdict"] == "no difference"
+    summary = stats.interval([1.0, 2.0, 3.0])
+    assert summary["mean"] == 2.0 and summary["high"] - 2.0 == pytest.approx(4.303 / 3 ** 0.5)
+
+
+def test_cli_prints_the_table_and_bad_input_leaves_the_catalog_as_it_was(mixed, finished):
+    """The typer command in this process (a subprocess would spend its time importing torch)."""
+    from typer.testing import CliRunner
+
+    from curator.cli.app import app
+
+    root, ws, _ = mixed
+    config, data = finished
+    # The same request finds every arm finished: the command only reports.
+    args = ["evaluate", "--mixtures", "top,twin", "--tokens", config.tokens, "--seeds", config.seeds,
+            "--seq-len", config.seq_len, "--batch-rows", config.batch_rows, "--checkpoints", config.checkpoints,
+            "--eval-per-task", config.eval_per_task, "--max-new-tokens", config.max_new_tokens,
+            "--heldout-docs", config.heldout_docs, "--lr", config.lr, "-w", ws.root]
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"Evaluation {data['id']}" in result.output and "source-matched" in result.output
+    assert "beat" in result.output and "Report:" in result.output
+    with Catalog.open(ws) as catalog:
+        before = catalog.sql("SELECT id, state FROM evaluations ORDER BY id")
+    for bad, message in [(dict(mixtures=["nope"]), "no mixture named 'nope'"),
+                         (dict(mixtures=["top"], tokens=10**6), "fewer than --tokens"),
+                         (dict(mixtures=["top"], tokens=64), "less than one batch"),
+                         (dict(mixtures=["top", "top"]), "twice")]:
+        with pytest.raises(CuratorError, match=message):
+            evaluate(ws, EvaluateConfig(**{**SMALL, **bad}))
+    with Catalog.open(ws) as catalog:
+        assert catalog.sql("SELECT id, state FROM evaluations ORDER BY id") == before
+    wrong = CliRunner().invoke(app, ["evaluate", "--mixtures", "top", "--tokens", "512", "--baselines", "worst",
+                                     "-w", str(ws.root)])
+    assert wrong.exit_code == 2 and "unknown baseline 'worst'" in wrong.output
