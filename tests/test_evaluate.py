@@ -5,6 +5,7 @@ boundary, and the resumed run is compared with an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -307,3 +308,24 @@ def test_cli_prints_the_table_and_bad_input_leaves_the_catalog_as_it_was(mixed, 
     wrong = CliRunner().invoke(app, ["evaluate", "--mixtures", "top", "--tokens", "512", "--baselines", "worst",
                                      "-w", str(ws.root)])
     assert wrong.exit_code == 2 and "unknown baseline 'worst'" in wrong.output
+
+
+def test_from_scratch_trains_a_new_model_from_one_seeded_init_per_seed(mixed, tmp_path):
+    _, ws, _ = mixed
+    spec = tmp_path / "small.json"
+    spec.write_text(json.dumps({"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                "max_position_embeddings": 1024}))
+    config = EvaluateConfig(mixtures=["top"], baselines=["random"], from_scratch=str(spec),
+                            **{**SMALL, "seeds": 1, "max_new_tokens": 4})
+    data = evaluate(ws, config)
+    assert data["setup"]["from_scratch"] and not data["setup"]["starting_model_is_the_rankings"]
+    by = {r["arm"]: r for r in data["results"]}
+    vocab = len(tiny_tokenizer())
+    # A fresh init predicts close to uniformly: its loss is near ln(vocabulary), and training lowers it.
+    assert abs(by["base"]["reasoning_loss"] - math.log(vocab)) < 1.0
+    assert by["top"]["curve"][0]["reasoning_loss"] == by["random"]["curve"][0]["reasoning_loss"]
+    assert by["top"]["reasoning_loss"] < by["base"]["reasoning_loss"]
+    spec.write_text(json.dumps({"hidden_size": 16}))
+    with pytest.raises(CuratorError, match="model_type"):
+        evaluate(ws, config)

@@ -100,14 +100,18 @@ class Starting:
         from curator.model.loading import load_model, load_tokenizer
 
         config = the_plan.config
+        self.device = config.device
         if config.from_scratch:
             self.tokenizer = load_tokenizer(the_plan.model_name)
             self.scratch = json.loads(Path(config.from_scratch).read_text())
             self.model = self._new(0)
             self.name = f"from scratch ({Path(config.from_scratch).name})"
+            self.same_as_ranking = False
         else:
             loaded = load_model(the_plan.model_name, device=config.device)
-            if loaded.info.id != the_plan.model_id and config.model is None:
+            # Another starting model is allowed when asked for by name; the report says so.
+            self.same_as_ranking = loaded.info.id == the_plan.model_id
+            if not self.same_as_ranking and config.model is None:
                 raise CuratorError(f"the model at {the_plan.model_name} is not the one the ranking was scored "
                                    f"with (its weights changed); pass --model")
             self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.info.name
@@ -117,7 +121,6 @@ class Starting:
         if tokenizer_hash(self.tokenizer) != the_plan.tokenizer_id:
             raise CuratorError(f"the tokenizer of {the_plan.model_name} is not the ranking's: the arms' token counts "
                                f"would not be the tokens trained on")
-        self.device = config.device
         self._state_seed = None
         self._state = None
 
@@ -227,6 +230,7 @@ def evaluate(ws: Workspace, config: EvaluateConfig, *, progress: Progress | None
                 _finish(ws, the_plan, arm_folder, done)
             results.append(done)
     data = report_data(the_plan, starting.name, results)
+    data["setup"]["starting_model_is_the_rankings"] = starting.same_as_ranking
     html_path = out or ws.artifact_dir("reports") / f"evaluation-{the_plan.id}.html"
     json_path = html_path.with_suffix(".json")
     write_report(data, html_path, json_path)
