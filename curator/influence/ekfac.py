@@ -349,14 +349,12 @@ def whitened_frame_bases(u: torch.Tensor, v: torch.Tensor, factors: LayerFactors
     return (documents[0].float(), documents[1].float()), (queries[0].float(), queries[1].float())
 
 
-def whitened_tokens(a: torch.Tensor, delta: torch.Tensor, factors: LayerFactors
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token, (D_A⁻¹ Q_Aᵀ a_t, D_S⁻¹ Q_Sᵀ δ_t) in float64: a document's whitened eigen-frame
-    gradient is Σ_t δ'_t a'_tᵀ (the frame `whitened_frame_bases` projects)."""
+def whitening_maps(factors: LayerFactors) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q_A D_A⁻¹, Q_S D_S⁻¹) in float64: a token's a_t @ the first and δ_t @ the second are its whitened
+    eigen-frame parts, and a document's whitened gradient is Σ_t δ'_t a'_tᵀ (the frame
+    `whitened_frame_bases` projects). Computed once per layer: the scales take an SVD."""
     d_s, d_a = whitening_scales(factors)
-    a_w = (a.to(torch.float64) @ factors.q_a.to(torch.float64)) / d_a
-    d_w = (delta.to(torch.float64) @ factors.q_s.to(torch.float64)) / d_s
-    return a_w, d_w
+    return factors.q_a.to(torch.float64) / d_a[None, :], factors.q_s.to(torch.float64) / d_s[None, :]
 
 
 def eigen_bases(factors: LayerFactors, eigvals_s: torch.Tensor, eigvals_a: torch.Tensor,

@@ -33,7 +33,7 @@ from curator.influence.ekfac import (
     subspace_bases,
     whitened_frame_bases,
     whitened_subspace_bases,
-    whitened_tokens,
+    whitening_maps,
     whitening_scales,
 )
 from curator.influence.factors import FactorsRecord, load_layer_factors, load_tensors, refit_command
@@ -151,9 +151,11 @@ def document_grams(loaded: LoadedModel, modules: dict, ws: Workspace, factors: d
         ids = document_ids(catalog, config.max_docs, config.seed)
         sample = seeded_sample(catalog, ids, config.document_sample, config.seed)
     sums: dict[str, list] = {}
+    maps = {name: tuple(m.to(next(loaded.model.parameters()).device) for m in whitening_maps(factors[name]))
+            for name in modules}
 
     def accumulate(name, a, delta, _batch, _output):
-        a_w, d_w = whitened_tokens(a, delta, factors[name])
+        a_w, d_w = a.to(torch.float64) @ maps[name][0], delta.to(torch.float64) @ maps[name][1]
         left = torch.einsum("bto,btu,bup->op", d_w, a_w @ a_w.transpose(1, 2), d_w)
         right = torch.einsum("bti,btu,buj->ij", a_w, d_w @ d_w.transpose(1, 2), a_w)
         total = torch.einsum("bto,bti->oi", d_w, a_w)
