@@ -137,6 +137,20 @@ def test_every_arm_trains_on_equal_tokens_within_one_document(mixed, finished):
         assert not set(arm.doc_ids) & set(plan.heldout_doc_ids)
     trained = {(r["arm"], r["seed"]): r["trained_tokens"] for r in data["results"] if r["arm"] != "base"}
     assert set(trained.values()) == {config.steps * config.batch_tokens} and len(trained) == 10
+    # Source-matched arms hold the mixture arm's token share per source, to within one document per source.
+    with Catalog.open(ws) as catalog:
+        source = dict(catalog.sql("SELECT id, source FROM documents"))
+
+    def shares(arm):
+        out = {}
+        for d in arm.doc_ids:
+            out[source[d]] = out.get(source[d], 0) + tokens[d] / arm.tokens
+        return out
+    mixture_shares = shares(plan.arms[0])
+    assert 0.1 < mixture_shares.get("math", 0) < 0.9       # both sources present: the check means something
+    for arm in (a for a in plan.arms if a.kind == "source-matched"):
+        for name, share in shares(arm).items():
+            assert abs(share - mixture_shares.get(name, 0)) <= 2 * plan.largest_document / arm.tokens, name
     # The random baselines differ by seed; the bottom arm is the ranking's worst end.
     random_arms = [a for a in plan.arms if a.kind == "random"]
     assert random_arms[0].doc_ids != random_arms[1].doc_ids

@@ -152,8 +152,13 @@ def plan_arms(catalog: Catalog, config: EvaluateConfig) -> ArmPlan:
                            f"perplexity on: lower --tokens (now {target:,}) or rank more documents")
     pool = [c for c in candidates if c.doc_id not in set(heldout)]
     tokens_of = {c.doc_id: c.tokens for c in pool}
-    shares = {source: info["tokens"] / max(mixtures[0].tokens, 1)
-              for source, info in mixtures[0].per_source.items() if info["tokens"]}
+    # The shares of what the first mixture's arm trains on (its first --tokens), not of the whole mixture.
+    source_of = {c.doc_id: c.source for c in candidates}
+    reference_arm, in_reference = arms[0], set(arms[0].doc_ids)
+    shares: dict[str, float] = {}
+    for doc_id, tokens in orders[mixtures[0].spec.name]:
+        if doc_id in in_reference:
+            shares[source_of[doc_id]] = shares.get(source_of[doc_id], 0.0) + tokens / max(reference_arm.tokens, 1)
     for baseline in config.baselines:
         for seed in range(config.seeds):
             if baseline == "random":
