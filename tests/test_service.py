@@ -262,8 +262,12 @@ def test_job_lifecycle_with_events_and_cancel(built):
 
         running = api.post("/jobs", json={"kind": "fit", "force": True,
                                           "config": {"model": "tiny", "layers": "last:1", "seed": 5}}).json()
-        queued = api.post("/jobs", json={"kind": "audit"}).json()
+        # A second model job on the same device waits in its lane; a catalog job does not wait for it.
+        queued = api.post("/jobs", json={"kind": "fit", "force": True,
+                                         "config": {"model": "tiny", "layers": "last:1", "seed": 6}}).json()
+        beside = api.post("/jobs", json={"kind": "audit"}).json()
         assert api.post(f"/jobs/{queued['id']}/cancel").json()["state"] == "cancelled"
+        assert wait_job(api, beside["id"])["state"] == "done"
 
         def cancel_once_running(record):
             if record["state"] == "running" and not cancelled:

@@ -26,10 +26,57 @@ DEFAULT_MEMORY_LIMIT = "2GB"
 # Seconds to wait for a locked catalog before giving up (default: none). `curator serve` sets it for
 # itself and its job workers, whose short reads and writes take turns with each other.
 LOCK_WAIT_ENV = "CURATOR_LOCK_WAIT"
-# While `curator serve` runs it owns its workspace (WS/server.json names it); it and its job workers
-# carry its pid in this variable and may write.
+# A catalog opened with hold=False (a model pass reading documents chunk by chunk, an ingest writing
+# chunk by chunk) opens a connection per statement and waits this long for another process's turn:
+# the others hold the catalog for one statement or one chunk at a time.
+SHORT_TURN_WAIT_S = 120.0
+# While `curator serve` runs it owns its workspace: WS/server.json names it (url, pid, a random id) and
+# it holds an advisory lock on WS/server.lock for as long as it lives. It and its job workers carry the
+# id in this variable and may write. The lock, not the pid, says whether the server is alive: the kernel
+# drops it when the process dies, while a pid can be reused by another program.
 SERVER_FILE = "server.json"
-SERVER_PID_ENV = "CURATOR_SERVER_PID"
+SERVER_LOCK = "server.lock"
+SERVER_ID_ENV = "CURATOR_SERVER_ID"
+# Held by an ingest for its whole run (it writes chunk by chunk, letting others read in between): a
+# second ingest is refused, and an incomplete batch is discarded only when no ingest holds it.
+INGEST_LOCK = "ingest.lock"
+
+
+class FileLock:
+    """An exclusive advisory lock (flock) on a file, released on release() or when the process dies."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = None
+
+    def acquire(self) -> bool:
+        """Take the lock if it is free now; False when another process (or another FileLock) holds it."""
+        import fcntl
+
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._file = handle
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()          # closing the file drops the lock
+            self._file = None
+
+
+def lock_is_held(path: Path) -> bool:
+    """Whether some live FileLock holds `path` (this process's own included)."""
+    if not path.exists():
+        return False
+    probe = FileLock(path)
+    if probe.acquire():
+        probe.release()
+        return False
+    return True
 
 
 class Catalog:
@@ -48,14 +95,27 @@ class Catalog:
         *,
         write: bool = False,
         migrations: Sequence[Migration] = MIGRATIONS,
+        hold: bool = True,
+        wait: float | None = None,
     ) -> Catalog:
+        """`hold=False` (reading only): a catalog that opens a connection for each statement, so that a
+        long pass never keeps writers out for more than one statement. `wait`: seconds to wait for a
+        catalog another process holds (default: CURATOR_LOCK_WAIT, else none)."""
+        if not hold:
+            if write:
+                raise ValueError("a catalog opened for writing holds its connection")
+            cls.open(workspace, migrations=migrations, wait=wait).close()       # migrate and check, once
+            return ShortReads(workspace, workspace.catalog_path, migrations,
+                              SHORT_TURN_WAIT_S if wait is None else wait)
         path = workspace.catalog_path
         if not write and not path.exists():
             raise WorkspaceError(f"no catalog at {path}; create it with `curator init {workspace.root}`")
         server = _server_holding(workspace) if write else None
         if server:
             raise CatalogLockedError(f"the catalog {path} belongs to {server}")
-        deadline = time.monotonic() + float(os.environ.get(LOCK_WAIT_ENV) or 0)
+        if wait is None:
+            wait = float(os.environ.get(LOCK_WAIT_ENV) or 0)
+        deadline = time.monotonic() + wait
         while True:
             try:
                 con = duckdb.connect(str(path), read_only=not write, config={
@@ -67,7 +127,7 @@ class Catalog:
                 if time.monotonic() < deadline:
                     time.sleep(0.05)
                     continue
-                held = _server_holding(workspace, any_pid=True)
+                held = _server_holding(workspace, anyone=True)
                 who = f"{held}, which is" if held else "another curator process that is"
                 raise CatalogLockedError(
                     f"the catalog {path} is in use by {who} writing to it "
@@ -78,7 +138,8 @@ class Catalog:
         try:
             if write:
                 catalog._migrate(migrations)
-                catalog._discard_incomplete_batches()
+                if not lock_is_held(workspace.root / INGEST_LOCK):
+                    catalog.discard_incomplete_batches()
             elif catalog.schema_version() < migrations[-1].version:
                 # An older catalog: migrate it once (migrations only add), then read.
                 con.close()
@@ -175,11 +236,11 @@ class Catalog:
             raise
 
     # -- recovery --------------------------------------------------------------
-    def _discard_incomplete_batches(self) -> None:
+    def discard_incomplete_batches(self) -> None:
         """Delete what an ingest that never completed left behind.
 
-        Only one process writes at a time, so a batch still marked 'running' when
-        a writer opens the catalog belongs to a process that died.
+        Called when no ingest holds WS/ingest.lock (and by an ingest that has just taken it): a batch
+        still marked 'running' then belongs to a process that died.
         """
         self.sql("BEGIN")
         self.sql(
@@ -190,19 +251,46 @@ class Catalog:
         self.sql("COMMIT")
 
 
-def _server_holding(workspace: Workspace, *, any_pid: bool = False) -> str | None:
+def _server_holding(workspace: Workspace, *, anyone: bool = False) -> str | None:
     """'the curator server at URL (pid N)' when a live server owns this workspace and this process is
-    not it nor one of its workers (`any_pid`: whoever this process is)."""
+    not it nor one of its workers (`anyone`: whoever this process is)."""
     try:
         info = json.loads((workspace.root / SERVER_FILE).read_text())
-        pid = int(info["pid"])
-        os.kill(pid, 0)          # a server killed without cleaning up leaves a file but no process
+        server_id, pid = str(info["id"]), int(info["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not any_pid and os.environ.get(SERVER_PID_ENV) == str(pid):
+    if not lock_is_held(workspace.root / SERVER_LOCK):
+        return None         # a server killed without cleaning up leaves its file, never its lock
+    if not anyone and os.environ.get(SERVER_ID_ENV) == server_id:
         return None
     return (f"the curator server at {info.get('url')} (pid {pid}, {workspace.root / SERVER_FILE}); while it "
             f"runs, submit work to it (`curator --server {info.get('url')} ...`, docs/service.md) or stop it")
+
+
+class ShortReads(Catalog):
+    """A read-only catalog that holds no connection: each statement opens one, runs, fetches and closes
+    it, waiting its turn while another process writes. Statements that need a connection held across
+    calls (registered tables) take a held catalog."""
+
+    def __init__(self, workspace: Workspace, path: Path, migrations: Sequence[Migration], wait: float):
+        self.path, self.write = path, False
+        self.workspace, self.migrations, self.wait = workspace, migrations, wait
+
+    @property
+    def con(self):
+        raise RuntimeError("a catalog opened with hold=False has no connection to use across statements; "
+                           "open one that holds it")
+
+    def sql(self, query: str, params: list | None = None) -> list[tuple]:
+        with Catalog.open(self.workspace, migrations=self.migrations, wait=self.wait) as catalog:
+            return catalog.sql(query, params)
+
+    def frame(self, query: str, params: list | None = None):
+        with Catalog.open(self.workspace, migrations=self.migrations, wait=self.wait) as catalog:
+            return catalog.frame(query, params)
+
+    def close(self) -> None:
+        pass
 
 
 def create_workspace(root: str | os.PathLike) -> tuple[Workspace, bool]:

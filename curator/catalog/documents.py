@@ -91,17 +91,11 @@ def seeded_sample(catalog: Catalog, ids: Sequence[int], limit: int, seed: int = 
 def chunk_sizes(catalog: Catalog, chunks: Sequence[Sequence[int]]) -> list[int]:
     """The UTF-8 bytes of each chunk of documents: what balances chunks over ranks before any
     token is counted (tokens are about proportional to bytes for one tokenizer and corpus)."""
-    import pyarrow as pa
-
     numbers = [n for n, chunk in enumerate(chunks) for _ in chunk]
     ids = [doc_id for chunk in chunks for doc_id in chunk]
-    catalog.con.register("chunk_members", pa.table({"id": pa.array(ids, pa.int64()),
-                                                    "chunk": pa.array(numbers, pa.int64())}))
-    try:
-        sizes = dict(catalog.sql("SELECT m.chunk, sum(d.bytes) FROM chunk_members m JOIN documents d ON d.id = m.id "
-                                 "GROUP BY m.chunk"))
-    finally:
-        catalog.con.unregister("chunk_members")
+    sizes = dict(catalog.sql(
+        "SELECT m.chunk, sum(d.bytes) FROM (SELECT unnest(?::BIGINT[]) AS id, unnest(?::BIGINT[]) AS chunk) m "
+        "JOIN documents d ON d.id = m.id GROUP BY m.chunk", [ids, numbers]))
     return [int(sizes.get(n, 0)) for n in range(len(chunks))]
 
 

@@ -23,7 +23,8 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Literal, Protocol
 
@@ -32,7 +33,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from curator.artifacts import NOT_IDENTITY, Settings
-from curator.catalog.database import Catalog
+from curator.catalog.database import INGEST_LOCK, SHORT_TURN_WAIT_S, Catalog, FileLock
 from curator.connectors import (
     BadRecord,
     ByteCounter,
@@ -44,7 +45,7 @@ from curator.connectors import (
     plan_inputs,
     read_inputs,
 )
-from curator.errors import BadInputError
+from curator.errors import BadInputError, CatalogLockedError
 from curator.catalog.workspace import Workspace
 
 MAX_LISTED_PROBLEMS = 50
@@ -129,41 +130,72 @@ def ingest(
         raise BadInputError(f"nothing to ingest: {listed}")
     fingerprint = input_fingerprint(files, options)
 
-    with Catalog.open(workspace, write=True) as catalog:
-        earlier = catalog.one(
-            "SELECT id, finished_at FROM ingest_batches WHERE status = 'complete' AND fingerprint = ?",
-            [fingerprint],
-        )
-        if earlier:
-            return IngestSummary(source=options.source, status="unchanged", batch_id=earlier[0],
-                                 files=len(files), ingested_at=earlier[1])
+    with _one_ingest_at_a_time(workspace):
+        with Catalog.open(workspace, write=True) as catalog:
+            catalog.discard_incomplete_batches()     # this process holds the ingest lock: they are a dead one's
+            earlier = catalog.one(
+                "SELECT id, finished_at FROM ingest_batches WHERE status = 'complete' AND fingerprint = ?",
+                [fingerprint],
+            )
+            if earlier:
+                return IngestSummary(source=options.source, status="unchanged", batch_id=earlier[0],
+                                     files=len(files), ingested_at=earlier[1])
 
-        batch_id = catalog.one("SELECT coalesce(max(id), 0) + 1 FROM ingest_batches")[0]
-        catalog.sql(
-            "INSERT INTO ingest_batches (id, source, status, fingerprint, inputs, options, started_at) "
-            "VALUES (?, ?, 'running', ?, ?, ?, current_timestamp)",
-            [batch_id, options.source, fingerprint, json.dumps([str(p) for p in paths]),
-             options.model_dump_json()],
-        )
+            batch_id = catalog.one("SELECT coalesce(max(id), 0) + 1 FROM ingest_batches")[0]
+            catalog.sql(
+                "INSERT INTO ingest_batches (id, source, status, fingerprint, inputs, options, started_at) "
+                "VALUES (?, ?, 'running', ?, ?, ?, current_timestamp)",
+                [batch_id, options.source, fingerprint, json.dumps([str(p) for p in paths]),
+                 options.model_dump_json()],
+            )
+            source_kind = catalog.one("SELECT kind FROM sources WHERE name = ?", [options.source])
+            next_id = catalog.one("SELECT coalesce(max(id), 0) FROM document_rows")[0]
+        # From here on the catalog is opened for each chunk and closed after it, so that readers (and
+        # `curator serve`'s searches) get their turn during a long ingest. The batch stays 'running', out
+        # of the documents view, until it completes.
+        writer = _ChunkWriter(workspace, batch_id, options.source, next_id)
         try:
-            summary = _load_batch(catalog, batch_id, files, path_problems, options, progress)
+            summary = _load_batch(writer, files, path_problems, options, progress,
+                                  options.kind or (source_kind[0] if source_kind else "other"))
         except BaseException:
-            _discard(catalog, batch_id)
+            with _turn(workspace) as catalog:
+                _discard(catalog, batch_id)
             raise
         summary.seconds = time.perf_counter() - started
-        _complete(catalog, batch_id, summary, options)
+        with _turn(workspace) as catalog:
+            _complete(catalog, batch_id, summary, options)
         return summary
 
 
+@contextmanager
+def _one_ingest_at_a_time(workspace: Workspace) -> Iterator[None]:
+    """Hold WS/ingest.lock for the whole ingest: ids are allocated from the catalog's largest, so two
+    ingests writing chunks in turns would collide; and other writers leave a 'running' batch alone
+    while the lock is held."""
+    lock = FileLock(workspace.root / INGEST_LOCK)
+    if workspace.root.is_dir() and not lock.acquire():
+        raise CatalogLockedError(f"another ingest is writing to {workspace.catalog_path} (one at a time per "
+                                 f"workspace); wait for it to finish and run this one again")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _turn(workspace: Workspace) -> Catalog:
+    """A write connection for one chunk or one final statement, waiting out others' short turns."""
+    return Catalog.open(workspace, write=True, wait=SHORT_TURN_WAIT_S)
+
+
 def _load_batch(
-    catalog: Catalog,
-    batch_id: int,
+    writer: _ChunkWriter,
     files: list[InputFile],
     path_problems: list[BadRecord],
     options: IngestOptions,
     progress: IngestProgress | None,
+    default_kind: str,
 ) -> IngestSummary:
-    summary = IngestSummary(source=options.source, status="complete", batch_id=batch_id, files=len(files))
+    summary = IngestSummary(source=options.source, status="complete", batch_id=writer.batch_id, files=len(files))
     problems: Counter[str] = Counter()
     listed: list[Problem] = []
 
@@ -176,9 +208,6 @@ def _load_batch(
 
     for bad in path_problems:
         note(bad)
-    source_kind = catalog.one("SELECT kind FROM sources WHERE name = ?", [options.source])
-    default_kind = options.kind or (source_kind[0] if source_kind else "other")
-    next_id = catalog.one("SELECT coalesce(max(id), 0) FROM document_rows")[0]
 
     counter = ByteCounter()
     if progress:
@@ -186,7 +215,7 @@ def _load_batch(
     chunk = _Chunk()
     records = 0
     settings = ReadSettings(text_field=options.text_field, id_field=options.id_field)
-    writer = _ChunkWriter(catalog, batch_id, options.source, next_id)
+    writer.start()
     try:
         for item in read_inputs(files, settings, counter):
             records += 1
@@ -284,12 +313,14 @@ class _ChunkWriter:
     releases the GIL) overlaps the parsing of the next chunk. At most one chunk
     waits in the queue, which keeps memory bounded."""
 
-    def __init__(self, catalog: Catalog, batch_id: int, source: str, next_id: int):
-        self.catalog, self.batch_id, self.source, self.next_id = catalog, batch_id, source, next_id
+    def __init__(self, workspace: Workspace, batch_id: int, source: str, next_id: int):
+        self.workspace, self.batch_id, self.source, self.next_id = workspace, batch_id, source, next_id
         self.inserted = self.duplicates = 0
         self.error: BaseException | None = None
         self.queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=1)
         self.thread = threading.Thread(target=self._run, name="curator-ingest-writer", daemon=True)
+
+    def start(self) -> None:
         self.thread.start()
 
     def submit(self, chunk: _Chunk) -> None:
@@ -325,11 +356,9 @@ class _ChunkWriter:
                 self.error = exc
 
     def _insert(self, table: pa.Table) -> None:
-        self.catalog.con.register("staging", table)
-        try:
-            inserted = self.catalog.one(_INSERT_NEW, [self.next_id, self.source, self.batch_id])[0]
-        finally:
-            self.catalog.con.unregister("staging")
+        with _turn(self.workspace) as catalog:
+            catalog.con.register("staging", table)
+            inserted = catalog.one(_INSERT_NEW, [self.next_id, self.source, self.batch_id])[0]
         self.inserted += inserted
         self.duplicates += table.num_rows - inserted
         self.next_id += inserted

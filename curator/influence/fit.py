@@ -107,7 +107,7 @@ def fit(ws: Workspace, config: FitConfig, *, loaded: LoadedModel | None = None,
     stats: dict = {"documents": len(ids), "ranks": ranks.world}
     resuming = ranks.share(covariance_path.is_file() if ranks.main else None)
 
-    with Catalog.open(ws) as catalog:
+    with Catalog.open(ws, hold=False) as catalog:   # a pass holds no connection: others take turns
         # Stage 1: covariances (or their saved sums from a run that was killed later).
         sums = None
         if not resuming:

@@ -165,7 +165,7 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
     losses: dict[str, float] = {}
     counts: dict[int, int] = {}
     windows = tokens = 0
-    with Catalog.open(ws) as catalog:
+    with Catalog.open(ws, hold=False) as catalog:   # a pass holds no connection: others take turns
         for number, query_batch in enumerate(query_batches):
             if not todo:
                 break

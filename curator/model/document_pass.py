@@ -85,13 +85,36 @@ def chunks_of(ids: Sequence[int], size: int) -> list[list[int]]:
     return [list(ids[start:start + size]) for start in range(0, len(ids), size)]
 
 
-def document_windows(catalog: Catalog, tokenizer, ids: Sequence[int], max_len: int, counts: dict[int, int]
-                     ) -> list[Window]:
+def chunk_texts(catalog: Catalog, ids: Sequence[int]) -> list[tuple[int, str]]:
+    """(id, text) of these documents, in one statement."""
+    return [row for part in read_texts(catalog, ids, chunk=max(len(ids), 1)) for row in part]
+
+
+def windows_of(tokenizer, rows: list[tuple[int, str]], max_len: int, counts: dict[int, int]) -> list[Window]:
     """The windows of these documents (in id order within each), filling `counts` with token counts."""
-    rows = [row for part in read_texts(catalog, ids, chunk=max(len(ids), 1)) for row in part]
     windows, chunk_counts = tokenize_documents(tokenizer, rows, max_len)
     counts.update(chunk_counts)
     return windows
+
+
+def document_windows(catalog: Catalog, tokenizer, ids: Sequence[int], max_len: int, counts: dict[int, int]
+                     ) -> list[Window]:
+    return windows_of(tokenizer, chunk_texts(catalog, ids), max_len, counts)
+
+
+def read_ahead(catalog: Catalog, chunks: list[list[int]], order: list[int]) -> Iterator[list[tuple[int, str]]]:
+    """The texts of chunks[n] for n in `order`, each read on a thread while the caller works on the one
+    before: a pass's catalog opens a connection per statement (so writers get their turn between
+    chunks), and the opening then overlaps the model's work instead of adding to it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="curator-read-ahead") as reader:
+        upcoming = reader.submit(chunk_texts, catalog, chunks[order[0]]) if order else None
+        for position in range(len(order)):
+            rows = upcoming.result()
+            if position + 1 < len(order):
+                upcoming = reader.submit(chunk_texts, catalog, chunks[order[position + 1]])
+            yield rows
 
 
 def document_batches(catalog: Catalog, tokenizer, ids: Sequence[int], max_len: int, batch_tokens: int,
@@ -151,11 +174,11 @@ def document_pass(model, modules: dict, tokenizer, catalog: Catalog, ids: Sequen
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
     totals = PassTotals()
-    for number in mine:
+    for number, rows in zip(mine, read_ahead(catalog, chunks, mine), strict=True):
         chunk = chunks[number]
         position = {doc_id: row for row, doc_id in enumerate(chunk)}
         sums = torch.zeros(len(chunk), width, dtype=torch.float64)
-        windows = document_windows(catalog, tokenizer, chunk, settings.max_len, counts)
+        windows = windows_of(tokenizer, rows, settings.max_len, counts)
         for batch in batches(windows, settings.batch_tokens, pad, device):
             output = torch.zeros(batch.input_ids.shape[0], width, device=device)
 

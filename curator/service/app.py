@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from curator.catalog.database import SERVER_FILE, SERVER_PID_ENV
+from curator.catalog.database import SERVER_FILE, SERVER_ID_ENV, SERVER_LOCK, FileLock
 from curator.catalog.workspace import Workspace
 from curator.errors import ArtifactError, CatalogLockedError, CuratorError, WorkspaceError
 from curator.service.deps import Service, read_scope
@@ -136,30 +136,38 @@ def create_app(ws: Workspace, roots: list[Path], url: str) -> FastAPI:
 
 
 def _claim(service: Service) -> None:
-    """Write WS/server.json (the server owns the workspace) and the pid its workers carry."""
-    path = service.ws.root / SERVER_FILE
-    try:
-        other = json.loads(path.read_text())
-        os.kill(int(other["pid"]), 0)
-        if int(other["pid"]) != os.getpid():
-            raise WorkspaceError(f"another curator server (pid {other['pid']}, {other.get('url')}) serves "
-                                 f"{service.ws.root}")
-    except (OSError, ValueError, KeyError, TypeError):
-        pass        # none, or one that died: take over
+    """Take WS/server.lock (held while this process lives) and write WS/server.json: the server owns the
+    workspace. Its workers carry the id written there."""
+    import secrets
+
     from curator.artifacts import write_text_atomic
 
-    write_text_atomic(path, json.dumps({"pid": os.getpid(), "url": service.url}))
-    os.environ[SERVER_PID_ENV] = str(os.getpid())
+    lock = FileLock(service.ws.root / SERVER_LOCK)
+    if not lock.acquire():
+        try:
+            other = json.loads((service.ws.root / SERVER_FILE).read_text())
+        except (OSError, ValueError):
+            other = {}
+        raise WorkspaceError(f"another curator server (pid {other.get('pid', '?')}, {other.get('url', '?')}) serves "
+                             f"{service.ws.root}")
+    service.lock = lock
+    server_id = secrets.token_hex(16)
+    write_text_atomic(service.ws.root / SERVER_FILE, json.dumps({"pid": os.getpid(), "url": service.url,
+                                                                "id": server_id}))
+    os.environ[SERVER_ID_ENV] = server_id
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _release(service: Service) -> None:
     path = service.ws.root / SERVER_FILE
     try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
+        if json.loads(path.read_text()).get("id") == os.environ.get(SERVER_ID_ENV):
             path.unlink()
     except (OSError, ValueError):
         pass
+    if service.lock is not None:
+        service.lock.release()
+        service.lock = None
 
 
 def serve(ws: Workspace, host: str, port: int, roots: list[Path]) -> None:

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from curator.catalog.database import SERVER_FILE, SERVER_PID_ENV, Catalog
+from curator.catalog.database import SERVER_FILE, SERVER_ID_ENV, Catalog
 from curator.catalog.workspace import Workspace
 from curator.errors import CuratorError
 
@@ -64,9 +64,9 @@ def revoke_token(ws: Workspace, which: str) -> TokenInfo:
 def _beside_server(ws: Workspace) -> Catalog:
     """A write connection allowed beside a running server: a token change is one short statement, and the
     server reads tokens from the catalog (its server.json ownership check would otherwise refuse it)."""
-    server = _server_pid(ws)
+    server = _server_id(ws)
     if server is not None:
-        os.environ[SERVER_PID_ENV] = server
+        os.environ[SERVER_ID_ENV] = server
     return Catalog.open(ws, write=True)
 
 
@@ -75,9 +75,9 @@ def list_tokens(catalog: Catalog) -> list[TokenInfo]:
             for r in catalog.sql("SELECT id, name, scope FROM api_tokens ORDER BY created_at")]
 
 
-def _server_pid(ws: Workspace) -> str | None:
+def _server_id(ws: Workspace) -> str | None:
     try:
-        return str(int(json.loads((ws.root / SERVER_FILE).read_text())["pid"]))
+        return str(json.loads((ws.root / SERVER_FILE).read_text())["id"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

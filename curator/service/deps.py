@@ -12,6 +12,7 @@ from curator.catalog.workspace import Workspace
 from curator.service.auth import TokenChecker, TokenInfo
 from curator.service.db import ServerCatalog
 from curator.service.errors import ApiError
+from curator.catalog.database import FileLock
 from curator.service.jobs import JobManager
 from curator.service.search import Searcher
 
@@ -27,6 +28,7 @@ class Service:
     jobs: JobManager = field(init=False)
     searcher: Searcher = field(init=False)
     tokens: TokenChecker = field(init=False)
+    lock: FileLock | None = None            # WS/server.lock while the server runs (app._claim)
 
     def __post_init__(self) -> None:
         self.catalog = ServerCatalog(self.ws)

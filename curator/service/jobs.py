@@ -1,8 +1,10 @@
-"""Jobs: a queue, one worker process at a time, progress in memory, state in the catalog.
+"""Jobs: queues by lane, one worker process per lane at a time, progress in memory, state in the catalog.
 
-Why one job at a time, whatever its device: every stage ends with a write to the catalog, and DuckDB
-takes one writer at a time while a reader in another process blocks it; two jobs would fail each
-other's final write. Light jobs (rank, mix) therefore wait behind a heavy one.
+Lanes: a model or index job waits for its device ('cpu', 'cuda'); ingest, rank, mix, export and audit
+share the catalog lane. So a mixture is built while a GPU scores, and a CPU machine runs one model job
+and one catalog job side by side. Jobs of different lanes take turns at the catalog: a model pass opens
+it for each chunk of documents (Catalog.open(hold=False)), an ingest for each chunk it writes, and the
+final records are one short write each; every worker waits its turn (CURATOR_LOCK_WAIT).
 
 Persistence. A job's row is written at each change of state (never for progress). While a worker
 holds the catalog (its pass reads it from start to end) the server cannot write, so every row is
@@ -25,7 +27,7 @@ from pathlib import Path
 from curator.artifacts import write_text_atomic
 from curator.service.db import ServerCatalog
 from curator.service.errors import ApiError
-from curator.service.models import FINAL_STATES, RESUMABLE, JobRecord, Progress
+from curator.service.models import FINAL_STATES, RESUMABLE, JobRecord, Progress, lane_of
 
 CANCEL_GRACE_S = 5.0
 LOG_TAIL_BYTES = 64 << 10
@@ -43,10 +45,10 @@ class JobManager:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.jobs: dict[str, JobRecord] = {}
         self.versions: dict[str, int] = {}          # bumped at every change; the SSE stream watches it
-        self.queue: deque[str] = deque()
+        self.queues: dict[str, deque[str]] = {}        # lane → queued job ids, in order
         self.dirty: set[str] = set()
         self.cond = threading.Condition()
-        self.current: tuple[str, multiprocessing.Process] | None = None
+        self.running: dict[str, tuple[str, multiprocessing.Process]] = {}     # lane → (job id, worker)
         self.cancelling: set[str] = set()
         self.stopping = False
         self.threads: list[threading.Thread] = []
@@ -72,23 +74,23 @@ class JobManager:
             if self.jobs.get(job.id) != job:
                 self.jobs[job.id] = job
                 self.dirty.add(job.id)
-        for job in sorted(self.jobs.values(), key=lambda j: j.submitted_at):
-            if job.state == "running":
-                self._update(job, state="interrupted", finished_at=_now(),
-                             error="the server stopped while this job ran")
-                notes.append(f"job {job.id} ({job.kind}) was interrupted")
-                if job.kind in RESUMABLE:
-                    self._update(job, state="queued", error=None, finished_at=None)
-                    self._log(job.id, "interrupted: the server stopped while this job ran; resuming")
-                    self.queue.append(job.id)
-                    notes.append(f"job {job.id} ({job.kind}) resumes where it stopped")
-            elif job.state == "queued":
-                self.queue.append(job.id)
+        with self.cond:         # lane runners start as their first job is queued
+            for job in sorted(self.jobs.values(), key=lambda j: j.submitted_at):
+                if job.state == "running":
+                    self._update(job, state="interrupted", finished_at=_now(),
+                                 error="the server stopped while this job ran")
+                    notes.append(f"job {job.id} ({job.kind}) was interrupted")
+                    if job.kind in RESUMABLE:
+                        self._update(job, state="queued", error=None, finished_at=None)
+                        self._log(job.id, "interrupted: the server stopped while this job ran; resuming")
+                        self._enqueue(job)
+                        notes.append(f"job {job.id} ({job.kind}) resumes where it stopped")
+                elif job.state == "queued":
+                    self._enqueue(job)
         self.flush()
-        for target in (self._run_loop, self._flush_loop):
-            thread = threading.Thread(target=target, daemon=True)
-            thread.start()
-            self.threads.append(thread)
+        thread = threading.Thread(target=self._flush_loop, daemon=True)
+        thread.start()
+        self.threads.append(thread)
         return notes
 
     def stop(self) -> None:
@@ -96,14 +98,15 @@ class JobManager:
         leaves it: the next start marks it interrupted and resumes it if its stage can."""
         with self.cond:
             self.stopping = True
-            running = self.current
+            running = [process for _, process in self.running.values()]
             self.cond.notify_all()
-        if running:
-            running[1].terminate()
-            running[1].join(CANCEL_GRACE_S)
-            if running[1].is_alive():
-                running[1].kill()
-        for thread in self.threads:
+        for process in running:
+            process.terminate()
+        for process in running:
+            process.join(CANCEL_GRACE_S)
+            if process.is_alive():
+                process.kill()
+        for thread in list(self.threads):
             thread.join(timeout=CANCEL_GRACE_S + 5)
         self.flush()
 
@@ -114,9 +117,20 @@ class JobManager:
         with self.cond:
             self.jobs[job.id] = job
             self._save(job)
-            self.queue.append(job.id)
-            self.cond.notify_all()
+            self._enqueue(job)
         return job
+
+    def _enqueue(self, job: JobRecord) -> None:
+        """Queue a job in its lane, starting the lane's runner the first time (call under self.cond,
+        or before the manager runs)."""
+        lane = lane_of(job.kind, job.device)
+        if lane not in self.queues:
+            self.queues[lane] = deque()
+            thread = threading.Thread(target=self._run_loop, args=(lane,), name=f"curator-jobs-{lane}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        self.queues[lane].append(job.id)
+        self.cond.notify_all()
 
     def get(self, job_id: str) -> JobRecord:
         job = self.jobs.get(job_id)
@@ -134,11 +148,11 @@ class JobManager:
             if job.state in FINAL_STATES:
                 raise ApiError(409, "job_id", f"job {job_id} has already ended ({job.state})")
             if job.state == "queued":
-                self.queue.remove(job_id)
+                self.queues[lane_of(job.kind, job.device)].remove(job_id)
                 self._update(job, state="cancelled", finished_at=_now(), error=reason)
                 return self.jobs[job_id]
             self.cancelling.add(job_id)
-            process = self.current[1] if self.current and self.current[0] == job_id else None
+            process = next((p for running, p in self.running.values() if running == job_id), None)
         if process is not None:
             # SIGTERM ends the library call at once; every stage leaves only *.part files and
             # uncommitted batches behind, which the next run cleans up.
@@ -162,26 +176,27 @@ class JobManager:
             return f.read().decode(errors="replace")
 
     def busy_reason(self) -> str:
-        running = self.current
-        return f"job {running[0]} is using it" if running else "another process is writing it"
+        running = sorted(job_id for job_id, _ in self.running.values())
+        return f"job {', '.join(running)} is writing it" if running else "another process is writing it"
 
     # -- the runner ------------------------------------------------------------------------
-    def _run_loop(self) -> None:
+    def _run_loop(self, lane: str) -> None:
+        queue = self.queues[lane]
         while True:
             with self.cond:
-                while not self.queue and not self.stopping:
+                while not queue and not self.stopping:
                     self.cond.wait()
                 if self.stopping:
                     return
-                job_id = self.queue.popleft()
+                job_id = queue.popleft()
                 job = self.jobs[job_id]
                 self._update(job, state="running", started_at=_now(), attempts=job.attempts + 1,
                              progress=Progress(stage="starting"), error=None)
             self.flush()            # the row says "running" before the worker can take the catalog
-            self._run(job_id)
+            self._run(job_id, lane)
             self.flush()
 
-    def _run(self, job_id: str) -> None:
+    def _run(self, job_id: str, lane: str) -> None:
         from curator.service import worker
 
         job = self.jobs[job_id]
@@ -190,13 +205,13 @@ class JobManager:
         log = self.log_path(job_id)
         log.parent.mkdir(parents=True, exist_ok=True)
         process = context.Process(target=worker.main, name=f"curator-{job_id}", daemon=True,
-                                  args=(str(self.ws.root), job.kind, job.params, send, str(log)))
+                                  args=(str(self.ws.root), job.kind, job.params, send, str(log), job.attempts))
         with self.cond:
             if job_id in self.cancelling:
                 self._finish(job_id, "cancelled", error="cancelled by request")
                 return
             process.start()
-            self.current = (job_id, process)
+            self.running[lane] = (job_id, process)
         send.close()
         outcome: tuple[str, object] | None = None
         while True:
@@ -214,7 +229,7 @@ class JobManager:
                 break
         process.join()
         with self.cond:
-            self.current = None
+            del self.running[lane]
             if self.stopping and job_id not in self.cancelling:
                 return      # left "running": the next start resumes it, as after a kill
             if job_id in self.cancelling:

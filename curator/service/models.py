@@ -20,8 +20,15 @@ from curator.sketch.store import SketchConfig
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
 JobKind = Literal["ingest", "fit", "score", "sketch", "index", "rank", "mix", "export", "audit"]
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
-# Stages that pick up where a killed run stopped (their parts, shards and first pass are on disk).
-RESUMABLE = ("fit", "score", "sketch", "index")
+# Every kind resumes after a server is killed: fit, score, sketch and index pick up where they stopped
+# (their parts, shards and first pass are on disk); ingest, rank, mix, export and audit run again from
+# the start (an ingest keeps what it had read: its chunks are deduplicated on the way in), which gives
+# the result an uninterrupted run would have.
+RESUMABLE = ("ingest", "fit", "score", "sketch", "index", "rank", "mix", "export", "audit")
+# Jobs that run a model or build an index take their device's lane; the others only read and write the
+# catalog and artifacts, and share one lane of their own. One job per lane runs at a time.
+DEVICE_KINDS = ("fit", "score", "sketch", "index")
+CATALOG_LANE = "catalog"
 
 MAX_PAGE = 500
 T = TypeVar("T")
@@ -144,6 +151,14 @@ JobRequest = Annotated[IngestJob | FitJob | ScoreJob | SketchJob | IndexJob | Ra
 def device_of(request: BaseModel) -> str:
     config = getattr(request, "config", None)
     return str(getattr(config, "device", None) or "cpu")
+
+
+def lane_of(kind: str, device: str) -> str:
+    """The queue a job waits in: its device ('cpu', 'cuda', 'mps') for model and index jobs, the catalog
+    lane for the rest. 'cuda' is one lane: a server's jobs use its first GPU (torchrun spreads over more)."""
+    if kind not in DEVICE_KINDS:
+        return CATALOG_LANE
+    return device.split(":", 1)[0] or "cpu"
 
 
 def report_paths(root: Path) -> tuple[Path, Path]:

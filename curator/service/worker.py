@@ -95,7 +95,7 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def main(root: str, kind: str, params: dict, conn, log_path: str) -> None:
+def main(root: str, kind: str, params: dict, conn, log_path: str, attempt: int = 1) -> None:
     """The process's entry point: run the job and send ("result", dict) or ("error", message)."""
     _die_with_parent()
     log = open(log_path, "a", buffering=1)
@@ -110,7 +110,14 @@ def main(root: str, kind: str, params: dict, conn, log_path: str) -> None:
 
         progress = PipeProgress(conn)
         try:
-            result = run(Workspace(Path(root)), kind, params, progress)
+            ws = Workspace(Path(root))
+            if attempt > 1 and _left_by_earlier_attempt(ws, kind, params):
+                # The interrupted attempt wrote this very result before the server died: running it
+                # again replaces it with the same thing instead of refusing an existing name.
+                print(f"attempt {attempt}: an earlier attempt of this job finished its write; redoing it",
+                      flush=True)
+                params = {**params, "replace": True, "force": True}
+            result = run(ws, kind, params, progress)
         except CuratorError as exc:
             print(f"error: {exc}", flush=True)
             conn.send(("error", str(exc)))
@@ -123,6 +130,40 @@ def main(root: str, kind: str, params: dict, conn, log_path: str) -> None:
         conn.send(("error", f"internal error ({type(exc).__name__}: {exc}); see the job's log"))
     finally:
         log.flush()
+
+
+def _left_by_earlier_attempt(ws, kind: str, params: dict) -> bool:
+    """Whether the catalog or the export folder already holds what this rank, mix or export job makes,
+    with the same recipe (only an earlier attempt of it, or an identical job, could have put it there)."""
+    import json
+
+    from curator.catalog.database import Catalog
+
+    if kind == "rank":
+        from curator.curate.rank import RankConfig
+
+        config = RankConfig(**params["config"])
+        with Catalog.open(ws) as catalog:
+            row = catalog.one("SELECT run_id, tasks, aggregate, normalize FROM rankings WHERE name = ?", [config.name])
+        return row is not None and (config.run is None or row[0].startswith(config.run)) and (
+            json.loads(row[1]), row[2], row[3]) == (config.tasks, config.aggregate, config.normalize)
+    if kind == "mix":
+        from curator.curate.mix import MixSpec
+
+        spec = MixSpec(**params["spec"])
+        with Catalog.open(ws) as catalog:
+            row = catalog.one("SELECT spec FROM mixtures WHERE name = ?", [spec.name])
+        return row is not None and MixSpec.model_validate_json(row[0]) == spec
+    if kind == "export":
+        from curator.curate.export import MANIFEST, not_an_export
+
+        out = Path(params["out"]).expanduser().resolve()
+        if not out.is_dir() or not_an_export(out):
+            return False
+        manifest = json.loads((out / MANIFEST).read_text())
+        return (manifest["mixture"].get("name"), manifest["format"]) == (params["mixture"],
+                                                                         params.get("format", "parquet"))
+    return False
 
 
 def run(ws, kind: str, params: dict, progress: PipeProgress):

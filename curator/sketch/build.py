@@ -104,7 +104,7 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
 
     chunks = chunks_of(todo, config.shard_docs)
     settings = PassSettings(max_len=max_len, batch_tokens=config.batch_tokens, chunk_docs=config.shard_docs)
-    with Catalog.open(ws) as catalog, timer("documents"):
+    with Catalog.open(ws, hold=False) as catalog, timer("documents"):
         seen = document_pass(loaded.model, modules, loaded.tokenizer, catalog, todo, settings, sketch_layer,
                              width=store.dim, on_chunk=save_shard,
                              chunk_done=lambda _n, chunk: (directory / f"{shard_name(chunk)}.npy").is_file(),
