@@ -12,7 +12,8 @@ from typing import Annotated
 
 import typer
 
-from curator.cli import audit, demo, docs, evaluate, fit, ingest, mix, queries, remote, score, serve, sketch
+from curator.cli import (audit, demo, docs, evaluate, fit, ingest, mix, queries, records, remote, score, serve,
+                         sketch)
 from curator.cli.common import console, err_console
 
 app = typer.Typer(
@@ -30,8 +31,10 @@ app = typer.Typer(
 @app.callback()
 def connect(
     server: Annotated[str | None, typer.Option(envvar="CURATOR_SERVER", help="Ask a running `curator serve` at "
-                                               "this URL instead of the local workspace (sources, runs, factors, "
-                                               "search).", show_default=False)] = None,
+                                               "this URL instead of the local workspace: sources, docs show|sample, "
+                                               "queries list, factors, runs, stores, index list, rankings, mixes, "
+                                               "search and audit (run as a job on the server).",
+                                               show_default=False)] = None,
     token: Annotated[str | None, typer.Option(envvar="CURATOR_TOKEN", help="The server's API token.",
                                               show_default=False)] = None,
 ) -> None:
@@ -57,6 +60,20 @@ def init(
         console.print(f"Next: curator ingest PATH --source NAME -w {ws.root}")
 
 
+def _twin(group: typer.Typer, name: str, remote_command) -> None:
+    """Let a sub-command of `group` be answered by a server when --server is given."""
+    for info in group.registered_commands:
+        if info.name == name:
+            info.callback = remote.either(info.callback, remote_command)
+            return
+    raise LookupError(f"no command {name!r} to answer remotely")
+
+
+_twin(docs.app, "show", remote.docs_show)
+_twin(docs.app, "sample", remote.docs_sample)
+_twin(queries.app, "list", remote.queries_list)
+sketch.index_app.command("list")(remote.either(records.index_list, remote.index_list))
+
 app.command("ingest", no_args_is_help=True)(ingest.ingest)
 app.command("sources")(remote.either(ingest.sources, remote.sources))
 app.add_typer(docs.app, name="docs")
@@ -66,15 +83,17 @@ app.command("score")(score.score)
 app.command("runs")(remote.either(score.runs, remote.runs))
 app.command("factors")(remote.either(score.factors, remote.factors))
 app.command("rank")(mix.rank)
+app.command("rankings")(remote.either(records.rankings, remote.rankings))
 app.command("mix")(mix.mix)
 app.command("mix-weights")(mix.mix_weights)
 app.command("mixes")(remote.either(mix.mixes, remote.mixes))
 app.command("export")(mix.export)
 app.command("sketch")(sketch.sketch)
+app.command("stores")(remote.either(records.stores, remote.stores))
 app.add_typer(sketch.index_app, name="index")
 app.command("search")(remote.either(sketch.search, remote.search))
 app.command("fidelity")(sketch.fidelity)
-app.command("audit")(audit.audit)
+app.command("audit")(remote.either(audit.audit, remote.audit))
 app.command("demo")(demo.demo)
 app.command("compare")(audit.compare)
 app.command("evaluate")(evaluate.evaluate)

@@ -42,7 +42,8 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def _call(self, method: str, path: str, **kwargs) -> Any:
+    def _call(self, method: str, path: str, raw: bool = False, **kwargs) -> Any:
+        """The response's JSON, its text, or (`raw`) its bytes; a ServerError for a 4xx or 5xx."""
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -53,6 +54,8 @@ class Client:
                 raise ServerError(response.status_code, body.get("error", response.text), body.get("field"))
             except ValueError:
                 raise ServerError(response.status_code, response.text) from None
+        if raw:
+            return response.content
         if response.headers.get("content-type", "").startswith("application/json"):
             return response.json()
         return response.text
@@ -103,6 +106,13 @@ class Client:
 
     def exports(self) -> list[dict]:
         return self._call("GET", "/exports")
+
+    def audit_report(self) -> bytes:
+        """The latest audit report (HTML) the server has."""
+        return self._call("GET", "/audit/report", raw=True)
+
+    def audit_data(self) -> dict:
+        return self._call("GET", "/audit/report.json")
 
     def search(self, prompt: str | None = None, completion: str | None = None, queries: str | None = None,
                **options) -> list[dict]:

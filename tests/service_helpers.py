@@ -8,9 +8,12 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import httpx
+from helpers import write_jsonl
+from tinylm import TRAINING_TEXT, save_tiny
 
 
 def free_port() -> int:
@@ -81,3 +84,35 @@ def submit_and_wait(api: httpx.Client, request: dict, timeout: float = 180.0) ->
     job = wait_job(api, response.json()["id"], timeout)
     assert job["state"] == "done", (job, api.get(f"/jobs/{job['id']}/log").text)
     return job
+
+
+def build_workspace(base: Path):
+    """Two sources, then fit → score → sketch → index → rank → mix → export → audit on the tiny model."""
+    from curator.catalog.database import create_workspace
+    from curator.catalog.queries import add_queries
+    from curator.catalog.querygen import generate
+    from curator.service.worker import PipeProgress, run
+
+    root = base / "root"
+    ws, _ = create_workspace(base / "ws")
+    write_jsonl(root / "corpus" / "docs.jsonl", [{"text": t * k} for t in TRAINING_TEXT for k in (1, 3)])
+    write_jsonl(root / "code" / "docs.jsonl", [{"text": t * 2} for t in TRAINING_TEXT[:3]])
+    save_tiny(root / "tiny", seed=2)
+    add_queries(ws, generate("arithmetic", 3, 0, "paper"))
+    add_queries(ws, generate("arithmetic", 2, 9, "paper"))
+    progress = PipeProgress(types.SimpleNamespace(send=lambda message: None))      # progress goes nowhere
+    for kind, params in [
+        ("ingest", {"paths": [str(root / "corpus")], "options": {"source": "mixed"}}),
+        ("ingest", {"paths": [str(root / "code")], "options": {"source": "code"}}),
+        ("fit", {"config": {"model": str(root / "tiny"), "layers": "last:1", "max_seq_len": 32}}),
+        ("score", {"config": {"queries": "arithmetic-s0"}}),
+        ("sketch", {"config": {"suite": "arithmetic-s0", "rank": 4}, "holdout": "arithmetic-s9",
+                    "fidelity_sample": 12}),
+        ("index", {"factory": "Flat"}),
+        ("rank", {"config": {"name": "reasoning", "tasks": ["arithmetic"]}}),
+        ("mix", {"spec": {"name": "m1", "ranking": "reasoning", "budget_tokens": 200}}),
+        ("export", {"mixture": "m1", "out": str(ws.root / "exports" / "m1")}),
+        ("audit", {}),
+    ]:
+        run(ws, kind, params, progress)
+    return ws, root

@@ -185,6 +185,24 @@ def test_cli_reads_and_searches_through_the_server(built):
     assert refused.returncode == 1 and "401" in refused.stderr
 
 
+def test_every_remote_read_prints_what_the_local_command_prints(built, tmp_path):
+    server, tokens, _, _ = built
+    env = {"CURATOR_SERVER": server.url, "CURATOR_TOKEN": tokens["read"], "CURATOR_WORKSPACE": "/nonexistent"}
+    for command in (["stores"], ["index", "list"], ["rankings"], ["queries", "list"]):
+        remote = json.loads(curator(*command, "-o", "json", env=env).stdout)
+        local = json.loads(curator(*command, "-o", "json", "-w", server.ws).stdout)   # reading beside the server
+        assert remote and remote == local, command
+    for command in (["docs", "show", "3"], ["docs", "sample", "-n", "2", "--seed", "4"]):
+        assert curator(*command, env=env).stdout == curator(*command, "-w", server.ws).stdout, command
+    # audit: a write token runs it as a job; a read token downloads the server's latest report.
+    fresh, latest = tmp_path / "fresh.html", tmp_path / "latest.html"
+    ran = curator("audit", "--out", fresh, "--json", tmp_path / "fresh.json",
+                  env={**env, "CURATOR_TOKEN": tokens["write"]}).stdout
+    assert "Auditing on the server" in ran and json.loads((tmp_path / "fresh.json").read_text())["run"]
+    read = curator("audit", "--out", latest, env=env).stdout
+    assert "read token" in read and latest.read_bytes() == fresh.read_bytes()
+
+
 def test_cli_writers_are_told_a_server_owns_the_catalog(served, tmp_path):
     server, _, _ = served
     write_jsonl(tmp_path / "more.jsonl", [{"text": "another document"}])

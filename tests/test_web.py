@@ -8,13 +8,10 @@ process, which is quicker than nine jobs); only the job test runs a job, to watc
 from __future__ import annotations
 
 import shutil
-import types
 from pathlib import Path
 
 import pytest
-from helpers import write_jsonl
-from service_helpers import Server
-from tinylm import TRAINING_TEXT, save_tiny
+from service_helpers import Server, build_workspace
 
 sync_api = pytest.importorskip("playwright.sync_api",
                                reason="the browser test needs Playwright: pip install -e '.[test]'")
@@ -27,38 +24,6 @@ if CHROMIUM is None:
 EXPORT_JOB = '{"kind": "export", "mixture": "m1", "force": true}'
 SEARCH = {"prompt": "Calculate the answer: (3 + 4) * 2\n\nThink step-by-step.",
           "completion": "3 + 4 = 7. 7 * 2 = 14. The answer is 14."}
-
-
-def build_workspace(base: Path):
-    """Two sources, then fit → score → sketch → index → rank → mix → export → audit on the tiny model."""
-    from curator.catalog.database import create_workspace
-    from curator.catalog.queries import add_queries
-    from curator.catalog.querygen import generate
-    from curator.service.worker import PipeProgress, run
-
-    root = base / "root"
-    ws, _ = create_workspace(base / "ws")
-    write_jsonl(root / "corpus" / "docs.jsonl", [{"text": t * k} for t in TRAINING_TEXT for k in (1, 3)])
-    write_jsonl(root / "code" / "docs.jsonl", [{"text": t * 2} for t in TRAINING_TEXT[:3]])
-    save_tiny(root / "tiny", seed=2)
-    add_queries(ws, generate("arithmetic", 3, 0, "paper"))
-    add_queries(ws, generate("arithmetic", 2, 9, "paper"))
-    progress = PipeProgress(types.SimpleNamespace(send=lambda message: None))      # progress goes nowhere
-    for kind, params in [
-        ("ingest", {"paths": [str(root / "corpus")], "options": {"source": "mixed"}}),
-        ("ingest", {"paths": [str(root / "code")], "options": {"source": "code"}}),
-        ("fit", {"config": {"model": str(root / "tiny"), "layers": "last:1", "max_seq_len": 32}}),
-        ("score", {"config": {"queries": "arithmetic-s0"}}),
-        ("sketch", {"config": {"suite": "arithmetic-s0", "rank": 4}, "holdout": "arithmetic-s9",
-                    "fidelity_sample": 12}),
-        ("index", {"factory": "Flat"}),
-        ("rank", {"config": {"name": "reasoning", "tasks": ["arithmetic"]}}),
-        ("mix", {"spec": {"name": "m1", "ranking": "reasoning", "budget_tokens": 200}}),
-        ("export", {"mixture": "m1", "out": str(ws.root / "exports" / "m1")}),
-        ("audit", {}),
-    ]:
-        run(ws, kind, params, progress)
-    return ws, root
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +96,23 @@ def test_composition_runs_mixtures_and_audit_are_shown(page, site):
     sync_api.expect(report).to_have_text("curator audit")
 
 
+def test_a_ranking_shows_its_best_and_worst_documents(page, site):
+    server, tokens = site
+    sign_in(page, tokens["read"])
+    row = page.locator('#rankings-table tr[data-ranking="reasoning"]')
+    sync_api.expect(row).to_have_count(1)
+    assert row.locator("td").nth(2).inner_text() == "arithmetic"
+    row.get_by_role("button", name="Documents of ranking reasoning").click()
+    with server.client(tokens["read"]) as api:
+        best = api.get("/rankings/reasoning", params={"limit": 10}).json()["page"]["items"]
+        worst = api.get("/rankings/reasoning", params={"limit": 10, "bottom": True}).json()["page"]["items"]
+    for shown, expected in ((page.locator("#ranking-top li"), best), (page.locator("#ranking-bottom li"), worst)):
+        sync_api.expect(shown).to_have_count(len(expected))
+        assert [int(i) for i in shown.evaluate_all("items => items.map(i => i.dataset.doc)")] == \
+            [d["doc_id"] for d in expected]
+    assert best[0]["score"] >= best[-1]["score"] and best[0]["doc_id"] != worst[0]["doc_id"]
+
+
 def test_search_shows_top_and_bottom_documents_with_sources_and_scores(page, site):
     server, tokens = site
     sign_in(page, tokens["read"])
@@ -178,6 +160,13 @@ def test_a_job_submitted_on_the_page_shows_live_progress_until_done(page, site):
     assert seen[-1] == "done" and {"queued", "running"} & set(seen[:-1]), seen
     sync_api.expect(row.locator(".progress-text")).to_contain_text("exporting: 2 / 2 documents")
     assert row.locator("progress").evaluate("bar => [bar.value, bar.max]") == [2, 2]
+    # Its log, under its row, as the worker wrote it.
+    row.get_by_role("button", name=f"Log of job {job_id}").click()
+    log = page.locator(f'tr.log-row[data-log="{job_id}"] pre')
+    sync_api.expect(log).to_contain_text("export started in worker pid")
+    sync_api.expect(log).to_contain_text("export done")
+    row.get_by_role("button", name=f"Log of job {job_id}").click()
+    sync_api.expect(log).to_have_count(0)
 
 
 def test_a_read_token_cannot_submit_and_is_told_why(page, site):

@@ -107,6 +107,36 @@ def factors_table(ws: Workspace):
                                                     "documents", "tokens", "created"])
 
 
+# Recorded work listed as rows (`curator stores`, `curator index list`, `curator rankings` and the
+# service's routes): the catalog table and its columns, listed oldest first. JSON columns come back parsed.
+LISTINGS = {
+    "stores": ("sketch_stores", ("id", "path", "factors_id", "method", "manifest", "created_at")),
+    "indexes": ("sketch_indexes", ("name", "store_id", "factory", "path", "rows", "created_at")),
+    "rankings": ("rankings", ("name", "run_id", "tasks", "query_ids", "aggregate", "normalize", "tokenizer_id",
+                              "documents", "created_at")),
+    "exports": ("exports", ("path", "mixture", "format", "manifest", "created_at")),
+}
+_JSON_COLUMNS = {"manifest", "tasks", "query_ids"}
+
+
+def listing(catalog: Catalog, what: str, key: str | None = None) -> list[dict]:
+    """The rows of one kind of record (LISTINGS), or the one whose first column is `key`."""
+    table, columns = LISTINGS[what]
+    where = f" WHERE {columns[0]} = ?" if key is not None else ""
+    rows = catalog.sql(f"SELECT {', '.join(columns)} FROM {table}{where} ORDER BY created_at",
+                       [key] if key is not None else None)
+    items = [dict(zip(columns, row, strict=True)) for row in rows]
+    for item in items:
+        for name in _JSON_COLUMNS & item.keys():
+            item[name] = json.loads(item[name])
+    return items
+
+
+def list_recorded(ws: Workspace, what: str) -> list[dict]:
+    with Catalog.open(ws) as catalog:
+        return listing(catalog, what)
+
+
 def record_model(catalog: Catalog, info) -> None:
     """Insert or refresh a model's row from its ModelInfo (curator.model.loading)."""
     catalog.sql(

@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse
 from curator.catalog.documents import Document, get_document, sample_documents
 from curator.catalog.queries import Query as CuratorQuery
 from curator.catalog.queries import select_queries
-from curator.catalog.records import RunRecord, get_run
+from curator.catalog.records import RunRecord, get_run, listing
 from curator.errors import CuratorError
 from curator.influence.factors import FactorsRecord, get_factors
 from curator.service.errors import ApiError
@@ -170,12 +170,7 @@ def store(request: Request, store_id: Key) -> SketchStore:
 
 def _table(request: Request, sql: str, names: tuple[str, ...], params: list | None = None) -> list[dict]:
     rows = _svc(request).catalog.read(lambda c: c.sql(sql, params))
-    items = [dict(zip(names, r, strict=True)) for r in rows]
-    for item in items:
-        for key, value in item.items():
-            if key in ("manifest", "spec", "per_source", "tasks", "query_ids") and isinstance(value, str):
-                item[key] = json.loads(value)
-    return items
+    return [dict(zip(names, r, strict=True)) for r in rows]
 
 
 def _one(items: list[dict], field: str, key: str, what: str) -> dict:
@@ -184,36 +179,30 @@ def _one(items: list[dict], field: str, key: str, what: str) -> dict:
     return items[0]
 
 
-INDEX_COLUMNS = ("name", "store_id", "factory", "path", "rows", "created_at")
+def _listing(request: Request, what: str, key: str | None = None) -> list[dict]:
+    return _svc(request).catalog.read(lambda c: listing(c, what, key))
 
 
 @router.get("/indexes")
 def indexes(request: Request) -> list[dict[str, Any]]:
-    return _table(request, f"SELECT {', '.join(INDEX_COLUMNS)} FROM sketch_indexes ORDER BY created_at",
-                  INDEX_COLUMNS)
+    return _listing(request, "indexes")
 
 
 @router.get("/indexes/{name}")
 def index(request: Request, name: Key) -> dict[str, Any]:
-    return _one(_table(request, f"SELECT {', '.join(INDEX_COLUMNS)} FROM sketch_indexes WHERE name = ?",
-                       INDEX_COLUMNS, [name]), "name", name, "index")
-
-
-RANKING_COLUMNS = ("name", "run_id", "tasks", "query_ids", "aggregate", "normalize", "tokenizer_id", "documents",
-                   "created_at")
+    return _one(_listing(request, "indexes", name), "name", name, "index")
 
 
 @router.get("/rankings")
 def rankings(request: Request) -> list[dict[str, Any]]:
-    return _table(request, f"SELECT {', '.join(RANKING_COLUMNS)} FROM rankings ORDER BY created_at", RANKING_COLUMNS)
+    return _listing(request, "rankings")
 
 
 @router.get("/rankings/{name}")
 def ranking(request: Request, name: Key, limit: Limit = 50, offset: Offset = 0,
             bottom: bool = False) -> dict[str, Any]:
     """A ranking and a page of its documents, best first (bottom: worst first)."""
-    record = _one(_table(request, f"SELECT {', '.join(RANKING_COLUMNS)} FROM rankings WHERE name = ?",
-                         RANKING_COLUMNS, [name]), "name", name, "ranking")
+    record = _one(_listing(request, "rankings", name), "name", name, "ranking")
     order = "DESC" if bottom else "ASC"
     docs = _table(request, "SELECT r.rank, r.doc_id, d.source, d.kind, r.score, "
                            "regexp_replace(left(d.text, 200), '\\s+', ' ', 'g') FROM ranking_scores r "
@@ -241,12 +230,9 @@ def mixture(request: Request, name: Key) -> dict[str, Any]:
     return {"mixture": result.model_dump(mode="json"), "sources": frame.to_dicts()}
 
 
-EXPORT_COLUMNS = ("path", "mixture", "format", "manifest", "created_at")
-
-
 @router.get("/exports")
 def exports(request: Request) -> list[dict[str, Any]]:
-    return _table(request, f"SELECT {', '.join(EXPORT_COLUMNS)} FROM exports ORDER BY created_at", EXPORT_COLUMNS)
+    return _listing(request, "exports")
 
 
 @router.get("/exports/file", response_class=FileResponse,
@@ -258,8 +244,7 @@ def export_file(request: Request,
                                            "shard file its manifest lists")]):
     """One file of a recorded export, as a download. Only the manifest and the files it lists are served,
     and only from inside that export's folder (symlinks followed), so no other path on the server is named."""
-    found = _table(request, "SELECT path, manifest FROM exports WHERE path = ?", ("path", "manifest"), [path])
-    export = _one(found, "path", path, "export")
+    export = _one(_listing(request, "exports", path), "path", path, "export")
     listed = {"manifest.json"} | {str(f) for shard in export["manifest"].get("shards", [])
                                   for f in shard.get("files", [])}
     if name not in listed:

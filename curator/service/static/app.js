@@ -14,6 +14,8 @@ const $ = (id) => document.getElementById(id);
 let token = sessionStorage.getItem(TOKEN_KEY);
 const streams = new Map();      // job id → AbortController of its event stream
 const jobRows = new Map();      // job id → its table row
+const openLogs = new Map();     // job id → when its shown log was last fetched (ms)
+const LOG_REFRESH_MS = 2000;
 let pollTimer = null;
 let refreshTimer = null;
 
@@ -105,7 +107,9 @@ function start() {
 }
 
 function loadAll() {
-  for (const load of [loadComposition, loadJobs, loadRuns, loadMixtures, loadAudit]) load().catch(showError);
+  for (const load of [loadComposition, loadJobs, loadRuns, loadRankings, loadMixtures, loadAudit]) {
+    load().catch(showError);
+  }
 }
 
 // -- corpus composition: a bar chart drawn as inline SVG ------------------------------------------
@@ -215,13 +219,55 @@ function showJob(job) {
   const cancel = FINAL.has(job.state) ? "" :
     el("button", { type: "button", class: "link", onclick: () => cancelJob(job.id),
                    "aria-label": `Cancel job ${job.id}` }, "cancel");
+  const logButton = el("button", { type: "button", class: "link", onclick: () => toggleLog(job.id),
+                                   "aria-label": `Log of job ${job.id}`, "aria-expanded": String(openLogs.has(job.id)) },
+                       "log");
   row.replaceChildren(
     el("td", { class: "mono" }, job.id), el("td", {}, job.kind),
     el("td", {}, el("span", { class: `state ${job.state}`, title: job.error || "" }, job.state)),
-    progressCell(job), el("td", {}, new Date(job.submitted_at).toLocaleString()), el("td", {}, cancel));
+    progressCell(job), el("td", {}, new Date(job.submitted_at).toLocaleString()), el("td", {}, logButton, cancel));
   if (job.error) row.children[3].append(el("div", { class: "error" }, job.error));
+  // An open log follows the job: fetched again as it moves (at most every LOG_REFRESH_MS) and once it ends.
+  if (openLogs.has(job.id) && (job.state !== before || Date.now() - openLogs.get(job.id) > LOG_REFRESH_MS)) {
+    showLog(job.id);
+  }
   // A job that has just finished may have added runs, mixtures, exports or a report.
   if (before && !FINAL.has(before) && job.state === "done") refreshSoon();
+}
+
+// The log tail of a job, in a row under the job's own.
+function toggleLog(id) {
+  const shown = document.querySelector(`tr.log-row[data-log="${CSS.escape(id)}"]`);
+  if (shown) {
+    shown.remove();
+    openLogs.delete(id);
+    jobRows.get(id)?.querySelector("[aria-label^='Log of job']")?.setAttribute("aria-expanded", "false");
+    return;
+  }
+  showLog(id);
+}
+
+async function showLog(id) {
+  openLogs.set(id, Date.now());
+  const row = jobRows.get(id);
+  if (!row) return;
+  row.querySelector("[aria-label^='Log of job']")?.setAttribute("aria-expanded", "true");
+  let logRow = document.querySelector(`tr.log-row[data-log="${CSS.escape(id)}"]`);
+  if (!logRow) {
+    logRow = el("tr", { class: "log-row", "data-log": id },
+                el("td", { colSpan: 6 }, el("pre", { class: "log", "aria-label": `log of ${id}` }, "…")));
+    row.after(logRow);
+  }
+  let text;
+  try {
+    text = await (await api(`/jobs/${encodeURIComponent(id)}/log`)).text();
+  } catch (error) {
+    text = `The log could not be read: ${error.message}`;
+  }
+  if (!openLogs.has(id)) return;            // closed while it loaded
+  const pre = logRow.querySelector("pre");
+  pre.textContent = text.trim() || "(nothing logged yet)";
+  pre.scrollTop = pre.scrollHeight;         // the newest lines
 }
 
 function progressCell(job) {
@@ -307,7 +353,7 @@ $("job-form").addEventListener("submit", async (event) => {
 function refreshSoon() {
   clearTimeout(refreshTimer);
   refreshTimer = setTimeout(() => {
-    for (const load of [loadComposition, loadRuns, loadMixtures, loadAudit]) load().catch(showError);
+    for (const load of [loadComposition, loadRuns, loadRankings, loadMixtures, loadAudit]) load().catch(showError);
   }, 500);
 }
 
@@ -319,6 +365,27 @@ async function loadRuns() {
     el("td", { class: "mono" }, run.id), el("td", {}, run.method), num(run.query_ids.length),
     num(run.stats?.documents), num(run.stats?.docs_per_second)))
     : [emptyRow(5, "No scoring runs yet.")]);
+}
+
+async function loadRankings() {
+  const rankings = await getJSON("/rankings");
+  fillTable("rankings-table", rankings.length ? rankings.reverse().map((r) => el("tr", { "data-ranking": r.name },
+    el("td", {}, r.name), el("td", { class: "mono" }, r.run_id), el("td", {}, r.tasks.join(", ")),
+    el("td", {}, `${r.aggregate} (${r.normalize})`), num(r.query_ids.length), num(r.documents),
+    el("td", {}, el("button", { type: "button", class: "link", onclick: () => showRanking(r.name),
+                                "aria-label": `Documents of ranking ${r.name}` }, "documents"))))
+    : [emptyRow(7, "No rankings yet: submit a rank job.")]);
+}
+
+// A ranking's ten best and ten worst documents (the API pages through all of them).
+async function showRanking(name) {
+  const path = `/rankings/${encodeURIComponent(name)}?limit=10`;
+  const [top, bottom] = await Promise.all([getJSON(path), getJSON(`${path}&bottom=true`)]);
+  $("ranking-title").textContent = `${name}: ${fmt(top.documents)} documents, by ${top.aggregate} over ` +
+    `${top.query_ids.length} queries of ${top.tasks.join(", ")}`;
+  $("ranking-top").replaceChildren(...hitItems(top.page.items));
+  $("ranking-bottom").replaceChildren(...hitItems(bottom.page.items));
+  $("ranking-view").hidden = false;
 }
 
 async function loadMixtures() {
