@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -216,3 +217,125 @@ def test_one_slice_and_answers_searched_past_the_top(real_run, planted, monkeypa
     first = {q: r["first_rank"] for q, r in want["answer_occurrence"].items()}
     assert {q: r["first_rank"] for q, r in searched.items()} == first
     assert any(rank is not None and rank > 2 for rank in first.values()), first     # the full search ran
+
+
+# -- parts with a summary (what `curator score` writes) --------------------------------------------
+
+def summarised_run(ws: Workspace, tmp_path, scores: pl.DataFrame, run_id: str) -> Path:
+    """The planted scores as `curator score` publishes them: parts with summaries, two query batches,
+    published in two steps as an incremental run appends (the second adds documents 601-1000, one of its
+    parts with ids that are not consecutive), and recorded as a run."""
+    from helpers import plant_run
+
+    from curator.influence.score_dataset import ScoreDataset, write_part
+
+    query_ids = sorted(scores["query_id"].unique())
+    batches = [query_ids[:2], query_ids[2:]]
+    wide = scores.pivot(on="query_id", index="doc_id", values="score").sort("doc_id")
+    doc_ids = wide["doc_id"].to_numpy()
+    dataset = ScoreDataset(tmp_path / run_id)
+    manifest = dataset.open(run_id, batches)
+    for chunks in ([doc_ids[:250], doc_ids[250:600]], [doc_ids[600:][::2], doc_ids[600:][1::2]]):
+        dataset.pending.mkdir(exist_ok=True)
+        names = []
+        for b, batch in enumerate(batches):
+            for chunk in chunks:
+                block = wide.filter(pl.col("doc_id").is_in(chunk.tolist())).sort("doc_id")
+                values = block.select(batch).to_numpy().T.astype(np.float32)
+                names.append(f"b{b}-{chunk[0]}-{len(chunk)}.parquet")
+                write_part(dataset.pending / names[-1], batch, block["doc_id"].to_numpy(), values, values / 2)
+        manifest = dataset.publish(manifest, names, np.concatenate(chunks), {q: 2.0 for q in query_ids})
+    # the run's rows in one file too, to rank and audit the same rows through DuckDB
+    rows = pl.read_parquet(score_source(dataset.root)).drop("score_per_nat")
+    plant_run(ws, tmp_path, rows, {q: 2.0 for q in query_ids}, run_id=f"{run_id}-plain")
+    with Catalog.open(ws, write=True) as catalog:
+        catalog.sql("INSERT INTO runs SELECT ?, kind, method, model_id, factors_id, query_ids, settings, ?, stats, "
+                    "finished_at + INTERVAL 1 SECOND FROM runs WHERE id = ?",
+                    [run_id, str(dataset.root), f"{run_id}-plain"])
+    return dataset.root
+
+
+def test_part_summaries_equal_the_rows_they_summarise(planted, tmp_path):  # noqa: F811
+    from curator.influence.score_dataset import part_summaries
+
+    ws, scores = planted
+    root = summarised_run(ws, tmp_path, scores, "score-sum")
+    summaries = part_summaries(sorted(root.glob("*.parquet")))
+    assert summaries is not None and len(summaries) == 8
+    assert sorted(s.first_doc is None for s in summaries) == [False] * 4 + [True] * 4   # both kinds of ids
+    for summary in summaries:
+        rows = pl.read_parquet(summary.path)
+        assert rows["query_id"].to_list() == [q for q in summary.queries for _ in range(summary.documents)]
+        for i, query_id in enumerate(summary.queries):
+            mine = rows.filter(pl.col("query_id") == query_id)
+            assert mine["doc_id"].to_list() == summary.doc_ids().tolist()
+            for column in ("score", "score_per_nat"):
+                values = mine[column].cast(pl.Float64).to_numpy()
+                assert summary.sums[column][i].tolist() == pytest.approx(
+                    [len(values), values.sum(), (values * values).sum()], rel=1e-12)
+            assert summary.block("score", i, i + 1)[0].tolist() == mine["score"].to_list()
+    assert part_summaries([tmp_path / "score-sum-plain.parquet"]) is None      # written by another tool
+
+
+@pytest.mark.parametrize("normalize, tasks", [("raw", ["arithmetic", "factual"]), ("per-nat", ["arithmetic"])])
+def test_ranks_from_part_summaries_equal_the_duckdb_ranks(planted, tmp_path, monkeypatch, normalize,  # noqa: F811
+                                                          tasks):
+    from curator.curate import rank as rank_module
+
+    ws, scores = planted
+    summarised_run(ws, tmp_path, scores, "score-sum")
+    used = []
+    original = rank_module.summarised_ranking
+    monkeypatch.setattr(rank_module, "summarised_ranking", lambda *a: used.append(original(*a)) or used[-1])
+    for aggregate in ("mean-z", "mean", "max"):
+        config = dict(aggregate=aggregate, normalize=normalize, tasks=tasks)
+        rank(ws, RankConfig(name="sum", run="score-sum", **config), replace=True)
+        rank(ws, RankConfig(name="plain", run="score-sum-plain", **config), replace=True)
+        with Catalog.open(ws) as catalog:
+            got, want = (catalog.frame("SELECT doc_id, score, rank FROM ranking_scores WHERE ranking = ? "
+                                       "ORDER BY rank", [name]) for name in ("sum", "plain"))
+        # Each document's score, and the score at each rank: the same ranking up to the order of scores
+        # that are equal but for rounding (summed in another order; DuckDB's own threads vary it too).
+        by_doc = got.sort("doc_id")["score"].to_numpy(), want.sort("doc_id")["score"].to_numpy()
+        np.testing.assert_allclose(*by_doc, rtol=1e-9, atol=1e-12, err_msg=aggregate)
+        np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-9, atol=1e-12)
+        assert got["rank"].to_list() == list(range(1, len(want) + 1))
+        assert (got["doc_id"] == want["doc_id"]).mean() > 0.9, aggregate
+    assert used == [True] * 3                  # the summarised run took the new path (the single file has none)
+
+
+def test_an_audit_from_part_summaries_equals_the_in_memory_audit(planted, tmp_path, monkeypatch):  # noqa: F811
+    ws, scores = planted
+    summarised_run(ws, tmp_path, scores, "score-sum")
+    want = reference_audit(ws, "score-sum-plain")
+    assert_audit_equals_reference(audit(ws, "score-sum"), want)              # one slice
+    monkeypatch.setattr(audit_module, "SLICE_BYTES", 4 * 40)                  # one query a group, many blocks
+    assert_audit_equals_reference(audit(ws, "score-sum"), want)
+
+
+def test_cumulative_shares_from_ascending_scores_equal_the_plain_sums():
+    rng = np.random.default_rng(5)
+    for row in (rng.integers(-3, 4, 400).astype(np.float32), rng.normal(size=1001).astype(np.float32),
+                np.zeros(50, dtype=np.float32), -np.ones(30, dtype=np.float32), np.ones(7, dtype=np.float32)):
+        want = analyses.cumulative_positive(row.astype(np.float64), analyses.PERCENTS)
+        assert analyses.cumulative_positive_ascending(np.sort(row), analyses.PERCENTS) == pytest.approx(want, rel=1e-12)
+
+
+def test_an_audit_of_parts_missing_a_document_is_one_clear_error(planted, tmp_path):  # noqa: F811
+    """The slices are checked from the parts' documents before they are filled (no NaN fill)."""
+    from curator.errors import CuratorError
+
+    ws, scores = planted
+    root = summarised_run(ws, tmp_path, scores, "score-sum")
+    next(root.glob("b0-601-*.parquet")).unlink()          # documents 601, 603, … of the first 2 queries
+    with pytest.raises(CuratorError, match="not a full query × document table"):
+        audit(ws, "score-sum")
+    from curator.audit.audit import _check_covered
+    from curator.catalog.records import get_run
+    from curator.influence.score_dataset import part_summaries
+
+    parts = part_summaries(sorted(root.glob("*.parquet")))
+    rows = {q: i for i, q in enumerate(sorted(scores["query_id"].unique()))}
+    placed = [(p, p.doc_ids() - 1, None) for p in parts]
+    with Catalog.open(ws) as catalog, pytest.raises(CuratorError, match="document 601 has 3 scores for 5 queries"):
+        _check_covered(get_run(catalog, "score-sum"), placed, rows, 1000, np.arange(1, 1001))

@@ -63,10 +63,11 @@ class Gram:
 
     def add(self, block: np.ndarray) -> None:
         """`block`: queries × a set of documents (every query's scores of the same documents)."""
-        block = np.asarray(block, dtype=np.float64)
+        block = np.asarray(block)
         if self.shift is None:
-            self.shift = block.mean(axis=1)
-        centred = block - self.shift[:, None]
+            self.shift = block.mean(axis=1, dtype=np.float64)
+        # One pass from the stored precision (float32 scores) to float64 and centred: no float64 copy first.
+        centred = np.subtract(block, self.shift[:, None], dtype=np.float64)
         self.products += np.dot(centred, centred.T)     # `@` takes OpenBLAS's syrk here, 7× slower
         self.sums += centred.sum(axis=1)
         self.n += block.shape[1]
@@ -211,6 +212,23 @@ def cumulative_positive_sorted(descending: np.ndarray, percents: list[float]) ->
             for p in percents]
 
 
+def cumulative_positive_ascending(ascending: np.ndarray, percents: list[float]) -> list[float]:
+    """`cumulative_positive` from the scores sorted in ascending order, as the audit keeps them: the sums
+    of the top documents' positive scores, each added onto the last, so every positive score is added
+    once (not once per percent, and nothing is copied to float64 first); scores past the positive ones
+    add nothing and are not read. Equal to `cumulative_positive_sorted` up to the order of float64
+    additions."""
+    n = len(ascending)
+    positives = n - int(np.searchsorted(ascending, 0, side="right"))
+    tops = [min(max(1, math.ceil(n * p / 100)), positives) for p in percents]
+    sums, done, total = {}, 0, 0.0
+    for k in sorted(set(tops)):
+        total += float(ascending[n - k:n - done].sum(dtype=np.float64))
+        sums[k], done = total, k
+    grand = total + float(ascending[n - positives:n - done].sum(dtype=np.float64))
+    return [sums[k] / grand if grand > 0 else 0.0 for k in tops]
+
+
 def power_law_sorted(descending: np.ndarray, top: int = 500) -> dict | None:
     """`power_law` from the scores sorted in descending order."""
     return power_law(descending[:top], top, presorted=True)
@@ -227,23 +245,26 @@ class SourceSplit:
 def source_counts_sorted(row: np.ndarray, ascending: np.ndarray, split: SourceSplit, ks: list[int]) -> dict:
     """`source_counts` without ordering the documents: a source's count in the top k is its number of
     scores above the k-th largest score, plus its share of the ties at that score taken in doc-id order
-    (the stable sort's order; the bottom k take ties from the other end)."""
-    per_source = [np.sort(row[m]) for m in split.members]
+    (the stable sort's order; the bottom k take ties from the other end). The k-th score and its ties
+    come from the sorted row; each source's count is one comparison pass over its scores (sorting
+    every source's scores as well cost twice as much)."""
+    per_source = [row[m] for m in split.members]
     n, result = len(row), {"top": {}, "bottom": {}}
     for k in ks:
         k = min(k, n)
         for side, value in (("top", ascending[n - k]), ("bottom", ascending[k - 1])):
-            left = np.array([np.searchsorted(s, value, "left") for s in per_source])
-            right = np.array([np.searchsorted(s, value, "right") for s in per_source])
-            sizes = np.array([len(s) for s in per_source])
-            beyond = sizes - right if side == "top" else left        # strictly better (worse) than value
-            wanted = k - beyond.sum()
-            if wanted == (right - left).sum():
-                counts = beyond + (right - left)
+            left, right = np.searchsorted(ascending, value, "left"), np.searchsorted(ascending, value, "right")
+            beyond = n - right if side == "top" else left            # strictly better (worse) than value
+            wanted = k - beyond
+            if wanted == right - left:                               # every tie is in: ≥ (≤) value
+                counts = np.array([np.count_nonzero(s >= value if side == "top" else s <= value)
+                                   for s in per_source])
             else:                                                    # ties straddle the k-th place
+                counts = np.array([np.count_nonzero(s > value if side == "top" else s < value)
+                                   for s in per_source])
                 ties = np.flatnonzero(row == value)
                 ties = ties[:wanted] if side == "top" else ties[::-1][:wanted]
-                counts = beyond + np.bincount(split.codes[ties], minlength=split.n_sources)
+                counts = counts + np.bincount(split.codes[ties], minlength=split.n_sources)
             result[side][k] = counts
     return result
 

@@ -21,6 +21,7 @@ none of the top ANSWER_WIDER documents holds.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,9 @@ from curator.catalog.composition import composition, token_counts_available
 from curator.catalog.database import Catalog
 from curator.catalog.records import RunRecord, get_run, score_source
 from curator.catalog.workspace import Workspace
-from curator.curate.scores import arrow_batches, reading_scores, scores_view, sql_text
+from curator.curate.scores import arrow_batches, query_rows, reading_scores, scores_view, sql_text, summarised_parts
 from curator.errors import CuratorError
+from curator.influence.score_dataset import PartSummary
 
 SECTIONS_NEEDING_SCORES = ["influence by source", "query correlations", "concentration", "answer occurrence"]
 SLICE_BYTES = 2**30            # scores held at once: 1 GiB (float32: 2M documents × 134 queries)
@@ -61,14 +63,15 @@ def audit(ws: Workspace, run_id: str | None = None) -> dict:
             report["missing"] = SECTIONS_NEEDING_SCORES
             return report
         model = catalog.one("SELECT name FROM models WHERE id = ?", [run.model_id])
-        with reading_scores(run):
+        with reading_scores(run), one_blas_thread():
             report.update(_run_analyses(catalog, run, model[0] if model else run.model_id))
     return report
 
 
 def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
     scores_view(catalog, run)
-    query_ids, dense = _queries_of(catalog, run)
+    parts = summarised_parts(run)
+    query_ids, dense = _queries_of(catalog, run, parts)
     doc_ids, doc_codes, sources = _documents_of(catalog, run, len(query_ids), dense)
     queries = catalog.frame("SELECT id, task, answer FROM queries WHERE id IN (SELECT unnest(?))", [query_ids])
     tasks = dict(zip(queries["id"], queries["task"], strict=True))
@@ -80,7 +83,7 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
     split = analyses.SourceSplit(doc_codes, len(sources))
     gram = analyses.Gram(len(query_ids))
     counts, concentration, occurrence = {}, {}, {}
-    groups = _query_groups(catalog, run, query_ids, doc_ids)
+    groups = _query_groups(catalog, run, query_ids, doc_ids, parts)
     for group, matrix in groups:
         if len(group) == len(query_ids):            # every query in one slice: its columns are the blocks
             for start in range(0, len(doc_ids), GRAM_COLUMNS):
@@ -88,15 +91,14 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
         tops = {}
         for query_id, row in zip(group, matrix, strict=True):
             ascending = np.sort(row)                  # the only sort of the row; the rest reads it
-            descending = ascending[::-1].astype(np.float64)
             counts[query_id] = analyses.source_counts_sorted(row, ascending, split, ks)
-            concentration[query_id] = {"cumulative": analyses.cumulative_positive_sorted(descending, analyses.PERCENTS),
-                                       "power_law": analyses.power_law_sorted(descending)}
+            concentration[query_id] = {"cumulative": analyses.cumulative_positive_ascending(ascending, analyses.PERCENTS),
+                                       "power_law": analyses.power_law_sorted(ascending[::-1].astype(np.float64))}
             if query_id in answers:
                 tops[query_id] = analyses.top_order(row, ascending, ANSWER_TOP)
         occurrence.update(_answer_ranks(catalog, dict(zip(group, matrix, strict=True)), tops, answers, doc_ids))
     if gram.n == 0:
-        for block in _document_blocks(catalog, run, query_ids, doc_ids):
+        for block in _document_blocks(catalog, run, query_ids, doc_ids, parts):
             gram.add(block)
     return {
         "run": _run_summary(run, model, len(query_ids), len(doc_ids), tasks),
@@ -110,12 +112,57 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
     }
 
 
-def _queries_of(catalog: Catalog, run: RunRecord) -> tuple[list[str], tuple[int, int] | None]:
-    """The run's queries in id order (also as the temporary table audit_queries: query_id, i), from one
-    counting scan, and the doc-id range (low, high) when every query has one score per id of it (as
-    `curator score` writes a catalog's consecutive ids; a pair scored twice is caught when the slices
-    are filled); None otherwise."""
-    rows = catalog.sql("SELECT query_id, count(*) FROM scores GROUP BY query_id ORDER BY query_id")
+@contextmanager
+def one_blas_thread():
+    """numpy's OpenBLAS at one thread inside (and its own count restored after). The correlations'
+    products are a hundred matrix products of 100 × 65,536 blocks; on cores other processes share,
+    OpenBLAS's second thread spins waiting for a core and each product took ~10× longer than on one
+    thread (measured: 0.59 s against 0.06 s a block, docs/results/out_of_core.md). threadpoolctl
+    does this for any BLAS; curator does not depend on it, so this finds numpy's bundled OpenBLAS
+    among the loaded libraries (Linux) and does nothing where there is none."""
+    setter = getter = None
+    try:
+        import ctypes
+        import re
+
+        with open("/proc/self/maps") as maps:
+            libraries = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", maps.read())))
+        for library in libraries:
+            handle = ctypes.CDLL(library)
+            for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+                if hasattr(handle, f"{prefix}_set_num_threads{suffix}"):
+                    setter = getattr(handle, f"{prefix}_set_num_threads{suffix}")
+                    getter = getattr(handle, f"{prefix}_get_num_threads{suffix}")
+                    break
+            if setter is not None:
+                break
+    except OSError:
+        setter = None
+    if setter is None:
+        yield
+        return
+    before = getter()
+    setter(1)
+    try:
+        yield
+    finally:
+        setter(before)
+
+
+def _queries_of(catalog: Catalog, run: RunRecord,
+                parts: list[PartSummary] | None) -> tuple[list[str], tuple[int, int] | None]:
+    """The run's queries in id order (also as the temporary table audit_queries: query_id, i), from the
+    parts' summaries or else one counting scan, and the doc-id range (low, high) when every query has one
+    score per id of it (as `curator score` writes a catalog's consecutive ids; a pair scored twice is
+    caught when the slices are filled); None otherwise."""
+    if parts is not None:
+        counted: dict[str, int] = {}
+        for part in parts:
+            for query_id in part.queries:
+                counted[query_id] = counted.get(query_id, 0) + part.documents
+        rows = sorted(counted.items())
+    else:
+        rows = catalog.sql("SELECT query_id, count(*) FROM scores GROUP BY query_id ORDER BY query_id")
     if not rows:
         raise CuratorError(f"the scores of run {run.id} ({run.out_path}) are empty")
     query_ids = [r[0] for r in rows]
@@ -266,7 +313,66 @@ def _score_dtype(catalog: Catalog):
     return np.float32 if kind in ("FLOAT", "REAL") else np.float64
 
 
-def _document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray):
+def _fill_from_parts(run: RunRecord, parts: list[PartSummary], rows: dict[str, int], doc_ids: np.ndarray,
+                     start: int, stop: int, dtype) -> np.ndarray:
+    """What `_fill` gives for the queries `rows` (id → row) × documents doc_ids[start:stop], read from parts
+    with a summary: only the score column of the row groups holding those queries, each query's values
+    put in place as one row (a part holds every one of its documents for each of its queries).
+
+    That every cell is filled exactly once is checked from the parts' documents before any score is
+    read, once per set of parts that hold the same queries (usually one set per query batch), so the
+    slice needs no NaN fill and no pass to look for NaNs afterwards."""
+    low, high = int(doc_ids[start]), int(doc_ids[stop - 1])
+    placed = []                                     # (part, its columns in the slice, the documents kept)
+    for part in parts:
+        if part.first_doc is not None and (part.first_doc > high or part.first_doc + part.documents <= low):
+            continue
+        at = _positions(doc_ids, part.doc_ids())
+        if at is None:
+            raise CuratorError(f"the scores of run {run.id} are not a full query × document table: some "
+                               f"documents are scored by some queries only")
+        inside = (at >= start) & (at < stop)
+        if inside.any():
+            placed.append((part, at[inside] - start, None if inside.all() else inside))
+    _check_covered(run, placed, rows, stop - start, doc_ids[start:stop])
+    matrix = np.empty((len(rows), stop - start), dtype=dtype)
+    for part, columns, inside in placed:
+        if columns[-1] - columns[0] == len(columns) - 1 and (np.diff(columns) > 0).all():   # consecutive: a copy
+            columns = slice(int(columns[0]), int(columns[-1]) + 1)
+        for positions, first, last in query_rows(part, rows):
+            block = part.block("score", first, last)
+            block = block if inside is None else block[:, inside]
+            if isinstance(columns, slice):
+                matrix[positions, columns] = block
+            else:
+                matrix[np.ix_(positions, columns)] = block
+    return matrix
+
+
+def _check_covered(run: RunRecord, placed: list, rows: dict[str, int], width: int, doc_ids: np.ndarray) -> None:
+    """Every (query in `rows`, document of the slice) is held by exactly one of the placed parts; else the
+    error `_fill` gives, naming the first document without one score per query."""
+    holders: dict[str, list[int]] = {}
+    for number, (part, _, _) in enumerate(placed):
+        for query_id in part.queries:
+            if query_id in rows:
+                holders.setdefault(query_id, []).append(number)
+    per_document = np.zeros(width, dtype=np.int64)       # how many of the queries score each document
+    complete = len(holders) == len(rows)
+    for numbers in {tuple(n) for n in holders.values()}:
+        times = np.zeros(width, dtype=np.int64)
+        for number in numbers:
+            times[placed[number][1]] += 1
+        queries = sum(1 for n in holders.values() if tuple(n) == numbers)
+        per_document += times * queries
+        complete = complete and bool((times == 1).all())
+    if not complete:
+        column = int(np.argmax(per_document != len(rows)))
+        raise _not_full(run, int(doc_ids[column]), int(per_document[column]), len(rows))
+
+
+def _document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray,
+                     parts: list[PartSummary] | None = None):
     """Queries × documents blocks, every query's scores of the same consecutive documents, for the
     correlations when the queries do not fit in one slice. A block is a doc-id range, which Parquet
     row-group statistics let DuckDB find without reading the rest when the parts are written by
@@ -275,19 +381,28 @@ def _document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc
     size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(query_ids)))
     query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
              "WHERE s.doc_id BETWEEN ? AND ?")
+    rows = {q: i for i, q in enumerate(query_ids)}
     for start in range(0, len(doc_ids), size):
         ids = doc_ids[start:start + size]
+        if parts is not None:
+            yield _fill_from_parts(run, parts, rows, doc_ids, start, start + len(ids), dtype)
+            continue
         yield _fill(catalog, run, query, [int(ids[0]), int(ids[-1])], (len(query_ids), len(ids)), dtype, 0,
                     doc_ids, start)
 
 
-def _query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray):
+def _query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray,
+                  parts: list[PartSummary] | None = None):
     """(query ids, their scores × all documents in doc-id order), a group of queries at a time: all of
     them at once when they fit in SLICE_BYTES."""
     dtype = _score_dtype(catalog)
     size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(doc_ids)))
     for start in range(0, len(query_ids), size):
         group = query_ids[start:start + size]
+        if parts is not None:
+            rows = {q: i for i, q in enumerate(group)}
+            yield group, _fill_from_parts(run, parts, rows, doc_ids, 0, len(doc_ids), dtype)
+            continue
         if len(group) == len(query_ids):
             query, params = "SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id)", []
         else:

@@ -32,8 +32,10 @@ from curator.catalog.database import Catalog
 from curator.catalog.records import RunRecord, get_run
 from curator.catalog.workspace import Workspace
 from curator.constants import REASONING_TASKS, Aggregate, Normalize
-from curator.curate.scores import arrow_batches, bounded, reading_scores, scores_view, spill_folder, sql_text
+from curator.curate.scores import (arrow_batches, bounded, query_rows, reading_scores, scores_view, spill_folder,
+                                   sql_text, summarised_parts)
 from curator.errors import CuratorError
+from curator.influence.score_dataset import PartSummary
 
 if TYPE_CHECKING:
     import polars as pl
@@ -126,16 +128,94 @@ def streamed_ranking(catalog: Catalog, values: str, aggregate: str, out: Path, e
     per_document = _per_document(catalog, query, aggregate == "max")
     if per_document is None:
         return False
-    totals, counts = per_document
-    doc_ids = np.flatnonzero(counts)
-    score = totals[doc_ids] if aggregate == "max" else totals[doc_ids] / counts[doc_ids]
-    order = np.lexsort((doc_ids, -score))            # best first, ties by the smaller id
+    _write_ranking(*per_document, aggregate == "max", out)
+    return True
+
+
+def _write_ranking(totals: np.ndarray, counts: np.ndarray, maximum: bool, out: Path) -> None:
+    """The Parquet file (doc_id, score, rank) from per-doc-id sums (or maxima) and counts; rank 1 is the
+    best score, ties by the smaller id."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"doc_id": doc_ids[order], "score": score[order],
-                             "rank": np.arange(1, len(order) + 1, dtype=np.int64)}), out)
+    doc_ids = np.flatnonzero(counts)
+    score = totals[doc_ids] if maximum else totals[doc_ids] / counts[doc_ids]
+    order = np.lexsort((doc_ids, -score))            # best first, ties by the smaller id
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(1, len(order) + 1)
+    # Rows in doc-id order: the catalog's insert maintains the (ranking, doc_id) key ~1.5× faster when
+    # the ids arrive sorted than in rank order (2M rows: 2.6 s against 3.6–4.1 s, measured).
+    pq.write_table(pa.table({"doc_id": doc_ids, "score": score, "rank": rank}), out)
+
+
+def summarised_ranking(parts: list[PartSummary], queries: list[str], normalize: str, aggregate: str,
+                       out: Path) -> bool:
+    """What `streamed_ranking` writes, from parts that carry a summary (`summarised_parts`): each query's
+    count, sum and sum of squares are in the summaries, so mean-z needs no statistics scan, and one pass
+    reads only the score column of the selected queries' row groups, adding each document's values
+    (z-scores for mean-z) into arrays indexed by doc id. A part's rows are every one of its documents for
+    each of its queries, so a query's values add into the documents' slots in one vector operation.
+    False (nothing written) for per-token values (their sums are not in the summaries), rank-vote, or
+    doc ids outside [0, DENSE_SPAN)."""
+    if normalize == "per-token" or aggregate not in STREAMED:
+        return False
+    column = "score" if normalize == "raw" else "score_per_nat"
+    wanted = {q: i for i, q in enumerate(queries)}
+    ends = [(p.first_doc, p.first_doc + p.documents - 1) if p.first_doc is not None else None for p in parts]
+    doc_ids = [None if end else p.doc_ids() for p, end in zip(parts, ends, strict=True)]
+    ends = [end or ((int(ids.min()), int(ids.max())) if len(ids) else (0, -1))
+            for end, ids in zip(ends, doc_ids, strict=True)]
+    if any(low < 0 or high >= DENSE_SPAN for low, high in ends):
+        return False
+    means = deviations = None
+    if aggregate == "mean-z":
+        means, deviations = _summed_stats(parts, column, wanted)
+    size = max(high for _, high in ends) + 1 if ends else 0
+    totals = np.full(size, -np.inf) if aggregate == "max" else np.zeros(size)
+    counts = np.zeros(size, dtype=np.int64)
+    for part, ids, (low, high) in zip(parts, doc_ids, ends, strict=True):
+        at = slice(low, high + 1) if ids is None else ids
+        if ids is not None and len(np.unique(ids)) != len(ids):
+            return False          # not a part as `write_part` writes it: let DuckDB read the rows
+        for positions, start, stop in query_rows(part, wanted):
+            values = part.block(column, start, stop)
+            if aggregate == "max":            # float32 → float64 is exact, so the maximum can come first
+                totals[at] = np.maximum(totals[at], values.max(axis=0))
+            elif means is None:
+                totals[at] += values.sum(axis=0, dtype=np.float64)
+            else:                             # (value − mean) / deviation, in float64, in place
+                z = np.subtract(values, means[positions][:, None], dtype=np.float64)
+                spread = deviations[positions]
+                z[spread == 0] = 0.0          # a constant query: every z-score 0, as the SQL's CASE
+                z /= np.where(spread > 0, spread, 1.0)[:, None]
+                totals[at] += z.sum(axis=0)
+            counts[at] += stop - start
+    _write_ranking(totals, counts, aggregate == "max", out)
     return True
+
+
+def _summed_stats(parts: list[PartSummary], column: str, wanted: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Each wanted query's mean and population standard deviation from the parts' summed counts, values
+    and squares, as `query_stats` computes them from a scan; where the squares' sum would lose digits to
+    cancellation, the deviation comes from a second read of that query's values (Σ(x − mean)²)."""
+    sums = np.zeros((len(wanted), 3))
+    for part in parts:
+        for query_id, row in zip(part.queries, part.sums[column], strict=True):
+            if query_id in wanted:
+                sums[wanted[query_id]] += row
+    n = np.maximum(sums[:, 0], 1)
+    means = sums[:, 1] / n
+    variance = np.maximum(sums[:, 2] / n - means * means, 0.0)
+    unstable = {q: i for q, i in wanted.items() if variance[i] <= 1e-6 * means[i] ** 2 and means[i] != 0}
+    if unstable:
+        squares = np.zeros(len(wanted))
+        for part in parts:
+            for positions, start, stop in query_rows(part, unstable):
+                values = part.block(column, start, stop).astype(np.float64) - means[positions][:, None]
+                squares[positions] += (values * values).sum(axis=1)
+        for i in unstable.values():
+            variance[i] = squares[i] / n[i]
+    return means, np.sqrt(variance)
 
 
 def query_stats(catalog: Catalog, values: str) -> list[tuple[str, float, float]]:
@@ -205,8 +285,11 @@ def rank(ws: Workspace, config: RankConfig, *, replace: bool = False) -> RankRes
         values = normalized_values(catalog, queries, config.normalize, tokenizer_id)
         staged = spill_folder(catalog) / f"ranking-{uuid.uuid4().hex}.parquet"
         staged.parent.mkdir(parents=True, exist_ok=True)
+        parts = summarised_parts(run)
         with reading_scores(run):
-            if not (config.aggregate in STREAMED and streamed_ranking(
+            written = parts is not None and summarised_ranking(parts, queries, config.normalize, config.aggregate,
+                                                               staged)
+            if not written and not (config.aggregate in STREAMED and streamed_ranking(
                     catalog, values, config.aggregate, staged, _every_query(config.normalize))):
                 catalog.sql(f"COPY ({aggregate_sql(config.aggregate, values)}) TO '{sql_text(staged)}' "
                             f"(FORMAT parquet)")

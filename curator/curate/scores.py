@@ -12,6 +12,13 @@ hold (sorts, hash tables) to a folder inside the workspace:
 
 `scores` is the run's dataset as a view: a folder of Parquet parts or, for older
 runs and sketch scores, one file (`curator.catalog.records.score_source`).
+
+Parts written by `curator score` carry a summary (curator/influence/score_dataset.py):
+their queries, documents and per-query sums. `summarised_parts` hands those to the
+stages that can use them: rank takes each query's mean and deviation from the sums
+(no statistics scan) and, like the audit, reads only the score column of each part,
+a few queries at a time, instead of handing every (query, document, score) row
+from DuckDB to numpy.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from curator.artifacts import reading
 from curator.catalog.database import Catalog
 from curator.catalog.records import RunRecord, rescore_command, score_source
 from curator.errors import CuratorError
+from curator.influence.score_dataset import PartSummary, part_summaries
 
 TEMP_ENV = "CURATOR_DUCKDB_TEMP"
 SCORE_COLUMNS = ("query_id", "doc_id", "score", "score_per_nat")
@@ -70,6 +78,29 @@ def scores_view(catalog: Catalog, run: RunRecord, name: str = "scores") -> str:
         raise CuratorError(f"the scores of run {run.id} ({run.out_path}) lack the column(s) {', '.join(missing)}; "
                            f"rewrite them with `{rescore_command(run)}`")
     return name
+
+
+def summarised_parts(run: RunRecord) -> list[PartSummary] | None:
+    """The summaries of every part of the run's dataset (the files the `scores` view reads; footers
+    only), or None when one part has none: then the stage reads the rows through DuckDB."""
+    path = Path(run.out_path)
+    with reading_scores(run):
+        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        return part_summaries(files) if files else None
+
+
+def query_rows(part: PartSummary, wanted, documents_per_block: int = 2**23):
+    """(positions in `wanted`, start, stop): runs of the part's queries that are in `wanted` (a dict
+    query id → position), each short enough that its block holds at most `documents_per_block` values."""
+    step = max(1, documents_per_block // max(1, part.documents))
+    start = None
+    for i, query_id in enumerate([*part.queries, None]):
+        inside = query_id is not None and query_id in wanted
+        if start is not None and (not inside or i - start == step):
+            yield [wanted[q] for q in part.queries[start:i]], start, i
+            start = None
+        if inside and start is None:
+            start = i
 
 
 def arrow_batches(catalog: Catalog, query: str, params: list | None = None, rows: int = 100_000):

@@ -44,7 +44,7 @@ from curator.influence.scoring import (
     layer_scores,
     multiply_out_within,
 )
-from curator.influence.score_dataset import ScoreDataset, part_name
+from curator.influence.score_dataset import ScoreDataset, part_name, write_part
 from curator.model import distributed
 from curator.model.document_pass import NoProgress, PassProgress, PassSettings, Timer, chunks_of, document_pass
 from curator.model.loading import LoadedModel
@@ -235,11 +235,8 @@ def record_run(ws: Workspace, run_id: str, config: ScoreConfig, loaded: LoadedMo
 # -- the parts: one Parquet file per (query batch, document chunk) ----------------------------
 
 def _part_writer(pending: Path, names: list[str], queries: list[Query], losses: dict[str, float]):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     per_nat = torch.tensor([losses[q.id] for q in queries], dtype=torch.float64)
-    query_ids = np.array([q.id for q in queries], dtype=object)
+    query_ids = [q.id for q in queries]
 
     def write(number: int, chunk_ids: list[int], totals: torch.Tensor) -> None:
         if not bool(torch.isfinite(totals).all()):
@@ -248,15 +245,10 @@ def _part_writer(pending: Path, names: list[str], queries: list[Query], losses: 
                 f"the score of document {chunk_ids[bad_doc]} on query {queries[bad_query].id} is NaN or "
                 f"infinite (the model overflowed on it; try --dtype float32). Finished parts are kept in "
                 f"{pending} and a rerun resumes after them.")
-        n_docs = len(chunk_ids)
-        # Query-major: all of the chunk's documents for the first query, then the next.
-        table = pa.table({
-            "query_id": pa.array(np.repeat(query_ids, n_docs), pa.string()),
-            "doc_id": pa.array(np.tile(np.asarray(chunk_ids, dtype=np.int64), len(queries))),
-            "score": pa.array(totals.T.reshape(-1).float().numpy()),
-            "score_per_nat": pa.array((totals / per_nat).T.reshape(-1).float().numpy()),
-        })
+        # Query-major (all of the chunk's documents for the first query, then the next), with the
+        # part's summary (score_dataset.write_part).
         with atomic_file(pending / names[number]) as part:
-            pq.write_table(table, part)
+            write_part(part, query_ids, np.asarray(chunk_ids, dtype=np.int64), totals.T.float().numpy(),
+                       (totals / per_nat).T.float().numpy())
 
     return write

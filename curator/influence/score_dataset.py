@@ -3,7 +3,9 @@
     <out>/manifest.json           run id, query batches, per-nat losses, the parts, documents scored
     <out>/documents-<hash>.npy    ids of the documents the published parts hold (int64)
     <out>/b003-<hash>.parquet     one part per (query batch, chunk of documents): query_id, doc_id,
-                                  score, score_per_nat
+                                  score, score_per_nat, query-major (every document of the chunk
+                                  for the first query, then the next), with a summary in its
+                                  Parquet metadata (`write_part`, `PartSummary`)
     <out>/pending/                parts of the run in progress, moved up when it completes
 
 Readers glob `<out>/*.parquet` (curator.catalog.records.score_source), so they only ever
@@ -11,6 +13,14 @@ see a complete run: parts appear there when every rank has finished. A part is n
 queries and documents it holds, so a rerun (on any number of ranks) keeps exactly the
 pending parts it would write again and deletes the others; an incremental run (new documents
 since the last) writes parts for the new documents only and publishes them beside the old.
+
+Each part carries its own summary (key `curator.part` of its Parquet metadata): its queries in
+order, its documents (consecutive ids are given as a first id, others are the doc_id column's
+first rows), and per query the count, sum and sum of squares of `score` and `score_per_nat`.
+It is written in the same file as the rows it summarises, so it is appended, published and
+resumed with them on any number of ranks. Readers after the model use it to skip a statistics
+scan and to read the score column alone (curator/curate/scores.py); a part without it (older
+runs, sketch scores, files written by other tools) is read through DuckDB as before.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +39,10 @@ from curator.artifacts import content_id, reading, write_numpy_atomic, write_tex
 from curator.errors import ArtifactError, CuratorError
 
 DATASET_VERSION = 1
+SUMMARY_KEY = b"curator.part"
+SUMMARY_VERSION = 1
+SUMMARY_COLUMNS = ("score", "score_per_nat")
+ROW_GROUP_ROWS = 2**20          # about this many rows per row group, always whole queries
 
 
 class DatasetManifest(BaseModel):
@@ -134,3 +149,95 @@ class ScoreDataset:
         self._finish_publishing(manifest)
         shutil.rmtree(self.pending, ignore_errors=True)
         return manifest
+
+
+# -- one part: query-major rows and their summary ------------------------------------------------
+
+def write_part(path: Path, query_ids: list[str], doc_ids: np.ndarray, score: np.ndarray,
+               score_per_nat: np.ndarray) -> None:
+    """Write one part: `score` and `score_per_nat` are queries × documents float32 arrays, stored
+    query-major, with the part's summary in its Parquet metadata. Row groups hold whole queries,
+    so a reader of some queries decodes only their row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    doc_ids = np.asarray(doc_ids, dtype=np.int64)
+    n_docs, n_queries = len(doc_ids), len(query_ids)
+    values = {"score": np.asarray(score, dtype=np.float32), "score_per_nat": np.asarray(score_per_nat, dtype=np.float32)}
+    for name, array in values.items():
+        if array.shape != (n_queries, n_docs):
+            raise ValueError(f"{name}: shape {array.shape}, expected {(n_queries, n_docs)}")
+    consecutive = n_docs > 0 and int(doc_ids[-1]) - int(doc_ids[0]) == n_docs - 1 and bool(
+        (np.diff(doc_ids) == 1).all())
+    summary = {"version": SUMMARY_VERSION, "queries": list(query_ids), "documents": n_docs,
+               "first_doc": int(doc_ids[0]) if consecutive else None,
+               "sums": {name: [[n_docs, float(row.sum(dtype=np.float64)), float(np.square(row, dtype=np.float64).sum())]
+                               for row in array] for name, array in values.items()}}
+    table = pa.table({
+        "query_id": pa.array(np.repeat(np.array(query_ids, dtype=object), n_docs), pa.string()),
+        "doc_id": pa.array(np.tile(doc_ids, n_queries)),
+        "score": pa.array(values["score"].reshape(-1)),
+        "score_per_nat": pa.array(values["score_per_nat"].reshape(-1)),
+    })
+    table = table.replace_schema_metadata({SUMMARY_KEY: json.dumps(summary)})
+    pq.write_table(table, path, row_group_size=max(1, n_docs) * max(1, ROW_GROUP_ROWS // max(1, n_docs)))
+
+
+@dataclass
+class PartSummary:
+    """What a part's metadata says about it: where it is, its queries in row order, its documents."""
+
+    path: Path
+    queries: list[str]
+    documents: int
+    first_doc: int | None            # consecutive doc ids from this one; None: read them from the part
+    sums: dict[str, np.ndarray]      # column → queries × (count, sum, sum of squares)
+
+    def doc_ids(self) -> np.ndarray:
+        """The part's documents in row order (the same for each of its queries)."""
+        if self.first_doc is not None:
+            return np.arange(self.first_doc, self.first_doc + self.documents, dtype=np.int64)
+        import pyarrow.parquet as pq
+
+        with reading(self.path, "score dataset part", "curator score ... --force"):
+            first = pq.ParquetFile(self.path).iter_batches(batch_size=max(1, self.documents), columns=["doc_id"])
+            return next(first).column(0).to_numpy()
+
+    def block(self, column: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Queries start … stop (positions in `queries`) × documents of `column`, as stored (float32);
+        only the row groups holding those queries are read."""
+        import pyarrow.parquet as pq
+
+        stop = len(self.queries) if stop is None else stop
+        first, last = start * self.documents, stop * self.documents
+        with reading(self.path, "score dataset part", "curator score ... --force"):
+            handle = pq.ParquetFile(self.path)
+            bounds = np.cumsum([0] + [handle.metadata.row_group(g).num_rows
+                                      for g in range(handle.metadata.num_row_groups)])
+            groups = [g for g in range(len(bounds) - 1) if bounds[g] < last and bounds[g + 1] > first]
+            if not groups:
+                return np.zeros((stop - start, self.documents), dtype=np.float32)
+            values = handle.read_row_groups(groups, columns=[column]).column(0).to_numpy()
+        offset = first - bounds[groups[0]]
+        return values[offset:offset + last - first].reshape(stop - start, self.documents)
+
+
+def part_summaries(files: list[Path]) -> list[PartSummary] | None:
+    """The summaries of these parts (footers only), or None when one has none (or another version):
+    then the caller reads the dataset through DuckDB."""
+    import pyarrow.parquet as pq
+
+    summaries = []
+    for path in files:
+        with reading(path, "score dataset part", "curator score ... --force"):
+            metadata = pq.read_schema(path).metadata or {}
+        if SUMMARY_KEY not in metadata:
+            return None
+        data = json.loads(metadata[SUMMARY_KEY])
+        if data.get("version") != SUMMARY_VERSION:
+            return None
+        summaries.append(PartSummary(path=path, queries=data["queries"], documents=data["documents"],
+                                     first_doc=data["first_doc"],
+                                     sums={k: np.asarray(v, dtype=np.float64).reshape(-1, 3)
+                                           for k, v in data["sums"].items()}))
+    return summaries
