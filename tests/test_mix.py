@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -342,3 +343,82 @@ def test_an_interrupted_export_leaves_nothing_that_looks_complete(mixture, tmp_p
         export(ws, ExportSpec(mixture="m", format="parquet", out=tmp_path / "cut"), progress=stop)
     assert not (tmp_path / "cut").exists()
     assert not (tmp_path / "cut.part" / "manifest.json").exists()
+
+
+# -- the fill, a batch of rows at a time, against the rule one row at a time ------------------------
+
+def fill_one_by_one(rows, sources, budget, maximum, needs):
+    """The rule of curator/curate/mix.py's docstring, one candidate at a time: each minimum share from its
+    source's rows in order, then the rest of the budget; returns the doc ids taken in order, and the
+    smallest document left out of the last pass (None when the budget was met)."""
+    taken, order, total, per_source = set(), [], 0, dict.fromkeys(sources, 0)
+
+    def admit(doc, source, tokens):
+        nonlocal total
+        if doc in taken or total + tokens > budget or per_source[source] + tokens > maximum.get(source, budget):
+            return False
+        taken.add(doc)
+        order.append(doc)
+        per_source[source] += tokens
+        total += tokens
+        return True
+
+    for source, need in needs.items():
+        for doc, src, tokens in rows:
+            if src == source:
+                if per_source[source] >= need:
+                    break
+                admit(doc, src, tokens)
+    share_picks, smallest = set(taken), None
+    for doc, src, tokens in rows:
+        if total == budget:
+            return order, None
+        if not admit(doc, src, tokens) and doc not in share_picks:
+            smallest = tokens if smallest is None else min(smallest, tokens)
+    return order, (None if total == budget else smallest)
+
+
+class Collect:
+    def __init__(self):
+        self.tables = []
+
+    def write_table(self, table):
+        self.tables.append(table)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_batched_fill_takes_what_one_row_at_a_time_takes(seed):
+    from curator.curate.mix import Fill, Quota, fill
+
+    rng = np.random.default_rng(seed)
+    sources = ["code", "math", "web", "wiki"][:rng.integers(1, 5)]
+    n = int(rng.integers(50, 3000))
+    doc = rng.permutation(n).astype(np.int64) + 1
+    code = rng.integers(0, len(sources), n)
+    tokens = rng.integers(1, [5, 60, 400][seed % 3], n).astype(np.int64)
+    available = {s: int(tokens[code == i].sum()) for i, s in enumerate(sources)}
+    budget = int(tokens.sum() * rng.uniform(0.05, 1.1)) + 1
+    maximum = {s: int(budget * rng.uniform(0.1, 1.0)) for s in sources if rng.random() < 0.6}
+    quotas = {s: Quota(source=s, min=min(available[s], maximum.get(s, budget)) / budget * rng.uniform(0, 0.8))
+              for s in sources if rng.random() < 0.5}
+    needs = {s: math.ceil(q.min * budget) for s, q in quotas.items()}      # as `fill` reads a minimum share
+    want, smallest = fill_one_by_one(list(zip(doc.tolist(), [sources[c] for c in code], tokens.tolist(),
+                                              strict=True)), sources, budget, maximum, needs)
+
+    def ordered(source):           # small batches, so that rows are decided across batch boundaries
+        keep = np.flatnonzero(code == sources.index(source)) if source else np.arange(n)
+        for start in range(0, len(keep), 97):
+            at = keep[start:start + 97]
+            yield doc[at], code[at], tokens[at], tokens[at].astype(np.float64)
+
+    state = Fill(budget=budget, sources=sources, maximum=maximum, out=Collect())
+    try:
+        fill(ordered, state, quotas, available, int(tokens.min()))
+    except CuratorError:
+        pass                         # a budget the rule cannot meet: the rows taken still compare
+    state.flush()
+    got = np.concatenate([t["doc_id"].to_numpy() for t in state.out.tables]).tolist() if state.out.tables else []
+    assert got == want
+    assert state.total == sum(int(tokens[doc == d][0]) for d in want)
+    if state.total != budget:
+        assert state.left_smallest == smallest
