@@ -264,7 +264,12 @@ def test_the_accuracy_check_solves_each_problem_again_from_the_prompt():
     # A stored answer is not trusted: the check uses the one solved from the prompt.
     wrong = generate("linear", 1, seed=9)[0].model_copy(update={"answer": "999"})
     assert measure.checkable([wrong]) == [(wrong, answer_from_prompt("linear", wrong.prompt))]
-    assert answer_in_completion("x = 12 / 3 = 4.\n\nCalculate 5 + 5 = 10") == 4
+    # The stated answer wins over numbers after it, across blank lines (chat models' layout); else the last number.
+    assert answer_in_completion("To do it:\n\n1. Add: 9 + 15 = 24\n\nSo, the answer is 48.\n\nNext: 5 + 5 = 10") == 48
+    assert answer_in_completion("Divide: x = 12 / 3 = 4.\nSo x = 4.") == 4
+    assert answer_in_completion(" (50-20)/(10-5) = 30/5 = 6") == 6
+    assert answer_in_completion("the output is:\n```\n-3.0\n```") == -3
+    assert answer_in_completion("The slope is 2.5.") == 2.5 and answer_in_completion("no idea") is None
 
 
 def test_the_report_says_plainly_when_the_mixture_does_not_beat_a_baseline(mixed, finished):

@@ -6,7 +6,7 @@ query whose id or prompt is among the queries a mixture's ranking was built from
 mixture chosen for those queries would be measured on what it was chosen for.
 
 Accuracy does not trust a query's stored answer: the problem is read back out of the prompt text
-(`answer_from_prompt`) and solved again, and the generated completion's final number
+(`answer_from_prompt`) and solved again, and the answer the generated completion states
 (`answer_in_completion`) must equal it.
 """
 
@@ -29,7 +29,10 @@ _INT = r"(-?\d+)"
 _ARITHMETIC = re.compile(r"\(\s*(\d+)\s*([+-])\s*(\d+)\s*\)\s*\*\s*(\d+)")
 _SLOPE = re.compile(rf"\(\s*{_INT}\s*,\s*{_INT}\s*\)\D+?\(\s*{_INT}\s*,\s*{_INT}\s*\)")
 _LINEAR = re.compile(r"(\d+)\s*\*?\s*x\s*\+\s*(\d+)\s*==?\s*(\d+)")     # 3x + 4 = 10, 3 * x + 4 == 10
-_NUMBER = re.compile(r"-?\d+")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# "The answer is 16", "the slope is -3", "So x = 4", "answer: 7": the statement a completion ends on.
+_STATED = re.compile(r"(?:answer|slope|gradient|\bx)\s*(?:is|=|:|would be|comes out as)\s*\**\s*(-?\d+(?:\.\d+)?)",
+                     re.IGNORECASE)
 
 
 def answer_from_prompt(task: str, prompt: str) -> int | None:
@@ -51,11 +54,16 @@ def answer_from_prompt(task: str, prompt: str) -> int | None:
     return None
 
 
-def answer_in_completion(text: str) -> int | None:
-    """The last whole number of a completion, read up to its first blank line (a model that keeps going
-    after its answer starts a new paragraph); None when it states no number."""
-    numbers = _NUMBER.findall(text.split("\n\n", 1)[0])
-    return int(numbers[-1]) if numbers else None
+def answer_in_completion(text: str) -> int | float | None:
+    """The answer a completion states: the last "answer is N" / "slope is N" / "x = N" in it, else its last
+    number; None when it has no number. Chat models put blank lines between their steps, so nothing
+    is cut at the first paragraph; a decimal stays a decimal (2.5 is not the integer answer 2)."""
+    stated = _STATED.findall(text)
+    numbers = stated or _NUMBER.findall(text)
+    if not numbers:
+        return None
+    value = float(numbers[-1])
+    return int(value) if value.is_integer() else value
 
 
 def heldout_queries(catalog: Catalog, config: EvaluateConfig, rankings: list[Ranking]) -> list[Query]:

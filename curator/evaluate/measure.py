@@ -23,6 +23,9 @@ from curator.evaluate.heldout import answer_from_prompt, answer_in_completion
 from curator.model.tokens import Window, format_prompt, pad_batch, pad_token_id, split_windows, tokenize_query
 
 ROWS_PER_BATCH = 16
+# Part of every evaluation's id: a change to what is measured, or how, must not reuse arms measured the
+# old way. 2: the stated answer is read across blank lines (chat models' layout).
+VERSION = 2
 
 
 def _summed_losses(model, windows: Sequence[Window], pad_id: int, device) -> list[tuple[float, int]]:

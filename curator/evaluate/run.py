@@ -78,7 +78,7 @@ def plan(ws: Workspace, config: EvaluateConfig) -> Plan:
             heldout.update(chunk)
     model_name = config.model or model[1] or model[0]
     scratch = Path(config.from_scratch).read_text() if config.from_scratch else None
-    identity = [config.identity(), run.model_id, scratch,
+    identity = [measure.VERSION, config.identity(), run.model_id, scratch,
                 [(a.name, a.seed, a.doc_ids) for a in arms.arms], arms.heldout_doc_ids,
                 [(q.id, q.task, q.prompt, q.completion) for q in queries]]
     return Plan(config=config, arms=arms, queries=queries, heldout_texts=[heldout[d] for d in arms.heldout_doc_ids],
