@@ -293,6 +293,9 @@ def test_the_report_says_plainly_when_the_mixture_does_not_beat_a_baseline(mixed
     assert stats.compare(better, mixture, "reasoning_loss")["verdict"] == "better"
     noisy = [{"seed": s, "reasoning_loss": 2.0 + (0.3 if s == 1 else -0.2)} for s in range(3)]
     assert stats.compare(mixture, noisy, "reasoning_loss")["verdict"] == "no difference"
+    same = stats.compare(mixture, mixture, "reasoning_loss")
+    assert same["verdict"] == "equal" and "equal on every seed" in stats.sentence("m", "b", same)
+    assert data["summary"]["base"]["reasoning_loss"]["n"] == 1        # measured once, not once per seed
     summary = stats.interval([1.0, 2.0, 3.0])
     assert summary["mean"] == 2.0 and summary["high"] - 2.0 == pytest.approx(4.303 / 3 ** 0.5)
 

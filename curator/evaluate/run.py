@@ -322,7 +322,9 @@ def report_data(the_plan: Plan, model_name: str, results: list[ArmResult]) -> di
     """The report's numbers: per arm and seed, means with intervals, paired verdicts and their sentences."""
     config = the_plan.config
     rows = [r.model_dump() for r in results]
-    summary = stats.summarise(rows)
+    # Continued pretraining measures its starting model once (each seed's base row is a copy): one value,
+    # no interval. From scratch every seed has its own initial weights.
+    summary = stats.summarise([r for r in rows if config.from_scratch or r["arm"] != "base" or r["seed"] == 0])
     arms = {"base": {"documents": None, "trained_tokens": 0}}
     for arm in the_plan.arms.arms:
         arms.setdefault(arm.name, {"documents": len(arm.doc_ids), "trained_tokens": config.steps * config.batch_tokens,

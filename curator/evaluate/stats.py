@@ -45,7 +45,8 @@ def summarise(results: Sequence[dict]) -> dict[str, dict[str, dict]]:
 
 def compare(mixture: Sequence[dict], baseline: Sequence[dict], metric: str) -> dict:
     """Paired by seed: improvement = (baseline − mixture) for losses, (mixture − baseline) for accuracy, so
-    positive always means the mixture did better. verdict: better | worse | no difference."""
+    positive always means the mixture did better. verdict: better | worse | no difference | equal (the same
+    on every seed)."""
     lower_better = METRICS[metric]
     by_seed = {r["seed"]: r[metric] for r in baseline if r[metric] is not None}
     diffs = [(by_seed[r["seed"]] - r[metric]) if lower_better else (r[metric] - by_seed[r["seed"]])
@@ -55,6 +56,8 @@ def compare(mixture: Sequence[dict], baseline: Sequence[dict], metric: str) -> d
         verdict = "not measured"
     elif result["low"] is None:
         verdict = "one seed: no interval"
+    elif result["low"] == result["high"] == 0:
+        verdict = "equal"
     elif result["low"] > 0:
         verdict = "better"
     elif result["high"] < 0:
@@ -74,6 +77,8 @@ def sentence(mixture: str, baseline: str, comparison: dict) -> str:
     if comparison["verdict"] == "worse":
         return f"{mixture} does NOT beat {baseline} on {what}: it is worse (improvement {comparison['mean']:.4g}, " \
                f"95% interval {comparison['low']:.4g} to {comparison['high']:.4g})."
+    if comparison["verdict"] == "equal":
+        return f"{mixture} does NOT beat {baseline} on {what}: the two are equal on every seed."
     if comparison["verdict"] == "no difference":
         return f"{mixture} does NOT beat {baseline} on {what}: the difference ({comparison['mean']:.4g}, 95% " \
                f"interval {comparison['low']:.4g} to {comparison['high']:.4g}) is within the seeds' noise."
