@@ -185,6 +185,11 @@ def search(
         console.print(f"Sketch scores (store {results[0].store}) agree with exact ones at Spearman "
                       f"{mean['spearman']:.2f} on {count} {kind}; --rerank N scores the candidates exactly.",
                       highlight=False)
+        if not cross:
+            # Same-family held-out queries flatter a store: other wording ranks far worse (docs/sketches.md).
+            console.print("No query in another format than the suite's was measured; queries phrased unlike the "
+                          "suite agree much less (docs/sketches.md, \"Held out the way users differ\").",
+                          highlight=False)
     for result in results:
         console.print(f"\n[bold]{result.query_id}[/]: {result.prompt[:100]!r}", highlight=False)
         for hits, label in ((result.top, f"top {top}" + (f" (exact re-rank of {rerank})" if rerank else "")),
