@@ -339,3 +339,14 @@ def test_an_audit_of_parts_missing_a_document_is_one_clear_error(planted, tmp_pa
     placed = [(p, p.doc_ids() - 1, None) for p in parts]
     with Catalog.open(ws) as catalog, pytest.raises(CuratorError, match="document 601 has 3 scores for 5 queries"):
         _check_covered(get_run(catalog, "score-sum"), placed, rows, 1000, np.arange(1, 1001))
+
+
+def test_an_audit_of_documents_the_catalog_no_longer_holds_names_one(planted, tmp_path):  # noqa: F811
+    from curator.errors import CuratorError
+
+    ws, scores = planted
+    summarised_run(ws, tmp_path, scores, "score-sum")
+    with Catalog.open(ws, write=True) as catalog:
+        catalog.sql("DELETE FROM document_rows WHERE id = 601")
+    with pytest.raises(CuratorError, match="scored document 601, which the catalog no longer holds"):
+        audit(ws, "score-sum")

@@ -21,7 +21,7 @@ none of the top ANSWER_WIDER documents holds.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from curator.catalog.workspace import Workspace
 from curator.curate.scores import arrow_batches, query_rows, reading_scores, scores_view, sql_text, summarised_parts
 from curator.errors import CuratorError
 from curator.influence.score_dataset import PartSummary
+from curator.sketch.index import one_blas_thread
 
 SECTIONS_NEEDING_SCORES = ["influence by source", "query correlations", "concentration", "answer occurrence"]
 SLICE_BYTES = 2**30            # scores held at once: 1 GiB (float32: 2M documents × 134 queries)
@@ -84,19 +85,28 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
     gram = analyses.Gram(len(query_ids))
     counts, concentration, occurrence = {}, {}, {}
     groups = _query_groups(catalog, run, query_ids, doc_ids, parts)
-    for group, matrix in groups:
-        if len(group) == len(query_ids):            # every query in one slice: its columns are the blocks
-            for start in range(0, len(doc_ids), GRAM_COLUMNS):
-                gram.add(matrix[:, start:start + GRAM_COLUMNS])
-        tops = {}
-        for query_id, row in zip(group, matrix, strict=True):
-            ascending = np.sort(row)                  # the only sort of the row; the rest reads it
-            counts[query_id] = analyses.source_counts_sorted(row, ascending, split, ks)
-            concentration[query_id] = {"cumulative": analyses.cumulative_positive_ascending(ascending, analyses.PERCENTS),
-                                       "power_law": analyses.power_law_sorted(ascending[::-1].astype(np.float64))}
-            if query_id in answers:
-                tops[query_id] = analyses.top_order(row, ascending, ANSWER_TOP)
-        occurrence.update(_answer_ranks(catalog, dict(zip(group, matrix, strict=True)), tops, answers, doc_ids))
+    with ThreadPoolExecutor(1) as background:
+        summed = None
+        for group, matrix in groups:
+            if len(group) == len(query_ids):        # every query in one slice: its columns are the blocks
+                # The sums of products (BLAS, which releases the GIL) run on a second thread while this
+                # one sorts each query's scores: both only read the slice.
+                summed = background.submit(lambda m=matrix: [gram.add(m[:, start:start + GRAM_COLUMNS])
+                                                             for start in range(0, m.shape[1], GRAM_COLUMNS)])
+            tops, wider = {}, {}
+            for query_id, row in zip(group, matrix, strict=True):
+                ascending = np.sort(row)              # the only sort of the row; the rest reads it
+                counts[query_id] = analyses.source_counts_sorted(row, ascending, split, ks)
+                concentration[query_id] = {
+                    "cumulative": analyses.cumulative_positive_ascending(ascending, analyses.PERCENTS),
+                    "power_law": analyses.power_law_sorted(ascending[::-1][:500].astype(np.float64))}
+                if query_id in answers:
+                    tops[query_id] = analyses.top_order(row, ascending, ANSWER_TOP)
+                    wider[query_id] = ascending[len(row) - min(ANSWER_WIDER, len(row))]   # no second sort
+            occurrence.update(_answer_ranks(catalog, dict(zip(group, matrix, strict=True)), tops, wider, answers,
+                                            doc_ids))
+        if summed is not None:
+            summed.result()
     if gram.n == 0:
         for block in _document_blocks(catalog, run, query_ids, doc_ids, parts):
             gram.add(block)
@@ -110,43 +120,6 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
         "answer_occurrence": analyses.answer_occurrence(
             {q: occurrence[q] for q in query_ids if q in occurrence}, tasks),
     }
-
-
-@contextmanager
-def one_blas_thread():
-    """numpy's OpenBLAS at one thread inside (and its own count restored after). The correlations'
-    products are a hundred matrix products of 100 × 65,536 blocks; on cores other processes share,
-    OpenBLAS's second thread spins waiting for a core and each product took ~10× longer than on one
-    thread (measured: 0.59 s against 0.06 s a block, docs/results/out_of_core.md). threadpoolctl
-    does this for any BLAS; curator does not depend on it, so this finds numpy's bundled OpenBLAS
-    among the loaded libraries (Linux) and does nothing where there is none."""
-    setter = getter = None
-    try:
-        import ctypes
-        import re
-
-        with open("/proc/self/maps") as maps:
-            libraries = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", maps.read())))
-        for library in libraries:
-            handle = ctypes.CDLL(library)
-            for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
-                if hasattr(handle, f"{prefix}_set_num_threads{suffix}"):
-                    setter = getattr(handle, f"{prefix}_set_num_threads{suffix}")
-                    getter = getattr(handle, f"{prefix}_get_num_threads{suffix}")
-                    break
-            if setter is not None:
-                break
-    except OSError:
-        setter = None
-    if setter is None:
-        yield
-        return
-    before = getter()
-    setter(1)
-    try:
-        yield
-    finally:
-        setter(before)
 
 
 def _queries_of(catalog: Catalog, run: RunRecord,
@@ -201,8 +174,17 @@ def _documents_of(catalog: Catalog, run: RunRecord, n_queries: int,
         partial = catalog.one("SELECT doc_id, n FROM audit_docs WHERE n <> ? ORDER BY doc_id LIMIT 1", [n_queries])
         if partial:
             raise _not_full(run, partial[0], partial[1], n_queries)
-    table = catalog.con.sql("SELECT a.doc_id, d.source FROM audit_docs a LEFT JOIN documents d ON d.id = a.doc_id "
-                            "ORDER BY a.doc_id").to_arrow_table()
+    if dense:     # a range of ids: read it (5× faster than the join with audit_docs, measured at 2M)
+        table = catalog.con.sql("SELECT id AS doc_id, source FROM documents WHERE id BETWEEN ? AND ? ORDER BY id",
+                                params=[dense[0], dense[1]]).to_arrow_table()
+        if table.num_rows != dense[1] - dense[0] + 1:
+            held = table.column("doc_id").to_numpy()
+            gap = np.flatnonzero(held != np.arange(dense[0], dense[0] + len(held)))
+            missing = dense[0] + (int(gap[0]) if len(gap) else len(held))
+            raise CuratorError(f"run {run.id} scored document {missing}, which the catalog no longer holds")
+    else:
+        table = catalog.con.sql("SELECT a.doc_id, d.source FROM audit_docs a LEFT JOIN documents d "
+                                "ON d.id = a.doc_id ORDER BY a.doc_id").to_arrow_table()
     doc_ids = table.column("doc_id").to_numpy()
     source = table.column("source")
     if source.null_count:
@@ -221,10 +203,11 @@ def _not_full(run: RunRecord, doc_id: int, n: int, n_queries: int) -> CuratorErr
 
 
 def _answer_ranks(catalog: Catalog, rows: dict[str, np.ndarray], tops: dict[str, np.ndarray],
-                  answers: dict[str, str], doc_ids: np.ndarray) -> dict[str, dict]:
+                  wider: dict[str, float], answers: dict[str, str], doc_ids: np.ndarray) -> dict[str, dict]:
     """`analyses.query_answer` of each query in `tops` (its ANSWER_TOP best positions, in order) without
     matching every text: the answer is looked for in the texts of those documents, then of the best
-    ANSWER_WIDER where none holds it, and only then in every text (by DuckDB, for those answers alone)."""
+    ANSWER_WIDER (`wider`: each query's ANSWER_WIDER-th largest score) where none holds it, and only then
+    in every text (by DuckDB, for those answers alone)."""
     result = {}
     texts = _texts(catalog, doc_ids[np.unique(np.concatenate(list(tops.values())))] if tops else [])
     for query_id, top in tops.items():
@@ -232,15 +215,18 @@ def _answer_ranks(catalog: Catalog, rows: dict[str, np.ndarray], tops: dict[str,
         has = np.array([bool(pattern.search(texts[d])) for d in doc_ids[top]], dtype=bool)
         first = int(np.argmax(has)) + 1 if has.any() else None
         if first is None and len(top) < len(doc_ids):
-            first = _first_rank_beyond(catalog, rows[query_id], pattern, answers[query_id], doc_ids)
+            first = _first_rank_beyond(catalog, rows[query_id], wider[query_id], pattern, answers[query_id],
+                                       doc_ids)
         result[query_id] = {"answer": answers[query_id], "top": int(min(ANSWER_TOP, len(doc_ids))),
                             "contains": int(has[:ANSWER_TOP].sum()), "first_rank": first}
     return result
 
 
-def _first_rank_beyond(catalog: Catalog, row: np.ndarray, pattern, answer: str, doc_ids: np.ndarray) -> int | None:
-    """The rank of the best document holding the answer when none of the top ANSWER_TOP does."""
-    wider = analyses.top_order(row, np.sort(row), ANSWER_WIDER)
+def _first_rank_beyond(catalog: Catalog, row: np.ndarray, value: float, pattern, answer: str,
+                       doc_ids: np.ndarray) -> int | None:
+    """The rank of the best document holding the answer when none of the top ANSWER_TOP does (`value`:
+    the row's ANSWER_WIDER-th largest score)."""
+    wider = analyses.top_order_above(row, value, min(ANSWER_WIDER, len(row)))
     texts = _texts(catalog, doc_ids[wider])
     has = np.array([bool(pattern.search(texts[d])) for d in doc_ids[wider]], dtype=bool)
     if has.any():

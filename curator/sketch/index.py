@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,75 @@ DEFAULT_NPROBE = 128              # of at most 512 lists: fewer miss much of the
 
 
 # -- the store's float16 shards, memory-mapped -------------------------------------------------
+
+def as_float32(values: np.ndarray) -> np.ndarray:
+    """Stored sketch values as float32 (exact: every float16 is a float32). float16 is decoded by torch,
+    whose conversion uses the CPU's half-precision instructions: 3.5× numpy's `astype` on one thread
+    (128 rows of 23,807: 7 ms against 25 ms, medians), and decoding is most of re-scoring's time
+    (docs/results/search_scale.md). See `one_torch_thread` for the thread count."""
+    if values.dtype != np.float16:
+        return np.asarray(values, dtype=np.float32)
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():      # a read-only memory map: torch warns, and only reads it here
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(values)).float().numpy()
+
+
+@contextmanager
+def one_blas_thread():
+    """numpy's OpenBLAS at one thread inside (and its own count restored after). On cores other
+    processes share, OpenBLAS's second thread spins waiting for a core, and its spinning slows the
+    rest of the process too: the audit's correlation products (100 × 65,536 blocks) took 0.59 s a
+    block on two threads against 0.06 s on one, re-scoring's products (128 rows × 16 queries) 18 ms
+    against 1.8 ms (medians; docs/results/out_of_core.md, search_scale.md). threadpoolctl does this for
+    any BLAS; curator does not depend on it, so this finds numpy's bundled OpenBLAS among the loaded
+    libraries (Linux) and does nothing where there is none."""
+    setter = getter = None
+    try:
+        import ctypes
+        import re
+
+        with open("/proc/self/maps") as maps:
+            libraries = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", maps.read())))
+        for library in libraries:
+            handle = ctypes.CDLL(library)
+            for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+                if hasattr(handle, f"{prefix}_set_num_threads{suffix}"):
+                    setter = getattr(handle, f"{prefix}_set_num_threads{suffix}")
+                    getter = getattr(handle, f"{prefix}_get_num_threads{suffix}")
+                    break
+            if setter is not None:
+                break
+    except OSError:
+        setter = None
+    if setter is None:
+        yield
+        return
+    before = getter()
+    setter(1)
+    try:
+        yield
+    finally:
+        setter(before)
+
+
+@contextmanager
+def one_torch_thread():
+    """torch at one intra-op thread inside (restored after). Decoding 128 rows of float16 took 20 ms on
+    torch's default two threads and 7 ms on one, on cores other processes share (medians of 40): the
+    second thread waits for a core it does not get, and a block is too small to gain from it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 class StoreRows:
     """Rows of a store by position (store order), read from memory-mapped shards, for exact re-scoring.
@@ -83,7 +153,7 @@ class StoreRows:
 
     def block(self, shard: int) -> np.ndarray:
         """One shard's sketches as float32 (decoded exactly)."""
-        return self.values[shard].astype(np.float32) * self.scales[shard]
+        return as_float32(self.values[shard]) * self.scales[shard]
 
     def products(self, positions: np.ndarray, queries: np.ndarray) -> np.ndarray:
         """positions × queries exact sketch scores, for sorted store positions: each shard's rows are read
@@ -93,8 +163,10 @@ class StoreRows:
         for shard in range(len(self.values)):
             lo, hi = bounds[shard], bounds[shard + 1]
             if hi > lo:
-                block = self.values[shard][positions[lo:hi] - self.starts[shard]].astype(np.float32)
-                out[lo:hi] = block @ (queries * self.scales[shard]).T
+                block = as_float32(self.values[shard][positions[lo:hi] - self.starts[shard]])
+                # dim × queries, contiguous: OpenBLAS took 5× longer on the transposed view (17 ms against
+                # 3 ms for 256 rows and 16 queries)
+                out[lo:hi] = block @ np.ascontiguousarray((queries * self.scales[shard]).T)
         return out
 
     def scores(self, query_vectors: np.ndarray, rows: np.ndarray, chunk: int = 16) -> np.ndarray:
@@ -105,12 +177,13 @@ class StoreRows:
         rows = np.asarray(rows, dtype=np.int64)
         queries = np.asarray(query_vectors, dtype=np.float32)
         out = np.full(rows.shape, -np.inf, dtype=np.float32)
-        for start in range(0, len(rows), chunk):
-            part = rows[start:start + chunk]
-            valid = part >= 0
-            unique, inverse = np.unique(part[valid], return_inverse=True)
-            products = self.products(unique, queries[start:start + chunk])
-            out[start:start + chunk][valid] = products[inverse, np.nonzero(valid)[0]]
+        with one_torch_thread(), one_blas_thread():
+            for start in range(0, len(rows), chunk):
+                part = rows[start:start + chunk]
+                valid = part >= 0
+                unique, inverse = np.unique(part[valid], return_inverse=True)     # sorted: shard by shard
+                products = self.products(unique, queries[start:start + chunk])
+                out[start:start + chunk][valid] = products[inverse, np.nonzero(valid)[0]]
         return out
 
 
@@ -171,7 +244,7 @@ def training_sample(rows: StoreRows, size: int, seed: int) -> np.ndarray:
         return np.concatenate([rows.block(s) for s in range(len(rows.values))])
     chosen = np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
     shard_of = np.searchsorted(rows.starts, chosen, side="right") - 1
-    parts = [rows.values[s][chosen[shard_of == s] - rows.starts[s]].astype(np.float32) * rows.scales[s]
+    parts = [as_float32(rows.values[s][chosen[shard_of == s] - rows.starts[s]]) * rows.scales[s]
              for s in np.unique(shard_of)]
     return np.concatenate(parts)
 
