@@ -93,7 +93,8 @@ def render(data: dict) -> str:
     setup = data["setup"]
     meta = (f"Evaluation {html.escape(data['id'])} · model {html.escape(setup['model'])} "
             f"({'trained from scratch' if setup['from_scratch'] else 'continued pretraining'}) · "
-            f"{setup['trained_tokens']:,} training tokens per arm ({setup['steps']} step{'s' if setup['steps'] != 1 else ''} of "
+            f"{setup['trained_tokens']:,} training tokens per arm ({setup['steps']} "
+            f"step{'s' if setup['steps'] != 1 else ''} of "
             f"{setup['batch_rows']} × {setup['seq_len']}) · {setup['seeds']} seed(s) · "
             f"{setup['queries']} held-out queries · {setup['heldout_docs']} held-out documents · "
             f"{html.escape(data['generated'])}")

@@ -241,8 +241,8 @@ def evaluate(ws: Workspace, config: EvaluateConfig, *, progress: Progress | None
     return data
 
 
-def _train_and_measure(model, initial: dict, base: ArmResult, the_plan: Plan, starting: Starting, measures: Measures, arm: Arm,
-                       folder: Path, progress: Progress) -> ArmResult:
+def _train_and_measure(model, initial: dict, base: ArmResult, the_plan: Plan, starting: Starting,
+                       measures: Measures, arm: Arm, folder: Path, progress: Progress) -> ArmResult:
     config = the_plan.config
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
