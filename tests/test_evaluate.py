@@ -245,6 +245,87 @@ def test_a_killed_evaluation_resumes_to_the_same_result(mixed, finished):
     assert all(loss == got[arm, seed]["reasoning_loss"] for arm, seed, loss in rows)
 
 
+def test_an_arm_whose_catalog_row_failed_is_recorded_by_the_next_run(mixed, finished, monkeypatch):
+    """Another process holds the catalog for writing (DuckDB refuses a second writer process) when an arm
+    finishes: its result is kept, its row cannot be written, the run stops. The next run trains nothing,
+    writes the missing row, and every number equals an uninterrupted run's."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("CURATOR_LOCK_WAIT", raising=False)
+    _, ws, _ = mixed
+    _, reference = finished
+    config = EvaluateConfig(mixtures=["twin"], baselines=[], **{**SMALL, "seeds": 1})
+
+    class HoldAtLastCheckpoint(StopAt):
+        holder = None
+
+        def checkpoint(self, label, step):
+            super().checkpoint(label, step)
+            if step == config.steps:
+                self.holder = subprocess.Popen(
+                    [sys.executable, "-c", "import duckdb, sys; c = duckdb.connect(sys.argv[1]); "
+                     "print('held', flush=True); sys.stdin.read()", str(ws.catalog_path)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                assert self.holder.stdout.readline().strip() == "held"
+
+    hold = HoldAtLastCheckpoint()
+    try:
+        with pytest.raises(CuratorError, match="in use"):
+            evaluate(ws, config, progress=hold)
+    finally:
+        if hold.holder is not None:
+            hold.holder.stdin.close()
+            hold.holder.wait(timeout=30)
+    assert hold.arms == [("twin-s0", 0)]
+    folder = next(p for p in work_folder(ws, "x").parent.iterdir() if (p / "twin-s0" / "result.json").is_file()
+                  and not (p / "top-s0").exists())
+    with Catalog.open(ws) as catalog:
+        assert catalog.sql("SELECT arm FROM evaluation_results WHERE evaluation_id = ?", [folder.name]) == [("base",)]
+    again = StopAt()
+    data = evaluate(ws, config, progress=again)
+    assert again.arms == [] and not list(folder.rglob("state.pt"))
+    want = {(r["arm"], r["seed"]): r for r in reference["results"] if r["arm"] in ("base", "twin") and r["seed"] == 0}
+    with Catalog.open(ws) as catalog:
+        rows = catalog.sql("SELECT arm, seed, reasoning_loss, factual_loss, general_ppl, accuracy, trained_tokens "
+                           "FROM evaluation_results WHERE evaluation_id = ? ORDER BY arm", [data["id"]])
+    assert [(a, s) for a, s, *_ in rows] == [("base", 0), ("twin", 0)]
+    for arm, seed, *numbers in rows:
+        r = want[arm, seed]
+        assert numbers == [r["reasoning_loss"], r["factual_loss"], r["general_ppl"], r["accuracy"],
+                           r["trained_tokens"]], arm
+
+
+def test_dropout_draws_do_not_depend_on_arm_order_or_where_a_resume_started(mixed, tmp_path):
+    """A from-scratch model with dropout: the same arm, trained first, or second and killed and resumed,
+    reaches the same numbers; two arms of the same documents and seed train identically."""
+    _, ws, _ = mixed
+    spec = tmp_path / "dropout.json"
+    spec.write_text(json.dumps({"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                "max_position_embeddings": 1024, "attention_dropout": 0.5}))
+    small = {**SMALL, "seeds": 1, "max_new_tokens": 4, "from_scratch": str(spec)}
+
+    def numbers(data, arm):
+        row = next(r for r in data["results"] if r["arm"] == arm)
+        return {k: v for k, v in row.items() if k not in ("arm", "seconds")}
+
+    first = evaluate(ws, EvaluateConfig(mixtures=["top"], baselines=[], **small))
+    # top trained second (after twin, which holds the same documents), killed at its first checkpoint.
+    config = EvaluateConfig(mixtures=["twin", "top"], baselines=[], **small)
+    stop = StopAt(after=3)          # twin: checkpoints at steps 2 and 4; top: killed at step 2
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ws, config, progress=stop)
+    again = StopAt()
+    resumed = evaluate(ws, config, progress=again)
+    assert again.arms == [("top-s0", 2)]
+    assert numbers(resumed, "top") == numbers(first, "top") == numbers(resumed, "twin")
+    # Dropout is on: the same documents without it train differently (the checks above can fail).
+    spec.write_text(json.dumps({**json.loads(spec.read_text()), "attention_dropout": 0.0}))
+    plain = evaluate(ws, EvaluateConfig(mixtures=["top"], baselines=[], **small))
+    assert numbers(plain, "top")["reasoning_loss"] != numbers(first, "top")["reasoning_loss"]
+
+
 def test_the_accuracy_check_solves_each_problem_again_from_the_prompt():
     checked = 0
     for task in ("arithmetic", "slope", "linear"):
@@ -295,6 +376,13 @@ def test_the_report_says_plainly_when_the_mixture_does_not_beat_a_baseline(mixed
     assert stats.compare(mixture, noisy, "reasoning_loss")["verdict"] == "no difference"
     same = stats.compare(mixture, mixture, "reasoning_loss")
     assert same["verdict"] == "equal" and "equal on every seed" in stats.sentence("m", "b", same)
+    # One right answer more out of 24 on every seed: no spread, so no interval and no claim.
+    ahead = stats.compare([{"seed": s, "accuracy": 1 / 24 + s / 8} for s in range(3)],
+                          [{"seed": s, "accuracy": s / 8} for s in range(3)], "accuracy")
+    said = stats.sentence("m", "b", ahead)
+    assert ahead["verdict"] == "same on every seed" and ahead["low"] is None and ahead["high"] is None
+    assert "does NOT beat" in said and "same on every seed" in said and "0.04167" in said and "interval 0" not in said
+    assert stats.interval([0.5, 0.5, 0.5]) == {"mean": 0.5, "low": None, "high": None, "n": 3, "same": True}
     assert data["summary"]["base"]["reasoning_loss"]["n"] == 1        # measured once, not once per seed
     summary = stats.interval([1.0, 2.0, 3.0])
     assert summary["mean"] == 2.0 and summary["high"] - 2.0 == pytest.approx(4.303 / 3 ** 0.5)

@@ -25,6 +25,8 @@ def _num(value, digits: int = 4) -> str:
 def _cell(stat: dict) -> str:
     if stat["mean"] is None:
         return "–"
+    if stat.get("same"):
+        return f"{_num(stat['mean'])} <span class='meta'>(every seed)</span>"
     if stat["low"] is None:
         return _num(stat["mean"])
     return f"{_num(stat['mean'])} <span class='meta'>[{_num(stat['low'])}, {_num(stat['high'])}]</span>"
@@ -103,7 +105,8 @@ def render(data: dict) -> str:
                "<b>base</b> is the model before training. Losses are nats per completion token on held-out "
                "queries that no ranking used; control queries are the factual ones. Accuracy is the exact match "
                "of greedy completions, the answer solved again from each prompt. Brackets: 95% intervals over "
-               "seeds (Student's t).</p>")
+               "seeds (Student's t); they cover the variation between seeds, not the sampling of the few "
+               "held-out queries. '(every seed)': the same value on every seed, so no interval.</p>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>curator evaluation {html.escape(data['id'])}"
             f"</title><style>{CSS}</style></head><body><h1>Does the mixture help?</h1><p class='meta'>{meta}</p>"
             f"<div class='note'><b>Outcome</b><ul>{verdicts}</ul></div>{explain}<h2>Results</h2>{_table(data)}"

@@ -236,6 +236,9 @@ def evaluate(ws: Workspace, config: EvaluateConfig, *, progress: Progress | None
     write_report(data, html_path, json_path)
     data["report"], data["report_json"] = str(html_path), str(json_path)
     with Catalog.open(ws, write=True) as catalog:
+        # Every finished arm's row again (idempotent): a resumed run trusts `result.json`, so an arm whose
+        # row was never written (the catalog was busy when it finished) is recorded here.
+        _record_results(catalog, the_plan, results)
         catalog.sql("UPDATE evaluations SET state = 'done', report = ?, finished_at = current_timestamp "
                     "WHERE id = ?", [str(html_path), the_plan.id])
     return data
@@ -252,7 +255,7 @@ def _train_and_measure(model, initial: dict, base: ArmResult, the_plan: Plan, st
     sequences = packed_sequences(ids, eos if eos is not None else 0, config)
     arm_key = content_id("arm", the_plan.id, arm.name, arm.seed)
     start = {"reasoning_loss": base.reasoning_loss, "factual_loss": base.factual_loss}
-    curve = train_arm(model, initial, sequences, config, folder, arm_key, start,
+    curve = train_arm(model, initial, sequences, config, folder, arm_key, arm.seed, start,
                       lambda: measures.curve_point(model), progress, arm.label)
     result, records = measures.full(model, arm.name, arm.kind, arm.seed, arm, curve, started)
     _save_records(folder, records)
@@ -267,8 +270,13 @@ def _train_and_measure(model, initial: dict, base: ArmResult, the_plan: Plan, st
 
 
 def _finished(folder: Path) -> ArmResult | None:
+    """The arm's result when it finished; a checkpoint left beside it (a run stopped between writing the
+    result and removing the checkpoint) is removed."""
     path = folder / RESULT_FILE
-    return ArmResult.model_validate_json(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    return ArmResult.model_validate_json(path.read_text())
 
 
 def _save_records(folder: Path, records: list[dict]) -> None:
@@ -277,10 +285,17 @@ def _save_records(folder: Path, records: list[dict]) -> None:
 
 
 def _finish(ws: Workspace, the_plan: Plan, folder: Path, result: ArmResult) -> None:
-    """The arm's result file (what a resumed run trusts), its catalog row, and its checkpoint removed."""
+    """The arm's result file (what a resumed run trusts), its checkpoint removed, and its catalog row. The
+    row is written again at the end of every run, so a row lost here (the catalog busy) is not lost."""
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / RESULT_FILE, result.model_dump_json(indent=1))
+    (folder / STATE_FILE).unlink(missing_ok=True)
     with Catalog.open(ws, write=True) as catalog:
+        _record_results(catalog, the_plan, [result])
+
+
+def _record_results(catalog: Catalog, the_plan: Plan, results: list[ArmResult]) -> None:
+    for result in results:
         catalog.sql(
             "INSERT OR REPLACE INTO evaluation_results (evaluation_id, arm, kind, seed, documents, distinct_tokens, "
             "trained_tokens, reasoning_loss, factual_loss, general_ppl, accuracy, details) "
@@ -289,7 +304,6 @@ def _finish(ws: Workspace, the_plan: Plan, folder: Path, result: ArmResult) -> N
              result.trained_tokens, result.reasoning_loss, result.factual_loss, result.general_ppl, result.accuracy,
              json.dumps({"per_task_loss": result.per_task_loss, "per_task_accuracy": result.per_task_accuracy,
                          "curve": result.curve, "seconds": result.seconds})])
-    (folder / STATE_FILE).unlink(missing_ok=True)
 
 
 def _write_plan(folder: Path, the_plan: Plan) -> None:

@@ -3,7 +3,9 @@
 An interval is mean ± t(0.975, n−1) · sd / √n (Student's t: with three seeds the half-width is 2.48
 standard errors, not 1.96). A comparison pairs the mixture and the baseline seed by seed (the same seed
 is the same data order) and puts the interval on the mean difference; the mixture *beats* the baseline
-on a metric only when the whole interval lies on the better side. Anything else is said plainly.
+on a metric only when the whole interval lies on the better side. A difference that is the same on every
+seed (discrete metrics such as accuracy on a few queries do this) has no spread to build an interval
+from: it is reported as such, with no interval and no claim. Anything else is said plainly.
 """
 
 from __future__ import annotations
@@ -22,17 +24,18 @@ METRICS = {"reasoning_loss": True, "factual_loss": True, "general_ppl": True, "a
 
 
 def interval(values: Sequence[float]) -> dict:
-    """{mean, low, high, n}; low/high None with one value (no spread to go on)."""
+    """{mean, low, high, n, same}; low/high None with one value, or with the same value on every seed
+    (`same`): no spread to go on, and a zero-width interval would claim a certainty the seeds do not give."""
     values = [v for v in values if v is not None]
     n = len(values)
     if n == 0:
-        return {"mean": None, "low": None, "high": None, "n": 0}
+        return {"mean": None, "low": None, "high": None, "n": 0, "same": False}
+    if n == 1 or max(values) - min(values) <= 1e-12 * max(1.0, *(abs(v) for v in values)):     # rounding
+        return {"mean": sum(values) / n, "low": None, "high": None, "n": n, "same": n > 1}
     mean = sum(values) / n
-    if n == 1:
-        return {"mean": mean, "low": None, "high": None, "n": 1}
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = _T975.get(n - 1, 1.96) * sd / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "same": False}
 
 
 def summarise(results: Sequence[dict]) -> dict[str, dict[str, dict]]:
@@ -45,8 +48,8 @@ def summarise(results: Sequence[dict]) -> dict[str, dict[str, dict]]:
 
 def compare(mixture: Sequence[dict], baseline: Sequence[dict], metric: str) -> dict:
     """Paired by seed: improvement = (baseline − mixture) for losses, (mixture − baseline) for accuracy, so
-    positive always means the mixture did better. verdict: better | worse | no difference | equal (the same
-    on every seed)."""
+    positive always means the mixture did better. verdict: better | worse | no difference | equal (no
+    difference on any seed) | same on every seed (one non-zero difference, repeated: no interval, no claim)."""
     lower_better = METRICS[metric]
     by_seed = {r["seed"]: r[metric] for r in baseline if r[metric] is not None}
     diffs = [(by_seed[r["seed"]] - r[metric]) if lower_better else (r[metric] - by_seed[r["seed"]])
@@ -54,10 +57,10 @@ def compare(mixture: Sequence[dict], baseline: Sequence[dict], metric: str) -> d
     result = interval(diffs)
     if result["n"] == 0:
         verdict = "not measured"
+    elif result["same"]:
+        verdict = "equal" if abs(result["mean"]) <= 1e-12 else "same on every seed"
     elif result["low"] is None:
         verdict = "one seed: no interval"
-    elif result["low"] == result["high"] == 0:
-        verdict = "equal"
     elif result["low"] > 0:
         verdict = "better"
     elif result["high"] < 0:
@@ -77,6 +80,11 @@ def sentence(mixture: str, baseline: str, comparison: dict) -> str:
     if comparison["verdict"] == "worse":
         return f"{mixture} does NOT beat {baseline} on {what}: it is worse (improvement {comparison['mean']:.4g}, " \
                f"95% interval {comparison['low']:.4g} to {comparison['high']:.4g})."
+    if comparison["verdict"] == "same on every seed":
+        side = "better" if comparison["mean"] > 0 else "worse"
+        return f"{mixture} does NOT beat {baseline} on {what} as far as the seeds show: the difference was the " \
+               f"same on every seed ({comparison['mean']:.4g}, the mixture {side}), which gives no interval; " \
+               f"no claim either way."
     if comparison["verdict"] == "equal":
         return f"{mixture} does NOT beat {baseline} on {what}: the two are equal on every seed."
     if comparison["verdict"] == "no difference":

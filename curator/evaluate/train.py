@@ -8,12 +8,15 @@ fewer tokens than the steps need (less than one document short, by construction 
 over from its first document, so every arm trains on exactly steps × batch_rows × seq_len tokens.
 
 At each checkpoint the held-out losses are measured (the curve of loss over training tokens) and the
-model and optimiser state are saved (`state.pt`, written as `.part` and renamed); a killed arm resumes
-from its last checkpoint and reaches bit-for-bit the numbers an uninterrupted run reaches.
+model, optimiser and random-generator states are saved (`state.pt`, written as `.part` and renamed); a
+killed arm resumes from its last checkpoint and reaches bit-for-bit the numbers an uninterrupted run
+reaches. torch's generators (dropout) are seeded at the start of every arm from its seed alone, so an
+arm's numbers depend neither on the arms trained before it nor on where a resumed run started.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -72,12 +75,34 @@ class Progress:
     def checkpoint(self, label: str, step: int) -> None: ...
 
 
+def training_seed(seed: int) -> int:
+    """The seed of torch's generators (dropout) for every arm of `seed`: like the data order, the same for
+    every arm of a seed, so arms given the same documents train identically, dropout or not."""
+    return int.from_bytes(hashlib.sha256(f"curator-evaluate-train:{seed}".encode()).digest()[:8], "big") >> 1
+
+
+def rng_state() -> dict:
+    """torch's generator states (CPU, and every CUDA device when there are any)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
 def train_arm(model, initial_state: dict, sequences: torch.Tensor, config: EvaluateConfig, folder: Path,
-              arm_key: str, start: dict, measure: Callable[[], dict], progress: Progress, label: str) -> list[dict]:
+              arm_key: str, seed: int, start: dict, measure: Callable[[], dict], progress: Progress,
+              label: str) -> list[dict]:
     """Train `model` from `initial_state` on `sequences`, resuming from `folder/state.pt` when it holds a
-    checkpoint of this arm. Returns the curve {tokens, ...measure()}: `start` (the starting weights'
-    numbers, measured once for all arms) and each checkpoint before the last; the caller measures the
-    trained model in full and adds the last point."""
+    checkpoint of this arm (and then its generators' states; else torch is seeded from `training_seed`).
+    Returns the curve {tokens, ...measure()}: `start` (the starting weights' numbers, measured once for
+    all arms) and each checkpoint before the last; the caller measures the trained model in full and adds
+    the last point."""
     device = next(model.parameters()).device
     model.load_state_dict(initial_state)
     model.requires_grad_(True)
@@ -85,12 +110,17 @@ def train_arm(model, initial_state: dict, sequences: torch.Tensor, config: Evalu
     opt = optimiser(model, config)
     state_path = folder / STATE_FILE
     first, curve = 0, [{"tokens": 0, **start}]
+    # Dropout draws from torch's generators: seeded for every arm (whatever ran before it) and saved with
+    # each checkpoint (wherever a resumed run starts).
+    torch.manual_seed(training_seed(seed))
     if state_path.is_file():
         saved = torch.load(state_path, map_location=device, weights_only=True)
         if saved.get("arm_key") == arm_key:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             first, curve = int(saved["step"]), json.loads(saved["curve"])
+            if "rng" in saved:             # (checkpoints written before the generators were saved lack it)
+                set_rng_state(saved["rng"])
     marks = set(checkpoint_steps(config))
     progress.arm(label, config.steps, first)
     for step in range(first, config.steps):
@@ -110,7 +140,8 @@ def train_arm(model, initial_state: dict, sequences: torch.Tensor, config: Evalu
             if step + 1 < config.steps:
                 curve.append({"tokens": (step + 1) * config.batch_tokens, **measure()})
             save_state(state_path, {"arm_key": arm_key, "step": step + 1, "model": model.state_dict(),
-                                    "optimizer": opt.state_dict(), "curve": json.dumps(curve)})
+                                    "optimizer": opt.state_dict(), "curve": json.dumps(curve),
+                                    "rng": rng_state()})
             progress.checkpoint(label, step + 1)
     model.eval()
     return curve
