@@ -283,9 +283,14 @@ def test_job_lifecycle_with_events_and_cancel(built):
         # A second model job on the same device waits in its lane; a catalog job does not wait for it.
         queued = api.post("/jobs", json={"kind": "fit", "force": True,
                                          "config": {"model": "tiny", "layers": "last:1", "seed": 6}}).json()
-        beside = api.post("/jobs", json={"kind": "audit"}).json()
+        beside = api.post("/jobs", json={"kind": "audit", "after": []}).json()
         assert api.post(f"/jobs/{queued['id']}/cancel").json()["state"] == "cancelled"
         assert wait_job(api, beside["id"])["state"] == "done"
+        again = api.post("/jobs", json={"kind": "fit", "force": True, "config": {"model": "tiny", "layers": "last:1",
+                                                                                 "seed": 5, "device": "cuda"}})
+        assert again.status_code == 409 and running["id"] in again.json()["error"]
+        unknown = api.post("/jobs", json={"kind": "audit", "after": ["job-nope"]})
+        assert unknown.status_code == 422 and unknown.json()["field"] == "body.after.0"
 
         def cancel_once_running(record):
             if record["state"] == "running" and not cancelled:

@@ -56,12 +56,18 @@ def test_a_killed_server_resumes_its_job_on_restart(tmp_path):
             slow = api.post("/jobs", json={"kind": "score", "config": {"queries": "arithmetic-s5", "chunk_docs": 4,
                                                                        "batch_tokens": 16}}).json()
             wait_until(api, slow["id"], lambda j: j["state"] == "running" and (j["progress"] or {}).get("done", 0) > 0)
-            ranked = submit_and_wait(api, {"kind": "rank", "config": {"name": "r", "run": run_id}})
-            mixed = submit_and_wait(api, {"kind": "mix", "spec": {"name": "m", "ranking": "r", "budget_tokens": 100}})
+            follower = api.post("/jobs", json={"kind": "audit"}).json()     # by default it waits for the score
+            assert follower["after"] == [slow["id"]]
+            ranked = submit_and_wait(api, {"kind": "rank", "config": {"name": "r", "run": run_id}, "after": []})
+            mixed = submit_and_wait(api, {"kind": "mix", "spec": {"name": "m", "ranking": "r", "budget_tokens": 100},
+                                          "after": []})
             slow = wait_job(api, slow["id"])
             assert slow["state"] == "done", slow
-            # Rank started while the score ran (in one queue it would have waited for the score to end).
+            # Rank started while the score ran (in one queue it would have waited for the score to end),
+            # ahead of the audit queued before it in its lane, which waited for the score.
             assert slow["started_at"] < ranked["started_at"] < slow["finished_at"], (slow, ranked)
+            follower = wait_job(api, follower["id"])
+            assert follower["state"] == "done" and follower["started_at"] >= slow["finished_at"], follower
 
             # An ingest killed mid-way with the server: reads answer while it writes, and it resumes.
             big = api.post("/jobs", json={"kind": "ingest", "paths": ["big.jsonl"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,18 +50,25 @@ class FileLock:
         self.path = path
         self._file = None
 
-    def acquire(self) -> bool:
-        """Take the lock if it is free now; False when another process (or another FileLock) holds it."""
+    def acquire(self, wait: float = 1.0) -> bool:
+        """Take the lock, trying for up to `wait` seconds; False when another process (or another
+        FileLock) holds it all that time. The retries matter: lock_is_held() takes the lock for an
+        instant to test it, and a request landing in that instant must not be refused."""
         import fcntl
 
         handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            return False
-        self._file = handle
-        return True
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.close()
+                    return False
+                time.sleep(0.005)
+                continue
+            self._file = handle
+            return True
 
     def release(self) -> None:
         if self._file is not None:
@@ -73,7 +81,7 @@ def lock_is_held(path: Path) -> bool:
     if not path.exists():
         return False
     probe = FileLock(path)
-    if probe.acquire():
+    if probe.acquire(wait=0.05):        # a holder holds it throughout; another probe only for an instant
         probe.release()
         return False
     return True
@@ -115,7 +123,8 @@ class Catalog:
             raise CatalogLockedError(f"the catalog {path} belongs to {server}")
         if wait is None:
             wait = float(os.environ.get(LOCK_WAIT_ENV) or 0)
-        deadline = time.monotonic() + wait
+        started = time.monotonic()
+        deadline, told = started + wait, False
         while True:
             try:
                 con = duckdb.connect(str(path), read_only=not write, config={
@@ -125,6 +134,10 @@ class Catalog:
                 if "lock" not in str(exc).lower():
                     raise WorkspaceError(f"cannot open the catalog {path}: {exc}") from None
                 if time.monotonic() < deadline:
+                    if not told and time.monotonic() > started + 10:
+                        told = True
+                        print(f"waiting for the catalog {path}: another process holds it", file=sys.stderr,
+                              flush=True)
                     time.sleep(0.05)
                     continue
                 held = _server_holding(workspace, anyone=True)

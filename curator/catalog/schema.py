@@ -304,6 +304,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        8,
+        "jobs wait for the jobs they follow",
+        """
+        -- The ids of the jobs a job waits for (until they end) before it runs.
+        ALTER TABLE jobs ADD COLUMN after_jobs JSON;
+        """,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

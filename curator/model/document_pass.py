@@ -108,13 +108,17 @@ def read_ahead(catalog: Catalog, chunks: list[list[int]], order: list[int]) -> I
     chunks), and the opening then overlaps the model's work instead of adding to it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(1, thread_name_prefix="curator-read-ahead") as reader:
+    reader = ThreadPoolExecutor(1, thread_name_prefix="curator-read-ahead")
+    try:
         upcoming = reader.submit(chunk_texts, catalog, chunks[order[0]]) if order else None
         for position in range(len(order)):
             rows = upcoming.result()
             if position + 1 < len(order):
                 upcoming = reader.submit(chunk_texts, catalog, chunks[order[position + 1]])
             yield rows
+    finally:
+        # When the pass fails, its error comes out now, not after a read that may be waiting its turn.
+        reader.shutdown(wait=False, cancel_futures=True)
 
 
 def document_batches(catalog: Catalog, tokenizer, ids: Sequence[int], max_len: int, batch_tokens: int,

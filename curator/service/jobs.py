@@ -61,12 +61,12 @@ class JobManager:
         notes = []
         rows = self.catalog.read(lambda c: c.sql(
             "SELECT id, kind, state, params, device, attempts, progress, result, error, submitted_at, started_at, "
-            "finished_at FROM jobs ORDER BY submitted_at"))
+            "finished_at, coalesce(after_jobs, '[]') FROM jobs ORDER BY submitted_at"))
         names = ("id", "kind", "state", "params", "device", "attempts", "progress", "result", "error",
-                 "submitted_at", "started_at", "finished_at")
+                 "submitted_at", "started_at", "finished_at", "after")
         for row in rows:
             record = dict(zip(names, row, strict=True))
-            for key in ("params", "progress", "result"):
+            for key in ("params", "progress", "result", "after"):
                 record[key] = json.loads(record[key]) if record[key] is not None else None
             self.jobs[record["id"]] = JobRecord(**record)
         for path in sorted(self.folder.glob("*.json")):
@@ -111,10 +111,23 @@ class JobManager:
         self.flush()
 
     # -- the API's operations --------------------------------------------------------------
-    def submit(self, kind: str, params: dict, device: str) -> JobRecord:
-        job = JobRecord(id=f"job-{time.strftime('%Y%m%d')}-{secrets.token_hex(4)}", kind=kind, state="queued",
-                        params=params, device=device, submitted_at=_now())
+    def submit(self, kind: str, params: dict, device: str, after: list[str] | None = None) -> JobRecord:
+        """Queue a job behind `after` (default: every job that has not ended). The same job (kind and
+        parameters, whatever the device) while one is queued or running is refused: both would write
+        the same artifact."""
         with self.cond:
+            unfinished = [j for j in sorted(self.jobs.values(), key=lambda j: j.submitted_at)
+                          if j.state not in FINAL_STATES]
+            for other in unfinished:
+                if other.kind == kind and _same_work(other.params, params):
+                    raise ApiError(409, "body", f"the same {kind} job is already {other.state}: {other.id}")
+            if after is None:
+                after = [j.id for j in unfinished]
+            for number, job_id in enumerate(after):
+                if job_id not in self.jobs:
+                    raise ApiError(422, f"body.after.{number}", f"no job {job_id!r} to wait for")
+            job = JobRecord(id=f"job-{time.strftime('%Y%m%d')}-{secrets.token_hex(4)}", kind=kind, state="queued",
+                            params=params, device=device, after=list(dict.fromkeys(after)), submitted_at=_now())
             self.jobs[job.id] = job
             self._save(job)
             self._enqueue(job)
@@ -180,15 +193,21 @@ class JobManager:
         return f"job {', '.join(running)} is writing it" if running else "another process is writing it"
 
     # -- the runner ------------------------------------------------------------------------
+    def _ready(self, job_id: str) -> bool:
+        """Whether every job this one follows has ended (a job unknown here, e.g. dropped, does not hold it)."""
+        return all(self.jobs[other].state in FINAL_STATES for other in self.jobs[job_id].after if other in self.jobs)
+
     def _run_loop(self, lane: str) -> None:
         queue = self.queues[lane]
         while True:
             with self.cond:
-                while not queue and not self.stopping:
+                # The lane's first job whose predecessors have all ended (one waiting for a job of
+                # another lane lets a later, independent one go first).
+                while not self.stopping and (job_id := next((j for j in queue if self._ready(j)), None)) is None:
                     self.cond.wait()
                 if self.stopping:
                     return
-                job_id = queue.popleft()
+                queue.remove(job_id)
                 job = self.jobs[job_id]
                 self._update(job, state="running", started_at=_now(), attempts=job.attempts + 1,
                              progress=Progress(stage="starting"), error=None)
@@ -248,11 +267,14 @@ class JobManager:
 
     # -- records ---------------------------------------------------------------------------
     def _update(self, job: JobRecord, persist: bool = True, **changes) -> None:
+        """Change a job's record (under self.cond); an ending wakes the lanes whose jobs may wait for it."""
         job = job.model_copy(update=changes)
         self.jobs[job.id] = job
         self.versions[job.id] = self.versions.get(job.id, 0) + 1
         if persist:
             self._save(job)
+        if job.state in FINAL_STATES:
+            self.cond.notify_all()
 
     def _save(self, job: JobRecord) -> None:
         write_text_atomic(self.folder / f"{job.id}.json", job.model_dump_json())
@@ -277,11 +299,12 @@ class JobManager:
             for job in rows:
                 catalog.sql(
                     "INSERT OR REPLACE INTO jobs (id, kind, state, params, device, attempts, progress, result, "
-                    "error, submitted_at, started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "error, submitted_at, started_at, finished_at, after_jobs) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [job.id, job.kind, job.state, json.dumps(job.params),
                      job.device, job.attempts, job.progress.model_dump_json() if job.progress else None,
                      json.dumps(job.result) if job.result is not None else None, job.error, job.submitted_at,
-                     job.started_at, job.finished_at])
+                     job.started_at, job.finished_at, json.dumps(job.after)])
             catalog.sql("COMMIT")
 
         done, _ = self.catalog.try_write(upsert)
@@ -297,3 +320,13 @@ class JobManager:
             time.sleep(1.0)
             if self.dirty:
                 self.flush()
+
+
+def _same_work(a: dict, b: dict) -> bool:
+    """Whether two jobs' parameters describe the same work: equal but for the device they run on."""
+    def without_device(params: dict) -> dict:
+        config = params.get("config")
+        if isinstance(config, dict):
+            return {**params, "config": {k: v for k, v in config.items() if k != "device"}}
+        return params
+    return without_device(a) == without_device(b)

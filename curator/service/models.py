@@ -65,6 +65,7 @@ class JobRecord(BaseModel):
     params: dict
     device: str
     attempts: int = 0
+    after: list[str] = Field(default_factory=list, description="jobs this one waits for (until they end)")
     progress: Progress | None = None
     result: Any = None
     error: str | None = None
@@ -77,6 +78,12 @@ class JobRecord(BaseModel):
 
 class _Job(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    after: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
+        None, max_length=100,
+        description="ids of jobs this one waits for, until they end (done or not). Default: every job submitted "
+                    "before it that has not ended, so a pipeline posted in order runs in order. [] runs it as "
+                    "soon as its lane is free, beside jobs of other lanes.")
 
 
 class IngestJob(_Job):

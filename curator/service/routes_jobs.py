@@ -21,7 +21,7 @@ KEEPALIVE_S = 15.0
 def _confined(request: Request, job) -> dict:
     """The job's parameters with every server-side path resolved inside the roots."""
     svc = service_of(request)
-    params = job.model_dump(mode="json", exclude={"kind"})
+    params = job.model_dump(mode="json", exclude={"kind", "after"})
     if job.kind == "ingest":
         params["paths"] = [str(confine(p, svc.roots, f"body.paths.{i}")) for i, p in enumerate(job.paths)]
     for key in ("model",):
@@ -38,9 +38,10 @@ def _confined(request: Request, job) -> dict:
 
 @router.post("/jobs", status_code=202, dependencies=[Depends(write_scope)])
 def submit(request: Request, job: Annotated[JobRequest, Body()]) -> JobRecord:
-    """Queue a job; it runs in a worker process when the jobs before it are done. Server-side paths must lie
-    inside the server's --root folders."""
-    return service_of(request).jobs.submit(job.kind, _confined(request, job), device_of(job))
+    """Queue a job. It runs in a worker process once the jobs it follows have ended (`after`; by default every
+    job submitted before it) and its lane is free: one job at a time per device for fit, score, sketch and
+    index, one at a time for the catalog jobs. Server-side paths must lie inside the server's --root folders."""
+    return service_of(request).jobs.submit(job.kind, _confined(request, job), device_of(job), job.after)
 
 
 @router.get("/jobs", dependencies=[Depends(read_scope)])

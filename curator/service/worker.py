@@ -19,7 +19,10 @@ from curator.catalog.database import LOCK_WAIT_ENV
 from curator.service.models import report_paths
 
 SEND_EVERY_S = 0.25
-WORKER_LOCK_WAIT_S = "60"
+# A worker waits as long as it takes for the catalog: a job in another lane may read it for minutes
+# (an audit, an export), and failing a finished pass at its final write would throw the pass away.
+# A wait that lasts is said in the job's log, and the job can be cancelled.
+WORKER_LOCK_WAIT_S = str(24 * 3600)
 
 
 class PipeProgress:
