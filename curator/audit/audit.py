@@ -6,7 +6,8 @@ result is one JSON-ready dict; curator/audit/report.py draws the HTML from it, s
 every figure's numbers are in the JSON.
 
 The scores are held at most SLICE_BYTES at a time (curator/curate/scores.py):
-DuckDB reads the run's dataset into numpy slices,
+the run's dataset is read into numpy slices (parts with a summary, as `curator
+score` writes them: only their score column; other files through DuckDB),
   queries    groups of queries with all their documents: each query's
              concentration, top and bottom documents per source and answer
              ranks, from one sort of its scores;
@@ -42,6 +43,7 @@ SLICE_BYTES = 2**30            # scores held at once: 1 GiB (float32: 2M documen
 GRAM_COLUMNS = 2**16           # documents per float64 block of the correlations' sums of products
 ANSWER_TOP = 500               # the paper's top documents searched for a query's answer
 ANSWER_WIDER = 50_000          # searched next for the best-placed document holding it
+QUERY_THREADS = 2              # threads sorting and counting queries (beside the correlations' one)
 
 
 def audit(ws: Workspace, run_id: str | None = None) -> dict:
@@ -85,24 +87,21 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
     gram = analyses.Gram(len(query_ids))
     counts, concentration, occurrence = {}, {}, {}
     groups = _query_groups(catalog, run, query_ids, doc_ids, parts)
-    with ThreadPoolExecutor(1) as background:
+    with ThreadPoolExecutor(1) as background, ThreadPoolExecutor(QUERY_THREADS) as workers:
         summed = None
         for group, matrix in groups:
             if len(group) == len(query_ids):        # every query in one slice: its columns are the blocks
-                # The sums of products (BLAS, which releases the GIL) run on a second thread while this
-                # one sorts each query's scores: both only read the slice.
+                # The sums of products (BLAS, which releases the GIL) run on their own thread while the
+                # others sort and count each query's scores: all of them only read the slice.
                 summed = background.submit(lambda m=matrix: [gram.add(m[:, start:start + GRAM_COLUMNS])
                                                              for start in range(0, m.shape[1], GRAM_COLUMNS)])
             tops, wider = {}, {}
-            for query_id, row in zip(group, matrix, strict=True):
-                ascending = np.sort(row)              # the only sort of the row; the rest reads it
-                counts[query_id] = analyses.source_counts_sorted(row, ascending, split, ks)
-                concentration[query_id] = {
-                    "cumulative": analyses.cumulative_positive_ascending(ascending, analyses.PERCENTS),
-                    "power_law": analyses.power_law_sorted(ascending[::-1][:500].astype(np.float64))}
+            per_row = workers.map(lambda row, top: _query_analyses(row, split, ks, top), matrix,
+                                  [q in answers for q in group])
+            for query_id, (row_counts, row_concentration, top, kth) in zip(group, per_row, strict=True):
+                counts[query_id], concentration[query_id] = row_counts, row_concentration
                 if query_id in answers:
-                    tops[query_id] = analyses.top_order(row, ascending, ANSWER_TOP)
-                    wider[query_id] = ascending[len(row) - min(ANSWER_WIDER, len(row))]   # no second sort
+                    tops[query_id], wider[query_id] = top, kth
             occurrence.update(_answer_ranks(catalog, dict(zip(group, matrix, strict=True)), tops, wider, answers,
                                             doc_ids))
         if summed is not None:
@@ -120,6 +119,19 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
         "answer_occurrence": analyses.answer_occurrence(
             {q: occurrence[q] for q in query_ids if q in occurrence}, tasks),
     }
+
+
+def _query_analyses(row: np.ndarray, split: analyses.SourceSplit, ks: list[int], top: bool):
+    """One query's source counts, concentration and, with `top`, its ANSWER_TOP best positions and
+    ANSWER_WIDER-th largest score, from one sort of its scores (numpy's sort and comparisons release
+    the GIL, so queries run on QUERY_THREADS threads)."""
+    ascending = np.sort(row)                          # the only sort of the row; the rest reads it
+    concentration = {"cumulative": analyses.cumulative_positive_ascending(ascending, analyses.PERCENTS),
+                     "power_law": analyses.power_law_sorted(ascending[::-1][:500].astype(np.float64))}
+    if not top:
+        return analyses.source_counts_sorted(row, ascending, split, ks), concentration, None, None
+    return (analyses.source_counts_sorted(row, ascending, split, ks), concentration,
+            analyses.top_order(row, ascending, ANSWER_TOP), ascending[len(row) - min(ANSWER_WIDER, len(row))])
 
 
 def _queries_of(catalog: Catalog, run: RunRecord,
