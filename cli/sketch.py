@@ -47,15 +47,15 @@ def sketch(
     method: Annotated[Method, typer.Option(help="whitened-subspace (built from the suite in whitened "
                                                 "coordinates; the most faithful, docs/benchmarks.md), "
                                                 "mixed (whitened-subspace's suite directions interleaved with "
-                                                "directions of the documents' own gradients: for queries "
-                                                "phrased unlike the suite, docs/sketches.md), query-subspace (the "
+                                                "directions of the documents' own gradients; measured worse on "
+                                                "every kind of query, docs/sketches.md), query-subspace (the "
                                                 "same in plain coordinates), or the baselines eigen (top Fisher "
                                                 "eigenvectors) and random.")]
     = "whitened-subspace",
     document_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="mixed: share of each layer's directions "
                                                                           "(per side) taken from the documents' "
                                                                           "gradients instead of the suite's.")]
-    = 0.5,
+    = 0.25,
     document_sample: Annotated[int, typer.Option(min=2, help="mixed: documents (a seeded sample of the store's) "
                                                              "whose gradients give those directions.")] = 256,
     rank: Annotated[int | None, typer.Option(help="k per layer side: a k × k sketch per layer.",
@@ -95,7 +95,8 @@ def sketch(
 
     ws = workspace_from(workspace)
     config = SketchConfig(suite=suite, method=method.value, rank=rank, budget_bytes=budget_bytes,
-                          document_share=document_share, document_sample=document_sample, precision=precision.value, factors=factors, device=device, dtype=dtype.value,
+                          document_share=document_share, document_sample=document_sample,
+                          precision=precision.value, factors=factors, device=device, dtype=dtype.value,
                           batch_tokens=batch_tokens, shard_docs=shard_docs, seed=seed)
     with PassBar() as bar:
         store, result = sketch_and_measure(ws, config, holdout=holdout, sample=fidelity_sample, progress=bar,

@@ -6,8 +6,9 @@
                   query-subspace at every rank from 16 up (docs/benchmarks.md);
   mixed           whitened-subspace's suite directions interleaved with query-agnostic ones that
                   carry the documents' own gradient energy in the same whitened frame (a seeded
-                  sample of the store's documents), a `document_share` of each side's columns;
-                  for queries phrased unlike the suite (docs/sketches.md);
+                  sample of the store's documents), a `document_share` of each side's columns.
+                  Measured below whitened-subspace at every share and rank, on cross-format
+                  queries too (docs/sketches.md); kept so the comparison reproduces;
   query-subspace  the same subspace chosen from the P_q themselves (DESIGN.md, "Sketches");
   eigen, random   baselines that ignore the queries (top Fisher eigenvectors, or seeded
                   Gaussian projections), kept so comparisons reproduce.

@@ -55,7 +55,7 @@ class SketchConfig(Settings):
     shard_docs: int = Field(4096, ge=1, description="documents per shard", json_schema_extra=NOT_IDENTITY)
     device: str = Field("cpu", json_schema_extra=NOT_IDENTITY)
     seed: int = 0
-    document_share: float = Field(0.5, ge=0.0, le=1.0,
+    document_share: float = Field(0.25, ge=0.0, le=1.0,
                                   description="mixed: share of each layer's directions (per side) that carry the "
                                               "documents' own gradient energy instead of the suite's")
     document_sample: int = Field(256, ge=2, description="mixed: documents whose gradients give those directions")
@@ -117,7 +117,7 @@ def rebuild_command(store: SketchStore) -> str:
     if s.get("budget_bytes") is not None:
         parts += ["--budget-bytes", str(s["budget_bytes"])]
     if store.method == "mixed":
-        parts += ["--document-share", str(s.get("document_share", 0.5)),
+        parts += ["--document-share", str(s.get("document_share", 0.25)),
                   "--document-sample", str(s.get("document_sample", 256))]
     if s.get("dtype", "float32") != "float32":
         parts += ["--dtype", s["dtype"]]
