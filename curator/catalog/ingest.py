@@ -131,7 +131,7 @@ def ingest(
     fingerprint = input_fingerprint(files, options)
 
     with _one_ingest_at_a_time(workspace):
-        with Catalog.open(workspace, write=True) as catalog:
+        with _turn(workspace) as catalog:
             catalog.discard_incomplete_batches()     # this process holds the ingest lock: they are a dead one's
             earlier = catalog.one(
                 "SELECT id, finished_at FROM ingest_batches WHERE status = 'complete' AND fingerprint = ?",
@@ -180,6 +180,9 @@ def _one_ingest_at_a_time(workspace: Workspace) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+READERS_TURN_S = 0.12
 
 
 def _turn(workspace: Workspace) -> Catalog:
@@ -362,6 +365,10 @@ class _ChunkWriter:
         self.inserted += inserted
         self.duplicates += table.num_rows - inserted
         self.next_id += inserted
+        # A turn for the readers: they retry every 50 ms, and a writer that reopened at once (the next
+        # chunk already parsed) would keep them out for the whole ingest. This thread only writes, so
+        # the pause costs nothing while parsing is the slower side, as it is for real corpora.
+        time.sleep(READERS_TURN_S)
 
 
 def _complete(catalog: Catalog, batch_id: int, summary: IngestSummary, options: IngestOptions) -> None:
