@@ -170,7 +170,7 @@ def document_grams(loaded: LoadedModel, modules: dict, ws: Workspace, factors: d
             parts[3] += a.shape[0]
 
     settings = PassSettings(max_len=max_len, batch_tokens=config.batch_tokens, chunk_docs=max(1, len(sample)))
-    with Catalog.open(ws) as catalog:
+    with Catalog.open(ws, hold=False) as catalog:     # a pass holds no connection: others take turns
         document_pass(loaded.model, modules, loaded.tokenizer, catalog, sample, settings, accumulate,
                       description="sketch bases: document directions")
     grams = {}
