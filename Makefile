@@ -25,8 +25,9 @@ demo: $(VENV)/.installed
 demo-gpu: $(VENV)/.installed
 	$(BIN)/curator demo --gpu --workspace demo-workspace-gpu
 
+# Test files are spread over two workers (a file's tests stay together: they share fixtures).
 test: $(VENV)/.installed browser
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 # tests/test_web.py drives Debian's Chromium with Playwright (its own browser download is not used).
 # Installed only where it is missing, apt exists and we are root; elsewhere the test skips and says why.
