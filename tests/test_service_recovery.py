@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from helpers import curator, write_jsonl
 from service_helpers import Server, submit_and_wait, wait_job
 from tinylm import TRAINING_TEXT, save_tiny
@@ -59,8 +61,8 @@ def test_a_killed_server_resumes_its_job_on_restart(tmp_path):
             follower = api.post("/jobs", json={"kind": "audit"}).json()     # by default it waits for the score
             assert follower["after"] == [slow["id"]]
             ranked = submit_and_wait(api, {"kind": "rank", "config": {"name": "r", "run": run_id}, "after": []})
-            mixed = submit_and_wait(api, {"kind": "mix", "spec": {"name": "m", "ranking": "r", "budget_tokens": 100},
-                                          "after": []})
+            submit_and_wait(api, {"kind": "mix", "spec": {"name": "m", "ranking": "r", "budget_tokens": 100},
+                                  "after": []})
             slow = wait_job(api, slow["id"])
             assert slow["state"] == "done", slow
             # Rank started while the score ran (in one queue it would have waited for the score to end),
@@ -91,6 +93,28 @@ def test_a_killed_server_resumes_its_job_on_restart(tmp_path):
     assert len(runs) == 2 and {r["documents"] for r in runs} == {120}
     sources = {s["source"]: s["documents"] for s in json.loads(curator("sources", "-o", "json", "-w", ws).stdout)}
     assert sources == {"s": 120, "big": 100_000}
+    assert_equals_an_uninterrupted_run(ws, run_id, tmp_path / "uninterrupted")
+
+
+def assert_equals_an_uninterrupted_run(ws_path, run_id: str, out) -> None:
+    """The scores of the run that was killed and resumed equal one scoring of the same documents in one go
+    (through the library, in this process; chunked differently, so equal to float tolerance)."""
+    import polars as pl
+
+    from curator.catalog.database import Catalog
+    from curator.catalog.records import get_run, score_source
+    from curator.catalog.workspace import Workspace
+    from curator.influence.score import ScoreConfig, score
+
+    ws = Workspace(ws_path)
+    with Catalog.open(ws) as catalog:
+        run = get_run(catalog, run_id)
+        ids = [row[0] for row in catalog.sql("SELECT id FROM documents WHERE source = 's'")]
+    score(ws, ScoreConfig(queries="arithmetic-s0", batch_tokens=16), out=out, doc_ids=ids, record=False)
+    resumed, once = (pl.read_parquet(score_source(path)).sort("query_id", "doc_id") for path in (run.out_path, out))
+    assert resumed.height == once.height == 2 * 120
+    assert resumed["doc_id"].to_list() == once["doc_id"].to_list()
+    assert resumed["score"].to_numpy() == pytest.approx(once["score"].to_numpy(), rel=1e-4, abs=1e-6)
 
 
 def wait_until(api, job_id: str, condition, timeout: float = 120.0) -> dict:

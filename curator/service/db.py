@@ -23,7 +23,9 @@ from curator.errors import CatalogLockedError
 from curator.service.errors import ApiError
 
 T = TypeVar("T")
-READ_WAIT_S = 5.0
+# A read waits this long for another process's write (an ingest chunk, a job's records, a rank's rows)
+# before answering 503: a late answer is better than none.
+READ_WAIT_S = 30.0
 
 
 class Gate:
