@@ -206,8 +206,11 @@ def main() -> None:
              f"({size:.2f} GB of Parquet in {parts} parts of 25 queries × 250,000 documents at most); "
              f"{machine()}.",
              f"Load average (1, 5, 15 min) before the stages {', '.join(f'{x:.1f}' for x in load_before)}, after "
-             f"{', '.join(f'{x:.1f}' for x in load_after)}: other agents' benchmarks shared the machine's cores, "
-             f"so times are noisy and on the slow side."
+             f"{', '.join(f'{x:.1f}' for x in load_after)}: "
+             + ("other processes shared the machine's cores, so times are noisy and on the slow side, and the "
+                "ratios low (the scan, on every core, slows more than the stages)."
+                if max(load_before[0], load_after[0]) > 0.75 * (os.cpu_count() or 1) + 1 else
+                "the machine was otherwise quiet.")
              + (f" {args.repeat} rounds of every stage: wall s is each stage's median, × scan the median of its "
                 f"time over the same round's scan (each round's ratios: in brackets), the peak the largest."
                 if args.repeat > 1 else ""), "",

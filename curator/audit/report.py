@@ -28,7 +28,8 @@ def _svg(fig) -> str:
     import matplotlib.pyplot as plt
 
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight")
+    # The figures lay themselves out (constrained layout): bbox_inches="tight" would draw each one twice.
+    fig.savefig(buffer, format="svg")
     plt.close(fig)
     text = buffer.getvalue()
     return f'<div class="plot">{text[text.index("<svg"):]}</div>'
@@ -61,7 +62,7 @@ def _figure(width=8.0, height=3.6):
 
     plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False,
                          "svg.fonttype": "none"})
-    return plt.subplots(figsize=(width, height))
+    return plt.subplots(figsize=(width, height), layout="constrained")
 
 
 def composition_section(data: dict) -> str:
