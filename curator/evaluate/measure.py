@@ -43,6 +43,16 @@ def _summed_losses(model, windows: Sequence[Window], pad_id: int, device) -> lis
     return out
 
 
+def _losses_in_eval_mode(model, tokenizer, windows: Sequence[Window]) -> list[tuple[float, int]]:
+    """(nats, target tokens) per window, measured with dropout off; the model's mode is put back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _summed_losses(model, windows, pad_token_id(tokenizer), next(model.parameters()).device)
+    finally:
+        model.train(was_training)
+
+
 def query_windows(tokenizer, queries: Sequence[Query], max_len: int, chat_template: str) -> list[Window]:
     return [tokenize_query(tokenizer, i, q.prompt, q.completion, max_len, chat_template, q.id)
             for i, q in enumerate(queries)]
@@ -50,12 +60,7 @@ def query_windows(tokenizer, queries: Sequence[Query], max_len: int, chat_templa
 
 def completion_losses(model, tokenizer, queries: Sequence[Query], windows: Sequence[Window]) -> dict[str, float]:
     """Nats per completion token of each query, by id."""
-    was_training = model.training
-    model.eval()
-    try:
-        losses = _summed_losses(model, windows, pad_token_id(tokenizer), next(model.parameters()).device)
-    finally:
-        model.train(was_training)
+    losses = _losses_in_eval_mode(model, tokenizer, windows)
     return {q.id: nats / max(tokens, 1) for q, (nats, tokens) in zip(queries, losses, strict=True)}
 
 
@@ -82,12 +87,7 @@ def text_windows(tokenizer, texts: Sequence[str], seq_len: int) -> list[Window]:
 
 
 def perplexity(model, tokenizer, windows: Sequence[Window]) -> float:
-    was_training = model.training
-    model.eval()
-    try:
-        losses = _summed_losses(model, windows, pad_token_id(tokenizer), next(model.parameters()).device)
-    finally:
-        model.train(was_training)
+    losses = _losses_in_eval_mode(model, tokenizer, windows)
     nats = sum(n for n, _ in losses)
     tokens = sum(t for _, t in losses)
     return math.exp(nats / max(tokens, 1))
