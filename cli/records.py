@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from curator.cli.common import OutputFormat, OutputOption, WorkspaceOption, print_frame, workspace_from
 
-_ITEMSIZE = {"float16": 2, "float32": 4}
-
-
 def store_rows(stores: list[dict]) -> list[dict]:
-    """SketchStore records (manifests) → one row each."""
+    """SketchStore records (manifests, or the API's stores) → one row each."""
+    from curator.sketch.store import SketchStore
+
     rows = []
-    for s in stores:
-        mean = ((s.get("fidelity") or {}).get("mean") or {}).get("spearman")
-        rows.append({"store": s["id"], "method": s["method"], "documents": s["documents"], "dims": s["dim"],
-                     "bytes/doc": s["dim"] * _ITEMSIZE.get(s["precision"], 4), "suite": len(s["suite"]),
-                     "held-out Spearman": mean, "complete": s["complete"]})
+    for store in map(SketchStore.model_validate, stores):
+        mean = ((store.fidelity or {}).get("mean") or {}).get("spearman")
+        rows.append({"store": store.id, "method": store.method, "documents": store.documents, "dims": store.dim,
+                     "bytes/doc": store.bytes_per_doc, "suite": len(store.suite), "held-out Spearman": mean,
+                     "complete": store.complete})
     return rows
 
 
