@@ -21,6 +21,7 @@ from tinylm import TRAINING_TEXT, save_tiny
 
 from curator.audit import analyses
 from curator.audit import audit as audit_module
+from curator.audit import slices as slices_module
 from curator.audit.audit import audit, compare
 from curator.catalog.database import Catalog
 from curator.catalog.records import score_source
@@ -102,7 +103,7 @@ def flat(tree: dict, prefix: str = "") -> dict:
 @pytest.fixture
 def tiny_slices(monkeypatch):
     """Slices of a few hundred bytes: many document blocks and one query per group."""
-    monkeypatch.setattr(audit_module, "SLICE_BYTES", 8 * 40)
+    monkeypatch.setattr(slices_module, "SLICE_BYTES", 8 * 40)
 
 
 def test_streamed_audit_equals_the_in_memory_audit_on_planted_scores(planted, tiny_slices):  # noqa: F811
@@ -309,7 +310,7 @@ def test_an_audit_from_part_summaries_equals_the_in_memory_audit(planted, tmp_pa
     summarised_run(ws, tmp_path, scores, "score-sum")
     want = reference_audit(ws, "score-sum-plain")
     assert_audit_equals_reference(audit(ws, "score-sum"), want)              # one slice
-    monkeypatch.setattr(audit_module, "SLICE_BYTES", 4 * 40)                  # one query a group, many blocks
+    monkeypatch.setattr(slices_module, "SLICE_BYTES", 4 * 40)                  # one query a group, many blocks
     assert_audit_equals_reference(audit(ws, "score-sum"), want)
 
 
@@ -330,7 +331,7 @@ def test_an_audit_of_parts_missing_a_document_is_one_clear_error(planted, tmp_pa
     next(root.glob("b0-601-*.parquet")).unlink()          # documents 601, 603, … of the first 2 queries
     with pytest.raises(CuratorError, match="not a full query × document table"):
         audit(ws, "score-sum")
-    from curator.audit.audit import _check_covered
+    from curator.audit.slices import _check_covered
     from curator.catalog.records import get_run
     from curator.influence.score_dataset import part_summaries
 

@@ -5,7 +5,7 @@ run exists, the paper's analyses (curator/audit/analyses.py) on its scores. The
 result is one JSON-ready dict; curator/audit/report.py draws the HTML from it, so
 every figure's numbers are in the JSON.
 
-The scores are held at most SLICE_BYTES at a time (curator/curate/scores.py):
+The scores are held at most SLICE_BYTES at a time (curator/audit/slices.py):
 the run's dataset is read into numpy slices (parts with a summary, as `curator
 score` writes them: only their score column; other files through DuckDB),
   queries    groups of queries with all their documents: each query's
@@ -29,17 +29,17 @@ import numpy as np
 
 from curator import __version__
 from curator.audit import analyses
+from curator.audit.slices import document_blocks, not_full, query_groups
 from curator.catalog.composition import composition, token_counts_available
 from curator.catalog.database import Catalog
 from curator.catalog.records import RunRecord, get_run, score_source
 from curator.catalog.workspace import Workspace
-from curator.curate.scores import arrow_batches, query_rows, reading_scores, scores_view, sql_text, summarised_parts
+from curator.curate.scores import arrow_batches, reading_scores, scores_view, sql_text, summarised_parts
 from curator.errors import CuratorError
 from curator.influence.score_dataset import PartSummary
 from curator.sketch.index import one_blas_thread
 
 SECTIONS_NEEDING_SCORES = ["influence by source", "query correlations", "concentration", "answer occurrence"]
-SLICE_BYTES = 2**30            # scores held at once: 1 GiB (float32: 2M documents × 134 queries)
 GRAM_COLUMNS = 2**16           # documents per float64 block of the correlations' sums of products
 ANSWER_TOP = 500               # the paper's top documents searched for a query's answer
 ANSWER_WIDER = 50_000          # searched next for the best-placed document holding it
@@ -86,7 +86,7 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
     split = analyses.SourceSplit(doc_codes, len(sources))
     gram = analyses.Gram(len(query_ids))
     counts, concentration, occurrence = {}, {}, {}
-    groups = _query_groups(catalog, run, query_ids, doc_ids, parts)
+    groups = query_groups(catalog, run, query_ids, doc_ids, parts)
     with ThreadPoolExecutor(1) as background, ThreadPoolExecutor(QUERY_THREADS) as workers:
         summed = None
         for group, matrix in groups:
@@ -107,7 +107,7 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
         if summed is not None:
             summed.result()
     if gram.n == 0:
-        for block in _document_blocks(catalog, run, query_ids, doc_ids, parts):
+        for block in document_blocks(catalog, run, query_ids, doc_ids, parts):
             gram.add(block)
     return {
         "run": _run_summary(run, model, len(query_ids), len(doc_ids), tasks),
@@ -185,7 +185,7 @@ def _documents_of(catalog: Catalog, run: RunRecord, n_queries: int,
                     "SELECT doc_id, count(*) AS n FROM scores GROUP BY doc_id ORDER BY doc_id")
         partial = catalog.one("SELECT doc_id, n FROM audit_docs WHERE n <> ? ORDER BY doc_id LIMIT 1", [n_queries])
         if partial:
-            raise _not_full(run, partial[0], partial[1], n_queries)
+            raise not_full(run, partial[0], partial[1], n_queries)
     if dense:     # a range of ids: read it (5× faster than the join with audit_docs, measured at 2M)
         table = catalog.con.sql("SELECT id AS doc_id, source FROM documents WHERE id BETWEEN ? AND ? ORDER BY id",
                                 params=[dense[0], dense[1]]).to_arrow_table()
@@ -207,11 +207,6 @@ def _documents_of(catalog: Catalog, run: RunRecord, n_queries: int,
     order = np.argsort(names)                        # codes into the sorted names
     codes = np.argsort(order)[encoded.indices.to_numpy()]
     return doc_ids, codes.astype(np.int64), [names[i] for i in order]
-
-
-def _not_full(run: RunRecord, doc_id: int, n: int, n_queries: int) -> CuratorError:
-    return CuratorError(f"the scores of run {run.id} are not a full query × document table: document "
-                        f"{doc_id} has {n} scores for {n_queries} queries")
 
 
 def _answer_ranks(catalog: Catalog, rows: dict[str, np.ndarray], tops: dict[str, np.ndarray],
@@ -273,141 +268,6 @@ def _answer_documents(catalog: Catalog, doc_ids: np.ndarray, answers: set[str]) 
         for j, answer in enumerate(ordered):
             found[answer][positions[hits[:, j]]] = True
     return found
-
-
-def _positions(doc_ids: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
-    """Where each of `ids` is in the sorted `doc_ids`: an offset for consecutive ids (searching 10⁸ ids
-    in millions costs more than reading them), a binary search otherwise. None if one is not there."""
-    if not len(ids):
-        return ids
-    if doc_ids[-1] - doc_ids[0] + 1 == len(doc_ids):
-        at = ids - doc_ids[0]
-        return at if at.min() >= 0 and at.max() < len(doc_ids) else None
-    at = np.minimum(np.searchsorted(doc_ids, ids), len(doc_ids) - 1)
-    return at if (doc_ids[at] == ids).all() else None
-
-
-def _fill(catalog: Catalog, run: RunRecord, query: str, params: list, shape: tuple[int, int], dtype,
-          row_offset: int, doc_ids: np.ndarray, column_offset: int = 0) -> np.ndarray:
-    """A queries × documents slice from the rows (i, doc_id, score) of `query`. Cells start as NaN, so a
-    pair scored twice, which leaves another pair without a score, is found as a NaN left over."""
-    matrix = np.full(shape, np.nan, dtype=dtype)
-    for batch in arrow_batches(catalog, query, params, rows=1_000_000):
-        at = _positions(doc_ids, batch.column("doc_id").to_numpy())
-        if at is None:
-            raise CuratorError(f"the scores of run {run.id} are not a full query × document table: some "
-                               f"documents are scored by some queries only")
-        matrix[batch.column("i").to_numpy() - row_offset, at - column_offset] = batch.column("score").to_numpy()
-    holes = np.isnan(matrix)
-    if holes.any():
-        column = int(np.argmax(holes.any(axis=0)))
-        raise _not_full(run, int(doc_ids[column + column_offset]), int(shape[0] - holes[:, column].sum()), shape[0])
-    return matrix
-
-
-def _score_dtype(catalog: Catalog):
-    """Scores keep the dataset's precision (float32 as `curator score` writes them; float64 in older files)."""
-    kind = dict((row[0], row[1]) for row in catalog.sql("DESCRIBE scores"))["score"]
-    return np.float32 if kind in ("FLOAT", "REAL") else np.float64
-
-
-def _fill_from_parts(run: RunRecord, parts: list[PartSummary], rows: dict[str, int], doc_ids: np.ndarray,
-                     start: int, stop: int, dtype) -> np.ndarray:
-    """What `_fill` gives for the queries `rows` (id → row) × documents doc_ids[start:stop], read from parts
-    with a summary: only the score column of the row groups holding those queries, each query's values
-    put in place as one row (a part holds every one of its documents for each of its queries).
-
-    That every cell is filled exactly once is checked from the parts' documents before any score is
-    read, once per set of parts that hold the same queries (usually one set per query batch), so the
-    slice needs no NaN fill and no pass to look for NaNs afterwards."""
-    low, high = int(doc_ids[start]), int(doc_ids[stop - 1])
-    placed = []                                     # (part, its columns in the slice, the documents kept)
-    for part in parts:
-        if part.first_doc is not None and (part.first_doc > high or part.first_doc + part.documents <= low):
-            continue
-        at = _positions(doc_ids, part.doc_ids())
-        if at is None:
-            raise CuratorError(f"the scores of run {run.id} are not a full query × document table: some "
-                               f"documents are scored by some queries only")
-        inside = (at >= start) & (at < stop)
-        if inside.any():
-            placed.append((part, at[inside] - start, None if inside.all() else inside))
-    _check_covered(run, placed, rows, stop - start, doc_ids[start:stop])
-    matrix = np.empty((len(rows), stop - start), dtype=dtype)
-    for part, columns, inside in placed:
-        if columns[-1] - columns[0] == len(columns) - 1 and (np.diff(columns) > 0).all():   # consecutive: a copy
-            columns = slice(int(columns[0]), int(columns[-1]) + 1)
-        for positions, first, last in query_rows(part, rows):
-            block = part.block("score", first, last)
-            block = block if inside is None else block[:, inside]
-            if isinstance(columns, slice):
-                matrix[positions, columns] = block
-            else:
-                matrix[np.ix_(positions, columns)] = block
-    return matrix
-
-
-def _check_covered(run: RunRecord, placed: list, rows: dict[str, int], width: int, doc_ids: np.ndarray) -> None:
-    """Every (query in `rows`, document of the slice) is held by exactly one of the placed parts; else the
-    error `_fill` gives, naming the first document without one score per query."""
-    holders: dict[str, list[int]] = {}
-    for number, (part, _, _) in enumerate(placed):
-        for query_id in part.queries:
-            if query_id in rows:
-                holders.setdefault(query_id, []).append(number)
-    per_document = np.zeros(width, dtype=np.int64)       # how many of the queries score each document
-    complete = len(holders) == len(rows)
-    for numbers in {tuple(n) for n in holders.values()}:
-        times = np.zeros(width, dtype=np.int64)
-        for number in numbers:
-            times[placed[number][1]] += 1
-        queries = sum(1 for n in holders.values() if tuple(n) == numbers)
-        per_document += times * queries
-        complete = complete and bool((times == 1).all())
-    if not complete:
-        column = int(np.argmax(per_document != len(rows)))
-        raise _not_full(run, int(doc_ids[column]), int(per_document[column]), len(rows))
-
-
-def _document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray,
-                     parts: list[PartSummary] | None = None):
-    """Queries × documents blocks, every query's scores of the same consecutive documents, for the
-    correlations when the queries do not fit in one slice. A block is a doc-id range, which Parquet
-    row-group statistics let DuckDB find without reading the rest when the parts are written by
-    document chunk (as `curator score` writes them)."""
-    dtype = _score_dtype(catalog)
-    size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(query_ids)))
-    query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
-             "WHERE s.doc_id BETWEEN ? AND ?")
-    rows = {q: i for i, q in enumerate(query_ids)}
-    for start in range(0, len(doc_ids), size):
-        ids = doc_ids[start:start + size]
-        if parts is not None:
-            yield _fill_from_parts(run, parts, rows, doc_ids, start, start + len(ids), dtype)
-            continue
-        yield _fill(catalog, run, query, [int(ids[0]), int(ids[-1])], (len(query_ids), len(ids)), dtype, 0,
-                    doc_ids, start)
-
-
-def _query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray,
-                  parts: list[PartSummary] | None = None):
-    """(query ids, their scores × all documents in doc-id order), a group of queries at a time: all of
-    them at once when they fit in SLICE_BYTES."""
-    dtype = _score_dtype(catalog)
-    size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(doc_ids)))
-    for start in range(0, len(query_ids), size):
-        group = query_ids[start:start + size]
-        if parts is not None:
-            rows = {q: i for i, q in enumerate(group)}
-            yield group, _fill_from_parts(run, parts, rows, doc_ids, 0, len(doc_ids), dtype)
-            continue
-        if len(group) == len(query_ids):
-            query, params = "SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id)", []
-        else:
-            query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
-                     "WHERE q.i BETWEEN ? AND ?")
-            params = [start, start + len(group) - 1]
-        yield group, _fill(catalog, run, query, params, (len(group), len(doc_ids)), dtype, start, doc_ids)
 
 
 def _run_summary(run: RunRecord, model: str, n_queries: int, n_docs: int, tasks: dict) -> dict:

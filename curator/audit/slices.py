@@ -1,0 +1,162 @@
+"""Dense slices of a run's scores for the audit: queries × documents numpy arrays of at most
+SLICE_BYTES, in doc-id order, filled from the parts' score columns when every part has a summary
+(as `curator score` writes them) and through DuckDB otherwise.
+
+  query_groups     groups of queries, each with all its documents;
+  document_blocks  blocks of documents, each with every query's scores.
+
+Either way a slice must be a full table: a document scored by some queries only, or twice by one,
+is an error naming it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from curator.catalog.database import Catalog
+from curator.catalog.records import RunRecord
+from curator.curate.scores import arrow_batches, query_rows
+from curator.errors import CuratorError
+from curator.influence.score_dataset import PartSummary
+
+SLICE_BYTES = 2**30            # scores held at once: 1 GiB (float32: 2M documents × 134 queries)
+
+
+def not_full(run: RunRecord, doc_id: int, n: int, n_queries: int) -> CuratorError:
+    return CuratorError(f"the scores of run {run.id} are not a full query × document table: document "
+                        f"{doc_id} has {n} scores for {n_queries} queries")
+
+
+def _positions(doc_ids: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+    """Where each of `ids` is in the sorted `doc_ids`: an offset for consecutive ids (searching 10⁸ ids
+    in millions costs more than reading them), a binary search otherwise. None if one is not there."""
+    if not len(ids):
+        return ids
+    if doc_ids[-1] - doc_ids[0] + 1 == len(doc_ids):
+        at = ids - doc_ids[0]
+        return at if at.min() >= 0 and at.max() < len(doc_ids) else None
+    at = np.minimum(np.searchsorted(doc_ids, ids), len(doc_ids) - 1)
+    return at if (doc_ids[at] == ids).all() else None
+
+
+def _fill(catalog: Catalog, run: RunRecord, query: str, params: list, shape: tuple[int, int], dtype,
+          row_offset: int, doc_ids: np.ndarray, column_offset: int = 0) -> np.ndarray:
+    """A queries × documents slice from the rows (i, doc_id, score) of `query`. Cells start as NaN, so a
+    pair scored twice, which leaves another pair without a score, is found as a NaN left over."""
+    matrix = np.full(shape, np.nan, dtype=dtype)
+    for batch in arrow_batches(catalog, query, params, rows=1_000_000):
+        at = _positions(doc_ids, batch.column("doc_id").to_numpy())
+        if at is None:
+            raise CuratorError(f"the scores of run {run.id} are not a full query × document table: some "
+                               f"documents are scored by some queries only")
+        matrix[batch.column("i").to_numpy() - row_offset, at - column_offset] = batch.column("score").to_numpy()
+    holes = np.isnan(matrix)
+    if holes.any():
+        column = int(np.argmax(holes.any(axis=0)))
+        raise not_full(run, int(doc_ids[column + column_offset]), int(shape[0] - holes[:, column].sum()), shape[0])
+    return matrix
+
+
+def _score_dtype(catalog: Catalog):
+    """Scores keep the dataset's precision (float32 as `curator score` writes them; float64 in older files)."""
+    kind = dict((row[0], row[1]) for row in catalog.sql("DESCRIBE scores"))["score"]
+    return np.float32 if kind in ("FLOAT", "REAL") else np.float64
+
+
+def _fill_from_parts(run: RunRecord, parts: list[PartSummary], rows: dict[str, int], doc_ids: np.ndarray,
+                     start: int, stop: int, dtype) -> np.ndarray:
+    """What `_fill` gives for the queries `rows` (id → row) × documents doc_ids[start:stop], read from parts
+    with a summary: only the score column of the row groups holding those queries, each query's values
+    put in place as one row (a part holds every one of its documents for each of its queries).
+
+    That every cell is filled exactly once is checked from the parts' documents before any score is
+    read, once per set of parts that hold the same queries (usually one set per query batch), so the
+    slice needs no NaN fill and no pass to look for NaNs afterwards."""
+    low, high = int(doc_ids[start]), int(doc_ids[stop - 1])
+    placed = []                                     # (part, its columns in the slice, the documents kept)
+    for part in parts:
+        if part.first_doc is not None and (part.first_doc > high or part.first_doc + part.documents <= low):
+            continue
+        at = _positions(doc_ids, part.doc_ids())
+        if at is None:
+            raise CuratorError(f"the scores of run {run.id} are not a full query × document table: some "
+                               f"documents are scored by some queries only")
+        inside = (at >= start) & (at < stop)
+        if inside.any():
+            placed.append((part, at[inside] - start, None if inside.all() else inside))
+    _check_covered(run, placed, rows, stop - start, doc_ids[start:stop])
+    matrix = np.empty((len(rows), stop - start), dtype=dtype)
+    for part, columns, inside in placed:
+        if columns[-1] - columns[0] == len(columns) - 1 and (np.diff(columns) > 0).all():   # consecutive: a copy
+            columns = slice(int(columns[0]), int(columns[-1]) + 1)
+        for positions, first, last in query_rows(part, rows):
+            block = part.block("score", first, last)
+            block = block if inside is None else block[:, inside]
+            if isinstance(columns, slice):
+                matrix[positions, columns] = block
+            else:
+                matrix[np.ix_(positions, columns)] = block
+    return matrix
+
+
+def _check_covered(run: RunRecord, placed: list, rows: dict[str, int], width: int, doc_ids: np.ndarray) -> None:
+    """Every (query in `rows`, document of the slice) is held by exactly one of the placed parts; else the
+    error `_fill` gives, naming the first document without one score per query."""
+    holders: dict[str, list[int]] = {}
+    for number, (part, _, _) in enumerate(placed):
+        for query_id in part.queries:
+            if query_id in rows:
+                holders.setdefault(query_id, []).append(number)
+    per_document = np.zeros(width, dtype=np.int64)       # how many of the queries score each document
+    complete = len(holders) == len(rows)
+    for numbers in {tuple(n) for n in holders.values()}:
+        times = np.zeros(width, dtype=np.int64)
+        for number in numbers:
+            times[placed[number][1]] += 1
+        queries = sum(1 for n in holders.values() if tuple(n) == numbers)
+        per_document += times * queries
+        complete = complete and bool((times == 1).all())
+    if not complete:
+        column = int(np.argmax(per_document != len(rows)))
+        raise not_full(run, int(doc_ids[column]), int(per_document[column]), len(rows))
+
+
+def document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray,
+                     parts: list[PartSummary] | None = None):
+    """Queries × documents blocks, every query's scores of the same consecutive documents, for the
+    correlations when the queries do not fit in one slice. A block is a doc-id range, which Parquet
+    row-group statistics let DuckDB find without reading the rest when the parts are written by
+    document chunk (as `curator score` writes them)."""
+    dtype = _score_dtype(catalog)
+    size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(query_ids)))
+    query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
+             "WHERE s.doc_id BETWEEN ? AND ?")
+    rows = {q: i for i, q in enumerate(query_ids)}
+    for start in range(0, len(doc_ids), size):
+        ids = doc_ids[start:start + size]
+        if parts is not None:
+            yield _fill_from_parts(run, parts, rows, doc_ids, start, start + len(ids), dtype)
+            continue
+        yield _fill(catalog, run, query, [int(ids[0]), int(ids[-1])], (len(query_ids), len(ids)), dtype, 0,
+                    doc_ids, start)
+
+
+def query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray,
+                  parts: list[PartSummary] | None = None):
+    """(query ids, their scores × all documents in doc-id order), a group of queries at a time: all of
+    them at once when they fit in SLICE_BYTES."""
+    dtype = _score_dtype(catalog)
+    size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(doc_ids)))
+    for start in range(0, len(query_ids), size):
+        group = query_ids[start:start + size]
+        if parts is not None:
+            rows = {q: i for i, q in enumerate(group)}
+            yield group, _fill_from_parts(run, parts, rows, doc_ids, 0, len(doc_ids), dtype)
+            continue
+        if len(group) == len(query_ids):
+            query, params = "SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id)", []
+        else:
+            query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
+                     "WHERE q.i BETWEEN ? AND ?")
+            params = [start, start + len(group) - 1]
+        yield group, _fill(catalog, run, query, params, (len(group), len(doc_ids)), dtype, start, doc_ids)
