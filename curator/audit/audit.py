@@ -44,6 +44,7 @@ GRAM_COLUMNS = 2**16           # documents per float64 block of the correlations
 ANSWER_TOP = 500               # the paper's top documents searched for a query's answer
 ANSWER_WIDER = 50_000          # searched next for the best-placed document holding it
 QUERY_THREADS = 2              # threads sorting and counting queries (beside the correlations' one)
+READ_THREADS = 2               # threads reading score parts into the slice
 
 
 def audit(ws: Workspace, run_id: str | None = None) -> dict:
@@ -86,19 +87,23 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
     split = analyses.SourceSplit(doc_codes, len(sources))
     gram = analyses.Gram(len(query_ids))
     counts, concentration, occurrence = {}, {}, {}
-    groups = query_groups(catalog, run, query_ids, doc_ids, parts)
-    with ThreadPoolExecutor(1) as background, ThreadPoolExecutor(QUERY_THREADS) as workers:
+    with ThreadPoolExecutor(1) as background, ThreadPoolExecutor(QUERY_THREADS) as workers, \
+            ThreadPoolExecutor(READ_THREADS) as readers:
         summed = None
-        for group, matrix in groups:
+        for group, matrix, complete in query_groups(catalog, run, query_ids, doc_ids, parts, readers):
+            # Each query's sort and counts start as soon as its rows are read (a query batch at a time),
+            # while the next batch is read: numpy's sorts and pyarrow's reads release the GIL.
+            analysed = [(p, workers.submit(_query_analyses, matrix[p], split, ks, group[p] in answers))
+                        for positions in complete for p in positions]
             if len(group) == len(query_ids):        # every query in one slice: its columns are the blocks
                 # The sums of products (BLAS, which releases the GIL) run on their own thread while the
                 # others sort and count each query's scores: all of them only read the slice.
                 summed = background.submit(lambda m=matrix: [gram.add(m[:, start:start + GRAM_COLUMNS])
                                                              for start in range(0, m.shape[1], GRAM_COLUMNS)])
             tops, wider = {}, {}
-            per_row = workers.map(lambda row, top: _query_analyses(row, split, ks, top), matrix,
-                                  [q in answers for q in group])
-            for query_id, (row_counts, row_concentration, top, kth) in zip(group, per_row, strict=True):
+            for p, future in sorted(analysed, key=lambda pair: pair[0]):
+                query_id = group[p]
+                row_counts, row_concentration, top, kth = future.result()
                 counts[query_id], concentration[query_id] = row_counts, row_concentration
                 if query_id in answers:
                     tops[query_id], wider[query_id] = top, kth

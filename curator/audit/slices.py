@@ -11,6 +11,8 @@ is an error naming it.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor, as_completed
+
 import numpy as np
 
 from curator.catalog.database import Catalog
@@ -72,8 +74,42 @@ def _fill_from_parts(run: RunRecord, parts: list[PartSummary], rows: dict[str, i
     That every cell is filled exactly once is checked from the parts' documents before any score is
     read, once per set of parts that hold the same queries (usually one set per query batch), so the
     slice needs no NaN fill and no pass to look for NaNs afterwards."""
+    placed = _place(run, parts, doc_ids, start, stop)
+    _check_covered(run, placed, rows, stop - start, doc_ids[start:stop])
+    matrix = np.empty((len(rows), stop - start), dtype=dtype)
+    _read_into(matrix, placed, rows)
+    return matrix
+
+
+def _fill_from_parts_by_batch(run: RunRecord, parts: list[PartSummary], rows: dict[str, int],
+                              doc_ids: np.ndarray, dtype, readers: Executor):
+    """`_fill_from_parts` over all documents, its parts read on `readers`, one task per set of parts that
+    hold the same queries (a query batch of `curator score`): the slice, and an iterator of the row
+    positions that are complete, a batch at a time as their reads end, so that the caller analyses the
+    first queries while the next are read."""
+    placed = _place(run, parts, doc_ids, 0, len(doc_ids))
+    _check_covered(run, placed, rows, len(doc_ids), doc_ids)
+    matrix = np.empty((len(rows), len(doc_ids)), dtype=dtype)
+    batches: dict[tuple[str, ...], list] = {}
+    for item in placed:
+        batches.setdefault(tuple(q for q in item[0].queries if q in rows), []).append(item)
+    reads = {readers.submit(_read_into, matrix, items, rows): [rows[q] for q in queries]
+             for queries, items in batches.items() if queries}
+
+    def complete():
+        for read in as_completed(reads):
+            read.result()
+            yield reads[read]
+
+    return matrix, complete()
+
+
+def _place(run: RunRecord, parts: list[PartSummary], doc_ids: np.ndarray, start: int,
+           stop: int) -> list[tuple[PartSummary, np.ndarray, np.ndarray | None]]:
+    """The parts holding documents of doc_ids[start:stop]: (part, its columns in the slice, a mask of the
+    part's documents kept, None when all are)."""
     low, high = int(doc_ids[start]), int(doc_ids[stop - 1])
-    placed = []                                     # (part, its columns in the slice, the documents kept)
+    placed = []
     for part in parts:
         if part.first_doc is not None and (part.first_doc > high or part.first_doc + part.documents <= low):
             continue
@@ -84,8 +120,11 @@ def _fill_from_parts(run: RunRecord, parts: list[PartSummary], rows: dict[str, i
         inside = (at >= start) & (at < stop)
         if inside.any():
             placed.append((part, at[inside] - start, None if inside.all() else inside))
-    _check_covered(run, placed, rows, stop - start, doc_ids[start:stop])
-    matrix = np.empty((len(rows), stop - start), dtype=dtype)
+    return placed
+
+
+def _read_into(matrix: np.ndarray, placed: list, rows: dict[str, int]) -> None:
+    """The score columns of the `placed` parts, for the queries `rows`, into their cells of `matrix`."""
     for part, columns, inside in placed:
         if columns[-1] - columns[0] == len(columns) - 1 and (np.diff(columns) > 0).all():   # consecutive: a copy
             columns = slice(int(columns[0]), int(columns[-1]) + 1)
@@ -96,7 +135,6 @@ def _fill_from_parts(run: RunRecord, parts: list[PartSummary], rows: dict[str, i
                 matrix[positions, columns] = block
             else:
                 matrix[np.ix_(positions, columns)] = block
-    return matrix
 
 
 def _check_covered(run: RunRecord, placed: list, rows: dict[str, int], width: int, doc_ids: np.ndarray) -> None:
@@ -142,16 +180,22 @@ def document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_
 
 
 def query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray,
-                  parts: list[PartSummary] | None = None):
-    """(query ids, their scores × all documents in doc-id order), a group of queries at a time: all of
-    them at once when they fit in SLICE_BYTES."""
+                 parts: list[PartSummary] | None = None, readers: Executor | None = None):
+    """(query ids, their scores × all documents in doc-id order, the positions of the rows that are
+    complete: an iterator of lists), a group of queries at a time: all of them at once when they fit in
+    SLICE_BYTES. With `readers` (parts with summaries) a group's parts are read on those threads and
+    its rows come complete a query batch at a time; otherwise the slice is whole when it is yielded."""
     dtype = _score_dtype(catalog)
     size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(doc_ids)))
     for start in range(0, len(query_ids), size):
         group = query_ids[start:start + size]
+        whole = [list(range(len(group)))]
         if parts is not None:
             rows = {q: i for i, q in enumerate(group)}
-            yield group, _fill_from_parts(run, parts, rows, doc_ids, 0, len(doc_ids), dtype)
+            if readers is not None:
+                yield group, *_fill_from_parts_by_batch(run, parts, rows, doc_ids, dtype, readers)
+                continue
+            yield group, _fill_from_parts(run, parts, rows, doc_ids, 0, len(doc_ids), dtype), iter(whole)
             continue
         if len(group) == len(query_ids):
             query, params = "SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id)", []
@@ -159,4 +203,4 @@ def query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids
             query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
                      "WHERE q.i BETWEEN ? AND ?")
             params = [start, start + len(group) - 1]
-        yield group, _fill(catalog, run, query, params, (len(group), len(doc_ids)), dtype, start, doc_ids)
+        yield group, _fill(catalog, run, query, params, (len(group), len(doc_ids)), dtype, start, doc_ids), iter(whole)
