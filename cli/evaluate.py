@@ -61,9 +61,10 @@ def evaluate(
                                              "whole batches of --batch-rows × --seq-len). At most the mixture's "
                                              "tokens.", show_default=False)],
     baselines: Annotated[str, typer.Option(
-        help="Comma-separated, or 'none'. random: documents drawn uniformly from the ranked catalog; "
-             "source-matched: random documents with the mixture's token share per source (which documents, "
-             "not which sources); bottom: the ranking's most harmful documents (a sign check).")]
+        help="Comma-separated, or 'none'. random: documents drawn uniformly from the whole catalog (scored "
+             "or not); source-matched: random documents of the catalog with the mixture's token share per "
+             "source (which documents, not which sources); bottom: the ranking's most harmful documents (a "
+             "sign check).")]
     = "random,source-matched,bottom",
     seeds: Annotated[int, typer.Option(help="Seeds per arm: each changes the data order (and the random "
                                             "baselines' draw); intervals come from the spread over seeds.")] = 3,

@@ -162,17 +162,94 @@ def test_every_arm_trains_on_equal_tokens_within_one_document(mixed, finished):
 
 
 def test_fill_stops_within_one_document_and_source_matching_keeps_shares():
-    from curator.evaluate.arms import Candidate, source_matched
+    import numpy as np
+
+    from curator.evaluate.arms import seeded_order, seeded_positions, source_matched
 
     rng = random.Random(3)
     docs = [(i, rng.randint(1, 40)) for i in range(200)]
+    tokens = dict(docs)
     for target in (1, 17, 300, 1000):
         ids, total = fill_tokens(docs, target)
-        assert total == sum(dict(docs)[i] for i in ids) and target - 40 < total <= target
-    pool = [Candidate(doc_id=i, source="a" if i % 3 else "b", tokens=t) for i, t in docs]
-    ids, total = source_matched(pool, {"a": 0.25, "b": 0.75}, 1200, seed=0)
+        assert total == sum(tokens[i] for i in ids) and target - 40 < total <= target
+        # Giving up after a run of documents that did not fit still leaves it within one document.
+        ids, total = fill_tokens(docs, target, patience=2)
+        assert total == sum(tokens[i] for i in ids) and target - 40 < total <= target
+    # The fill draws candidates only as far as it goes (what keeps a catalog-wide draw from counting it all).
+    drawn = []
+    fill_tokens(((d, t) for d, t in docs if not drawn.append(d)), 100, patience=3)
+    assert 3 < len(drawn) < 40
+    # The whole-catalog order (numpy, for millions of ids) is `seeded_order`, the readable definition.
+    ids = np.array(rng.sample(range(10**6), 500), dtype=np.int64)
+    assert ids[seeded_positions(ids, 4, "random")].tolist() == seeded_order(ids.tolist(), 4, "random")
+    order = seeded_order(tokens, 0, "source-matched")
+    ids, total = source_matched(order, ["a" if i % 3 else "b" for i in order],
+                                lambda chosen: ((int(d), tokens[int(d)]) for d in chosen),
+                                {"a": 0.25, "b": 0.75}, 1200)
     share_b = sum(t for i, t in docs if i in ids and i % 3 == 0) / total
     assert 1200 - 40 < total <= 1200 and abs(share_b - 0.75) < 40 / 1200
+
+
+def test_the_random_baselines_draw_from_the_whole_catalog_counting_what_was_never_scored(mixed, tmp_path,
+                                                                                         monkeypatch):
+    """Documents ingested after the scoring have no token count: the random and source-matched arms can
+    still draw them, counted with the ranking's tokenizer as the fill reaches them (and only those), the
+    counts are cached when the evaluation starts, and the arms are the same before and after."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from curator.catalog.workspace import Workspace
+    from curator.evaluate import arms
+    from curator.evaluate.run import plan
+
+    _, ws, model = mixed
+    copy = Workspace(shutil.copytree(ws.root, tmp_path / "ws", ignore=shutil.ignore_patterns("reports")))
+    rng = random.Random(11)
+    words = "a quiet field of wheat under grey clouds while the wind turns the mill slowly".split()
+    write_jsonl(tmp_path / "fresh.jsonl", [{"text": f"note {i}: " + " ".join(rng.choice(words) for _ in range(
+        rng.randint(6, 16)))} for i in range(120)])
+    run_ingest(copy, [tmp_path / "fresh.jsonl"], source="fresh")
+    # Small chunks and little patience, so that counting only what the fills reach is visible at this size.
+    monkeypatch.setattr(arms, "COUNT_CHUNK", 8)
+    monkeypatch.setattr(arms, "FILL_PATIENCE", 4)
+    config = EvaluateConfig(mixtures=["top"], baselines=["random", "source-matched", "bottom"],
+                            **{**SMALL, "seeds": 3})
+    with Catalog.open(copy) as catalog:
+        unscored = {d for (d,) in catalog.sql("SELECT id FROM documents WHERE id NOT IN "
+                                              "(SELECT doc_id FROM token_counts)")}
+        texts = dict(catalog.sql("SELECT id, text FROM documents"))
+        ranked = {d for (d,) in catalog.sql("SELECT doc_id FROM ranking_scores WHERE ranking = 'reasoning'")}
+        first = plan_arms(catalog, config)
+        again = plan_arms(catalog, config)
+    assert len(unscored) == 120 and not unscored & ranked
+    tokenizer = AutoTokenizer.from_pretrained(model)
+
+    def counted(doc_id):
+        return len(tokenizer(texts[doc_id])["input_ids"])
+    assert [(a.label, a.doc_ids, a.tokens) for a in first.arms] == [(a.label, a.doc_ids, a.tokens) for a in again.arms]
+    drawn = {d for a in first.arms if a.kind in ("random", "source-matched") for d in a.doc_ids}
+    assert drawn & unscored                                    # the baselines reach beyond the ranking
+    assert not {d for a in first.arms if a.kind in ("mixture", "bottom") for d in a.doc_ids} & unscored
+    assert first.new_counts == {d: counted(d) for d in first.new_counts}
+    assert set(first.new_counts) <= unscored and drawn & unscored <= set(first.new_counts)
+    assert len(first.new_counts) < len(unscored)              # counted as the fills walked, not all
+    for arm in first.arms:
+        assert arm.tokens == sum(counted(d) for d in arm.doc_ids), arm.label
+        assert config.tokens - first.largest_document < arm.tokens <= config.tokens, arm.label
+        assert not set(arm.doc_ids) & set(first.heldout_doc_ids)
+    assert set(first.heldout_doc_ids) <= ranked
+    # The evaluation caches the new counts; planning again finds them and picks the same arms, same id.
+    config = EvaluateConfig(mixtures=["top"], baselines=["random"], **{**SMALL, "seeds": 1})
+    before = plan(copy, config)
+    evaluate(copy, config)
+    after = plan(copy, config)
+    assert before.arms.new_counts and not after.arms.new_counts
+    assert after.id == before.id and [a.doc_ids for a in after.arms.arms] == [a.doc_ids for a in before.arms.arms]
+    with Catalog.open(copy) as catalog:
+        cached = dict(catalog.sql("SELECT doc_id, tokens FROM token_counts WHERE doc_id IN (SELECT unnest(?))",
+                                  [sorted(before.arms.new_counts)]))
+    assert cached == before.arms.new_counts
 
 
 def test_heldout_queries_are_disjoint_from_the_rankings_queries(mixed, finished):

@@ -1,7 +1,8 @@
 """`curator evaluate`: train each arm at equal tokens, measure it, record it, report it.
 
   plan       read-only: every arm's documents (arms.py), the held-out queries (heldout.py) and text,
-             the starting model; any bad request is one error here, before the catalog is written;
+             the starting model; any bad request is one error here, before the catalog is written
+             (then the evaluation's row, and the token counts the plan made, in one transaction);
   base       the starting model measured: the reference row;
   arms       seed by seed, arm by arm, the one training loop (train.py), then the measurements
              (measure.py); each finished arm leaves `result.json` in its folder and a row in
@@ -27,11 +28,11 @@ from curator.artifacts import content_id, write_text_atomic
 from curator.catalog.database import Catalog
 from curator.catalog.documents import read_texts
 from curator.catalog.queries import Query
-from curator.catalog.records import get_run
+from curator.catalog.records import get_run, store_token_counts
 from curator.catalog.workspace import Workspace
 from curator.errors import CuratorError
 from curator.evaluate import measure, stats
-from curator.evaluate.arms import ArmPlan, plan_arms
+from curator.evaluate.arms import ArmPlan, plan_arms, starting_model
 from curator.evaluate.config import Arm, ArmResult, EvaluateConfig
 from curator.evaluate.heldout import heldout_queries
 from curator.evaluate.report import write_report
@@ -66,9 +67,7 @@ def plan(ws: Workspace, config: EvaluateConfig) -> Plan:
         arms = plan_arms(catalog, config)
         queries = heldout_queries(catalog, config, arms.rankings)
         run = get_run(catalog, arms.rankings[0].run_id)
-        model = catalog.one("SELECT name, location FROM models WHERE id = ?", [run.model_id])
-        if model is None:
-            raise CuratorError(f"the catalog does not know the model of run {run.id}")
+        model_name, model_id = starting_model(catalog, arms.rankings[0], config.model)
         texts = {}
         wanted = sorted({d for arm in arms.arms for d in arm.doc_ids})
         for chunk in read_texts(catalog, wanted):
@@ -76,13 +75,12 @@ def plan(ws: Workspace, config: EvaluateConfig) -> Plan:
         heldout = {}
         for chunk in read_texts(catalog, arms.heldout_doc_ids):
             heldout.update(chunk)
-    model_name = config.model or model[1] or model[0]
     scratch = Path(config.from_scratch).read_text() if config.from_scratch else None
-    identity = [measure.VERSION, config.identity(), run.model_id, scratch,
+    identity = [measure.VERSION, config.identity(), model_id, scratch,
                 [(a.name, a.seed, a.doc_ids) for a in arms.arms], arms.heldout_doc_ids,
                 [(q.id, q.task, q.prompt, q.completion) for q in queries]]
     return Plan(config=config, arms=arms, queries=queries, heldout_texts=[heldout[d] for d in arms.heldout_doc_ids],
-                texts=texts, model_name=model_name, model_id=run.model_id,
+                texts=texts, model_name=model_name, model_id=model_id,
                 tokenizer_id=arms.rankings[0].tokenizer_id, chat_template=run.settings.get("chat_template", "auto"),
                 id=content_id("eval", *identity))
 
@@ -324,12 +322,17 @@ def _write_plan(folder: Path, the_plan: Plan) -> None:
 
 
 def _record_start(ws: Workspace, the_plan: Plan) -> None:
+    """The evaluation's row, and the token counts the plan made for documents the catalog had not counted
+    (the random baselines draw from the whole catalog), cached as `curator score` caches its own."""
     config = the_plan.config
     with Catalog.open(ws, write=True) as catalog:
+        catalog.sql("BEGIN")
         catalog.sql("INSERT OR IGNORE INTO evaluations (id, mixtures, baselines, model_id, settings, state) "
                     "VALUES (?, ?, ?, ?, ?, 'running')",
                     [the_plan.id, json.dumps(config.mixtures), json.dumps(config.baselines), the_plan.model_id,
                      config.model_dump_json()])
+        store_token_counts(catalog, the_plan.tokenizer_id, the_plan.arms.new_counts)
+        catalog.sql("COMMIT")
 
 
 def report_data(the_plan: Plan, model_name: str, results: list[ArmResult]) -> dict:
