@@ -92,6 +92,8 @@ def evaluate(
     heldout_docs: Annotated[int, typer.Option(help="Ranked documents kept out of every arm to measure general-"
                                                    "text perplexity.")] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per accuracy query.")] = 96,
+    bootstrap: Annotated[int, typer.Option(help="Resamples of the held-out queries behind each comparison's "
+                                                "paired bootstrap interval (seeded; changes no arm).")] = 2000,
     device: DeviceOption = "cpu",
     keep_final: Annotated[bool, typer.Option("--keep-final", help="Keep each arm's trained weights.")] = False,
     out: Annotated[Path | None, typer.Option(help="HTML report (the JSON goes beside it). Default: "
@@ -112,8 +114,10 @@ def evaluate(
     - **perplexity** of held-out documents (nothing else broke);
     - **accuracy**: exact match of greedy completions, the answer solved again from each prompt.
 
-    Results per arm and seed go to the catalog; the report (HTML + JSON) gives means with 95% intervals,
-    the loss over training tokens per arm, and says plainly when the mixture does not beat a baseline.
+    Results per arm and seed go to the catalog; the report (HTML + JSON) gives means with 95% intervals
+    over seeds, each comparison with a second interval from a paired bootstrap over the held-out queries,
+    the loss over training tokens per arm, and says plainly when the mixture does not beat a baseline
+    (it beats one only when both intervals lie on the better side).
     A killed evaluation resumes at its first unfinished arm, from that arm's last checkpoint.
 
     Example: curator evaluate --mixtures math-code --tokens 200000 --seeds 3
@@ -122,6 +126,7 @@ def evaluate(
 
     from curator.evaluate.config import BASELINES, EvaluateConfig
     from curator.evaluate.run import evaluate as run_evaluate
+    from curator.evaluate.stats import OUTCOME_METRICS
 
     chosen = [] if baselines.strip() == "none" else _names(baselines)
     unknown = [b for b in chosen if b not in BASELINES]
@@ -132,7 +137,8 @@ def evaluate(
                             eval_queries=eval_queries, eval_seed=eval_seed, eval_per_task=eval_per_task,
                             from_scratch=str(from_scratch) if from_scratch else None, model=model, seq_len=seq_len,
                             batch_rows=batch_rows, lr=lr, checkpoints=checkpoints, heldout_docs=heldout_docs,
-                            max_new_tokens=max_new_tokens, device=device, keep_final=keep_final)
+                            max_new_tokens=max_new_tokens, bootstrap=bootstrap, device=device,
+                            keep_final=keep_final)
     ws = workspace_from(workspace)
     with TrainingBar() as bar:
         data = run_evaluate(ws, config, progress=bar, out=out)
@@ -153,6 +159,20 @@ def evaluate(
                          "factual_loss ±": "±", "general_ppl": "text ppl", "general_ppl ±": "±",
                          "accuracy ±": "±"})
     if output is OutputFormat.table:
+        compared = pl.DataFrame(
+            [{"mixture": c["mixture"], "against": c["against"], "metric": c["metric"], "improvement": c["mean"],
+              "seeds low": c["low"], "seeds high": c["high"],
+              "queries low": (c["queries"] or {}).get("low"), "queries high": (c["queries"] or {}).get("high"),
+              "verdict": c["verdict"]}
+             for c in data["comparisons"] if c["against"] in config.baselines and c["metric"] in OUTCOME_METRICS],
+            schema={"mixture": pl.String, "against": pl.String, "metric": pl.String, "improvement": pl.Float64,
+                    "seeds low": pl.Float64, "seeds high": pl.Float64, "queries low": pl.Float64,
+                    "queries high": pl.Float64, "verdict": pl.String})
+        if not compared.is_empty():
+            print_frame(compared, output, title="Against the baselines (improvement > 0: the mixture did better; "
+                                                "95% intervals over seeds and over held-out queries)",
+                        formats={c: ".4g" for c in ("improvement", "seeds low", "seeds high", "queries low",
+                                                    "queries high")})
         for sentence in data["sentences"]:
             console.print(f"• {sentence}", highlight=False)
         console.print(f"Report: {data['report']} (numbers: {data['report_json']})")

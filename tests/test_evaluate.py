@@ -444,8 +444,12 @@ def test_the_report_says_plainly_when_the_mixture_does_not_beat_a_baseline(mixed
     for c in comparisons:
         said = stats.sentence(c["mixture"], c["against"], c)
         assert ("does NOT beat" in said) == (c["verdict"] != "better")
-    mixture = [{"seed": s, "reasoning_loss": 2.0 + 0.01 * s} for s in range(3)]
-    better = [{"seed": s, "reasoning_loss": 1.5 + 0.02 * s} for s in range(3)]
+    def per_query(level, seed):      # four queries whose mean is `level`
+        return {"reasoning_loss": {f"q{i}": level + 0.01 * (i - 1.5) * (1 + seed % 2) for i in range(4)}}
+    mixture = [{"seed": s, "reasoning_loss": 2.0 + 0.01 * s, "per_query": per_query(2.0 + 0.01 * s, s)}
+               for s in range(3)]
+    better = [{"seed": s, "reasoning_loss": 1.5 + 0.02 * s, "per_query": per_query(1.5 + 0.02 * s, s)}
+              for s in range(3)]
     worse = stats.compare(mixture, better, "reasoning_loss")
     assert worse["verdict"] == "worse" and "does NOT beat" in stats.sentence("m", "b", worse)
     assert stats.compare(better, mixture, "reasoning_loss")["verdict"] == "better"
@@ -461,8 +465,52 @@ def test_the_report_says_plainly_when_the_mixture_does_not_beat_a_baseline(mixed
     assert "does NOT beat" in said and "same on every seed" in said and "0.04167" in said and "interval 0" not in said
     assert stats.interval([0.5, 0.5, 0.5]) == {"mean": 0.5, "low": None, "high": None, "n": 3, "same": True}
     assert data["summary"]["base"]["reasoning_loss"]["n"] == 1        # measured once, not once per seed
+    assert "Comparisons" in html and "95% over held-out queries" in html
     summary = stats.interval([1.0, 2.0, 3.0])
     assert summary["mean"] == 2.0 and summary["high"] - 2.0 == pytest.approx(4.303 / 3 ** 0.5)
+
+
+def test_the_json_report_holds_each_comparisons_bootstrap_over_the_heldout_queries(mixed, finished):
+    """Every arm records its per-query values; each comparison on a query metric carries the paired bootstrap
+    of them, the one stats.bootstrap gives for those values; perplexity carries none; old results (no
+    per-query values) read back and give none."""
+    from curator.evaluate import stats
+    from curator.evaluate.config import ArmResult
+
+    _, ws, _ = mixed
+    config, data = finished
+    report = json.loads(open(data["report_json"]).read())
+    assert report["setup"]["bootstrap_resamples"] == config.bootstrap == 2000
+    held = json.loads((work_folder(ws, data["id"]) / "heldout.json").read_text())
+    reasoning = sorted(q["id"] for q in held["queries"] if q["task"] in ("arithmetic", "slope", "linear"))
+    for row in report["results"]:
+        values = row["per_query"]
+        assert sorted(values["reasoning_loss"]) == reasoning
+        assert sum(values["reasoning_loss"].values()) / len(reasoning) == pytest.approx(row["reasoning_loss"])
+        assert sum(values["factual_loss"].values()) / len(values["factual_loss"]) == pytest.approx(row["factual_loss"])
+        assert sum(values["accuracy"].values()) / len(values["accuracy"]) == pytest.approx(row["accuracy"])
+    rows = {(r["arm"], r["seed"]): r for r in report["results"]}
+    c = next(c for c in report["comparisons"] if (c["mixture"], c["against"], c["metric"]) ==
+             ("top", "random", "reasoning_loss"))
+    by_hand = [[rows["random", s]["per_query"]["reasoning_loss"][q] - rows["top", s]["per_query"]["reasoning_loss"][q]
+                for q in reasoning] for s in range(config.seeds)]
+    assert c["queries"] == stats.bootstrap(by_hand, 2000, 0) and c["queries"]["queries"] == len(reasoning)
+    assert c["queries"]["low"] <= c["queries"]["mean"] <= c["queries"]["high"]
+    assert c["queries"]["mean"] == pytest.approx(c["mean"])
+    for c in report["comparisons"]:
+        if c["metric"] == "general_ppl":
+            assert c["queries"] is None and c["queries_note"] == "not a mean over queries"
+        elif c["metric"] != "factual_loss" or c["mean"] is not None:
+            assert c["queries"] is not None, (c["mixture"], c["against"], c["metric"])
+        # Perplexity is measured on documents: its verdict is the seeds'. The others need both intervals.
+        beats = c["seeds"] == "better" and (c["metric"] == "general_ppl" or c["queries"]["low"] > 0)
+        assert (c["verdict"] == "better") == beats
+    with Catalog.open(ws) as catalog:
+        details = json.loads(catalog.one("SELECT details FROM evaluation_results WHERE evaluation_id = ? AND "
+                                         "arm = 'top' AND seed = 0", [data["id"]])[0])
+    assert details["per_query"] == rows["top", 0]["per_query"]
+    old = {k: v for k, v in rows["top", 0].items() if k != "per_query"}
+    assert ArmResult.model_validate(old).per_query is None
 
 
 def test_cli_prints_the_table_and_bad_input_leaves_the_catalog_as_it_was(mixed, finished):
@@ -482,6 +530,7 @@ def test_cli_prints_the_table_and_bad_input_leaves_the_catalog_as_it_was(mixed, 
     assert result.exit_code == 0, result.output
     assert f"Evaluation {data['id']}" in result.output and "source-matched" in result.output
     assert "beat" in result.output and "Report:" in result.output
+    assert "Against the baselines" in result.output and "over held-out queries" in result.output
     with Catalog.open(ws) as catalog:
         before = catalog.sql("SELECT id, state FROM evaluations ORDER BY id")
     for bad, message in [(dict(mixtures=["nope"]), "no mixture named 'nope'"),

@@ -41,6 +41,9 @@ class EvaluateConfig(Settings):
     checkpoints: int = Field(4, ge=1, description="points along training where the held-out loss is measured "
                                                   "and the state is saved (resumes start there)")
     max_new_tokens: int = Field(96, ge=1, description="greedy tokens generated per accuracy query")
+    bootstrap: int = Field(2000, ge=100, description="resamples of the held-out queries behind each comparison's "
+                                                    "paired bootstrap interval", json_schema_extra=NOT_IDENTITY)
+    bootstrap_seed: int = Field(0, description="seed of the bootstrap's resamples", json_schema_extra=NOT_IDENTITY)
     device: str = Field("cpu", json_schema_extra=NOT_IDENTITY)
     keep_final: bool = Field(False, description="keep each arm's final weights (safetensors)",
                              json_schema_extra=NOT_IDENTITY)
@@ -89,3 +92,6 @@ class ArmResult(BaseModel):
     per_task_accuracy: dict[str, float]
     curve: list[dict]         # {tokens, reasoning_loss, factual_loss} at step 0 and each checkpoint
     seconds: float = 0.0
+    # metric → query id → the query's value (its completion loss; 1.0 or 0.0 for a right or wrong answer): what
+    # the bootstrap over queries resamples. None in results measured before it was recorded.
+    per_query: dict[str, dict[str, float]] | None = None

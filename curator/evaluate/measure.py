@@ -72,6 +72,15 @@ def task_means(queries: Sequence[Query], per_query: dict[str, float]) -> dict[st
     return {task: sum(v) / len(v) for task, v in sorted(by_task.items())}
 
 
+def by_metric(queries: Sequence[Query], per_query: dict[str, float], records: Sequence[dict]
+              ) -> dict[str, dict[str, float]]:
+    """The per-query values behind each query metric, by query id: the reasoning and control queries'
+    losses, and 1.0 / 0.0 for each checked answer. Each metric is the plain mean of its values."""
+    return {"reasoning_loss": {q.id: per_query[q.id] for q in queries if q.task in REASONING_TASKS},
+            "factual_loss": {q.id: per_query[q.id] for q in queries if q.task not in REASONING_TASKS},
+            "accuracy": {r["id"]: float(r["got"] == r["expected"]) for r in records}}
+
+
 def split_means(queries: Sequence[Query], per_query: dict[str, float]) -> tuple[float, float | None]:
     """(mean over reasoning queries, mean over the other (control) queries or None)."""
     reasoning = [per_query[q.id] for q in queries if q.task in REASONING_TASKS]

@@ -45,6 +45,27 @@ def _table(data: dict) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def _span(low, high) -> str:
+    return "–" if low is None else f"[{_num(low)}, {_num(high)}]"
+
+
+def _comparisons(data: dict) -> str:
+    """Every mixture against every other arm, per metric: the improvement (positive: the mixture did better),
+    its interval over seeds and over held-out queries, and the verdict."""
+    names = dict(COLUMNS)
+    head = "".join(f"<th>{h}</th>" for h in ["mixture", "against", "metric", "improvement", "95% over seeds",
+                                              "95% over held-out queries", "verdict"])
+    rows = []
+    for c in data["comparisons"]:
+        q = c.get("queries")
+        over_queries = _span(q["low"], q["high"]) if q else f"– <span class='meta'>" \
+                                                            f"({html.escape(c.get('queries_note') or '')})</span>"
+        cells = [html.escape(c["mixture"]), html.escape(c["against"]), html.escape(names[c["metric"]]),
+                 _num(c["mean"]), _span(c["low"], c["high"]), over_queries, html.escape(c["verdict"])]
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
 def _per_task(data: dict) -> str:
     tasks = sorted({t for r in data["results"] for t in r["per_task_loss"]})
     head = "".join(f"<th>{html.escape(h)}</th>" for h in ["arm", *[f"{t} loss" for t in tasks],
@@ -104,12 +125,17 @@ def render(data: dict) -> str:
                "with the same optimiser, schedule, batch shape and data-order seed; only its documents differ. "
                "<b>base</b> is the model before training. Losses are nats per completion token on held-out "
                "queries that no ranking used; control queries are the factual ones. Accuracy is the exact match "
-               "of greedy completions, the answer solved again from each prompt. Brackets: 95% intervals over "
-               "seeds (Student's t); they cover the variation between seeds, not the sampling of the few "
-               "held-out queries. '(every seed)': the same value on every seed, so no interval.</p>")
+               "of greedy completions, the answer solved again from each prompt. Brackets in the results: 95% "
+               "intervals over seeds (Student's t); they cover the variation between seeds, not the sampling of "
+               "the few held-out queries. '(every seed)': the same value on every seed, so no interval. Each "
+               "comparison adds a paired bootstrap over the held-out queries (the same resample for both arms "
+               f"and every seed, {setup['bootstrap_resamples']:,} resamples): a mixture beats another arm "
+               "only when both intervals lie wholly on the better side.</p>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>curator evaluation {html.escape(data['id'])}"
             f"</title><style>{CSS}</style></head><body><h1>Does the mixture help?</h1><p class='meta'>{meta}</p>"
             f"<div class='note'><b>Outcome</b><ul>{verdicts}</ul></div>{explain}<h2>Results</h2>{_table(data)}"
+            f"<h2>Comparisons</h2><p class='explain'>Improvement: positive when the mixture did better.</p>"
+            f"{_comparisons(data)}"
             f"<h2>Loss over training tokens</h2><p class='explain'>Thick: the mean over seeds; thin: each seed."
             f"</p>{_plot(data)}<h2>Per task</h2>{_per_task(data)}</body></html>")
 

@@ -8,11 +8,13 @@
              (measure.py); each finished arm leaves `result.json` in its folder and a row in
              `evaluation_results`, so a killed evaluation resumes at its first unfinished arm, from
              that arm's last checkpoint;
-  report     means with 95% intervals, paired verdicts (stats.py), HTML + JSON (report.py) in the
-             workspace's reports folder, beside the audit.
+  report     means with 95% intervals over seeds, paired verdicts with intervals over seeds and over
+             held-out queries (stats.py), HTML + JSON (report.py) in the workspace's reports folder,
+             beside the audit.
 
-The work folder is reports/evaluations/ID, ID a hash of the settings (less the device), the starting
-model, every arm's documents and the held-out queries and text: the same command finds it again.
+The work folder is reports/evaluations/ID, ID a hash of the settings (less the device and the
+bootstrap's, which change no arm's numbers), the starting model, every arm's documents and the
+held-out queries and text: the same command finds it again.
 """
 
 from __future__ import annotations
@@ -184,7 +186,8 @@ class Measures:
             per_task_loss=measure.task_means(self.queries, per_query), per_task_accuracy=per_task_acc,
             curve=[*curve, {"tokens": config.steps * config.batch_tokens if arm_docs else 0,
                             "reasoning_loss": reasoning, "factual_loss": control}],
-            seconds=time.perf_counter() - started)
+            seconds=time.perf_counter() - started,
+            per_query=measure.by_metric(self.queries, per_query, records))
         return result, records
 
 
@@ -301,7 +304,7 @@ def _record_results(catalog: Catalog, the_plan: Plan, results: list[ArmResult]) 
             [the_plan.id, result.arm, result.kind, result.seed, result.documents, result.distinct_tokens,
              result.trained_tokens, result.reasoning_loss, result.factual_loss, result.general_ppl, result.accuracy,
              json.dumps({"per_task_loss": result.per_task_loss, "per_task_accuracy": result.per_task_accuracy,
-                         "curve": result.curve, "seconds": result.seconds})])
+                         "curve": result.curve, "seconds": result.seconds, "per_query": result.per_query})])
 
 
 def _write_plan(folder: Path, the_plan: Plan) -> None:
@@ -352,9 +355,10 @@ def report_data(the_plan: Plan, model_name: str, results: list[ArmResult]) -> di
         for other in [*config.baselines, *[m for m in config.mixtures if m != mixture], "base"]:
             theirs = [r for r in rows if r["arm"] == other]
             for metric in stats.METRICS:
-                comparison = {"mixture": mixture, "against": other, **stats.compare(mine, theirs, metric)}
+                comparison = {"mixture": mixture, "against": other,
+                              **stats.compare(mine, theirs, metric, config.bootstrap, config.bootstrap_seed)}
                 comparisons.append(comparison)
-                if metric in ("reasoning_loss", "accuracy") and other in config.baselines:
+                if metric in stats.OUTCOME_METRICS and other in config.baselines:
                     sentences.append(stats.sentence(mixture, other, comparison))
     return {
         "id": the_plan.id, "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -363,7 +367,8 @@ def report_data(the_plan: Plan, model_name: str, results: list[ArmResult]) -> di
                   "steps": config.steps, "batch_rows": config.batch_rows, "seq_len": config.seq_len,
                   "trained_tokens": config.steps * config.batch_tokens, "requested_tokens": config.tokens,
                   "largest_document": the_plan.arms.largest_document, "queries": len(the_plan.queries),
-                  "heldout_docs": len(the_plan.arms.heldout_doc_ids), "settings": config.model_dump(mode="json"),
+                  "heldout_docs": len(the_plan.arms.heldout_doc_ids), "bootstrap_resamples": config.bootstrap,
+                  "settings": config.model_dump(mode="json"),
                   "rankings": [r.model_dump() for r in the_plan.arms.rankings]},
         "arms": arms, "summary": summary, "comparisons": comparisons, "sentences": sentences, "results": rows,
     }
