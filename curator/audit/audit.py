@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from curator import __version__
+from curator.arrays import numpy_of
 from curator.audit import analyses
 from curator.audit.slices import document_blocks, not_full, query_groups
 from curator.catalog.composition import composition, token_counts_available
@@ -195,14 +196,14 @@ def _documents_of(catalog: Catalog, run: RunRecord, n_queries: int,
         table = catalog.con.sql("SELECT id AS doc_id, source FROM documents WHERE id BETWEEN ? AND ? ORDER BY id",
                                 params=[dense[0], dense[1]]).to_arrow_table()
         if table.num_rows != dense[1] - dense[0] + 1:
-            held = table.column("doc_id").to_numpy()
+            held = numpy_of(table.column("doc_id"))
             gap = np.flatnonzero(held != np.arange(dense[0], dense[0] + len(held)))
             missing = dense[0] + (int(gap[0]) if len(gap) else len(held))
             raise CuratorError(f"run {run.id} scored document {missing}, which the catalog no longer holds")
     else:
         table = catalog.con.sql("SELECT a.doc_id, d.source FROM audit_docs a LEFT JOIN documents d "
                                 "ON d.id = a.doc_id ORDER BY a.doc_id").to_arrow_table()
-    doc_ids = table.column("doc_id").to_numpy()
+    doc_ids = numpy_of(table.column("doc_id"))
     source = table.column("source")
     if source.null_count:
         missing = doc_ids[np.flatnonzero(source.is_null().to_numpy(zero_copy_only=False))[0]]
@@ -210,7 +211,7 @@ def _documents_of(catalog: Catalog, run: RunRecord, n_queries: int,
     encoded = source.dictionary_encode().combine_chunks()
     names = encoded.dictionary.to_pylist()
     order = np.argsort(names)                        # codes into the sorted names
-    codes = np.argsort(order)[encoded.indices.to_numpy()]
+    codes = np.argsort(order)[numpy_of(encoded.indices)]
     return doc_ids, codes.astype(np.int64), [names[i] for i in order]
 
 
@@ -268,7 +269,7 @@ def _answer_documents(catalog: Catalog, doc_ids: np.ndarray, answers: set[str]) 
              f"WHERE list_bool_or([{tests}])")
     patterns = [analyses.answer_re2(a) for a in ordered]
     for batch in arrow_batches(catalog, query, patterns + patterns):
-        positions = np.searchsorted(doc_ids, batch.column("doc_id").to_numpy())
+        positions = np.searchsorted(doc_ids, numpy_of(batch.column("doc_id")))
         hits = np.array(batch.column("hits").to_pylist(), dtype=bool).reshape(len(positions), len(ordered))
         for j, answer in enumerate(ordered):
             found[answer][positions[hits[:, j]]] = True

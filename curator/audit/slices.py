@@ -15,6 +15,7 @@ from concurrent.futures import Executor, as_completed
 
 import numpy as np
 
+from curator.arrays import numpy_of
 from curator.catalog.database import Catalog
 from curator.catalog.records import RunRecord
 from curator.curate.scores import arrow_batches, query_rows
@@ -47,11 +48,11 @@ def _fill(catalog: Catalog, run: RunRecord, query: str, params: list, shape: tup
     pair scored twice, which leaves another pair without a score, is found as a NaN left over."""
     matrix = np.full(shape, np.nan, dtype=dtype)
     for batch in arrow_batches(catalog, query, params, rows=1_000_000):
-        at = _positions(doc_ids, batch.column("doc_id").to_numpy())
+        at = _positions(doc_ids, numpy_of(batch.column("doc_id")))
         if at is None:
             raise CuratorError(f"the scores of run {run.id} are not a full query × document table: some "
                                f"documents are scored by some queries only")
-        matrix[batch.column("i").to_numpy() - row_offset, at - column_offset] = batch.column("score").to_numpy()
+        matrix[numpy_of(batch.column("i")) - row_offset, at - column_offset] = numpy_of(batch.column("score"))
     holes = np.isnan(matrix)
     if holes.any():
         column = int(np.argmax(holes.any(axis=0)))

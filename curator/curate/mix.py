@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, Field
 
+from curator.arrays import arrow_of, numpy_of
 from curator.artifacts import write_text_atomic
 from curator.catalog.database import Catalog
 from curator.catalog.workspace import Workspace
@@ -233,10 +234,10 @@ class Fill:
 
         if self.chunks:
             position, doc_id, tokens, score = (np.concatenate(c) for c in zip(*self.chunks, strict=True))
-            self.out.write_table(pa.table({"position": pa.array(position, pa.int64()),
-                                           "doc_id": pa.array(doc_id, pa.int64()),
-                                           "tokens": pa.array(tokens, pa.int64()),
-                                           "score": pa.array(score, pa.float64())}))
+            self.out.write_table(pa.table({"position": arrow_of(position, "int64"),
+                                           "doc_id": arrow_of(doc_id, "int64"),
+                                           "tokens": arrow_of(tokens, "int64"),
+                                           "score": arrow_of(score, "double")}))
             self.chunks, self.pending = [], 0
 
 
@@ -265,8 +266,8 @@ def _ordered(catalog: Catalog, sources: list[str], source: str | None = None):
     for batch in reader:
         names = batch.column(1).dictionary_encode()
         codes = np.array([index[s] for s in names.dictionary.to_pylist()], dtype=np.int64)
-        yield (batch.column(0).to_numpy(), codes[names.indices.to_numpy(zero_copy_only=False)],
-               batch.column(2).to_numpy().astype(np.int64), batch.column(3).to_numpy(zero_copy_only=False))
+        yield (numpy_of(batch.column(0)), codes[numpy_of(names.indices)],
+               numpy_of(batch.column(2)).astype(np.int64), numpy_of(batch.column(3)))
 
 
 def fill(ordered, fill_state: Fill, quotas: dict[str, Quota], available: dict[str, int], smallest: int) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
+from curator.arrays import numpy_of
 from curator.artifacts import content_id, reading, write_numpy_atomic, write_text_atomic
 from curator.errors import ArtifactError, CuratorError
 
@@ -201,7 +202,7 @@ class PartSummary:
 
         with reading(self.path, "score dataset part", "curator score ... --force"):
             first = pq.ParquetFile(self.path).iter_batches(batch_size=max(1, self.documents), columns=["doc_id"])
-            return next(first).column(0).to_numpy()
+            return numpy_of(next(first).column(0))
 
     def block(self, column: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Queries start … stop (positions in `queries`) × documents of `column`, as stored (float32);
@@ -217,7 +218,7 @@ class PartSummary:
             groups = [g for g in range(len(bounds) - 1) if bounds[g] < last and bounds[g + 1] > first]
             if not groups:
                 return np.zeros((stop - start, self.documents), dtype=np.float32)
-            values = handle.read_row_groups(groups, columns=[column]).column(0).to_numpy()
+            values = numpy_of(handle.read_row_groups(groups, columns=[column]).column(0))
         offset = first - bounds[groups[0]]
         return values[offset:offset + last - first].reshape(stop - start, self.documents)
 
