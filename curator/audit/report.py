@@ -131,11 +131,14 @@ def correlation_section(data: dict) -> str:
     corr = data["correlations"]
     import numpy as np
 
-    matrix = np.array(corr["matrix"])
     n = len(corr["query_ids"])
+    # Queries grouped by task (in id order within one), whatever order their ids put them in: one block
+    # per task, and one pair of separating lines per task rather than per query.
+    order = sorted(range(n), key=lambda i: corr["tasks"][i])
+    matrix = np.array(corr["matrix"])[np.ix_(order, order)]
+    tasks = [corr["tasks"][i] for i in order]
     fig, ax = _figure(min(9, 2 + 0.3 * n), min(8, 1.6 + 0.3 * n))
     image = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
-    tasks = corr["tasks"]
     boundaries = [i for i in range(1, n) if tasks[i] != tasks[i - 1]]
     for b in boundaries:
         ax.axhline(b - 0.5, color="k", lw=1)
