@@ -120,6 +120,21 @@ def main() -> None:
     for arm, stats in data["summary"].items():
         lines.append(f"| {arm} | {cell(stats['reasoning_loss'])} | {cell(stats['factual_loss'])} | "
                      f"{cell(stats['general_ppl'])} | {cell(stats['accuracy'])} |")
+    lines += ["", "The mixture against each baseline (improvement: positive when the mixture did better; 95% "
+              "intervals over the seeds, paired by seed, and over the held-out queries, a paired bootstrap):", "",
+              "| against | metric | improvement | over seeds | over held-out queries | verdict |",
+              "|---|---|---|---|---|---|"]
+
+    def span(low, high) -> str:
+        return "–" if low is None else f"[{low:.4f}, {high:.4f}]"
+
+    for c in data["comparisons"]:
+        if c["against"] == "base" or c["metric"] not in ("reasoning_loss", "accuracy", "factual_loss"):
+            continue
+        q = c.get("queries")
+        mean = "–" if c["mean"] is None else f"{c['mean']:.4f}"
+        lines.append(f"| {c['against']} | {c['metric'].replace('_', ' ')} | {mean} | {span(c['low'], c['high'])} | "
+                     f"{span(q['low'], q['high']) if q else '–'} | {c['verdict']} |")
     lines += ["", "Outcome, as the report states it:", ""] + [f"- {s}" for s in data["sentences"]]
     lines += ["", f"Report: `{Path(data['report']).name}` (evaluation {data['id']})."]
     print("\n".join(lines))
