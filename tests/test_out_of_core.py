@@ -222,10 +222,11 @@ def test_one_slice_and_answers_searched_past_the_top(real_run, planted, monkeypa
 
 # -- parts with a summary (what `curator score` writes) --------------------------------------------
 
-def summarised_run(ws: Workspace, tmp_path, scores: pl.DataFrame, run_id: str) -> Path:
+def summarised_run(ws: Workspace, tmp_path, scores: pl.DataFrame, run_id: str, rebatched: bool = False) -> Path:
     """The planted scores as `curator score` publishes them: parts with summaries, two query batches,
     published in two steps as an incremental run appends (the second adds documents 601-1000, one of its
-    parts with ids that are not consecutive), and recorded as a run."""
+    parts with ids that are not consecutive), and recorded as a run. `rebatched`: the first step holds
+    every query in one batch, as a run scored again with less query memory would leave it."""
     from helpers import plant_run
 
     from curator.influence.score_dataset import ScoreDataset, write_part
@@ -236,10 +237,10 @@ def summarised_run(ws: Workspace, tmp_path, scores: pl.DataFrame, run_id: str) -
     doc_ids = wide["doc_id"].to_numpy()
     dataset = ScoreDataset(tmp_path / run_id)
     manifest = dataset.open(run_id, batches)
-    for chunks in ([doc_ids[:250], doc_ids[250:600]], [doc_ids[600:][::2], doc_ids[600:][1::2]]):
+    for step, chunks in enumerate(([doc_ids[:250], doc_ids[250:600]], [doc_ids[600:][::2], doc_ids[600:][1::2]])):
         dataset.pending.mkdir(exist_ok=True)
         names = []
-        for b, batch in enumerate(batches):
+        for b, batch in enumerate([query_ids] if rebatched and step == 0 else batches):
             for chunk in chunks:
                 block = wide.filter(pl.col("doc_id").is_in(chunk.tolist())).sort("doc_id")
                 values = block.select(batch).to_numpy().T.astype(np.float32)
@@ -312,6 +313,46 @@ def test_an_audit_from_part_summaries_equals_the_in_memory_audit(planted, tmp_pa
     assert_audit_equals_reference(audit(ws, "score-sum"), want)              # one slice
     monkeypatch.setattr(slices_module, "SLICE_BYTES", 4 * 40)                  # one query a group, many blocks
     assert_audit_equals_reference(audit(ws, "score-sum"), want)
+
+
+def test_a_query_held_by_parts_of_two_batchings_comes_complete_once(planted, tmp_path, monkeypatch):  # noqa: F811
+    """A query held by parts of two batchings (all queries over the first 600 documents, two and two over
+    the rest) is handed to the analyses once, after both of its reads have ended, whichever ends last;
+    and the audit equals the in-memory one."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from curator.catalog.records import get_run
+    from curator.curate.scores import summarised_parts
+
+    ws, scores = planted
+    summarised_run(ws, tmp_path, scores, "score-mixed", rebatched=True)
+    wide = scores.pivot(on="doc_id", index="query_id", values="score").sort("query_id")
+    doc_ids = np.array(sorted(int(c) for c in wide.columns[1:]))
+    want = wide.select([str(d) for d in doc_ids]).to_numpy().astype(np.float32)
+    rows = {q: i for i, q in enumerate(wide["query_id"].to_list())}
+    with Catalog.open(ws) as catalog:
+        run = get_run(catalog, "score-mixed")
+    parts = summarised_parts(run)
+    read_into = slices_module._read_into
+    for slow in (2, len(rows)):                        # the two-query reads end last, then the all-query ones
+
+        def late(matrix, placed, rows_, slow=slow):
+            if len(placed[0][0].queries) == slow:
+                time.sleep(0.3)
+            return read_into(matrix, placed, rows_)
+
+        monkeypatch.setattr(slices_module, "_read_into", late)
+        handed = []
+        with ThreadPoolExecutor(2) as readers:
+            matrix, complete = slices_module._fill_from_parts_by_batch(run, parts, rows, doc_ids, np.float32,
+                                                                       readers)
+            for positions in complete:
+                for row in positions:
+                    handed.append(row)
+                    np.testing.assert_array_equal(matrix[row], want[row])     # whole when handed over
+        assert sorted(handed) == list(range(len(rows)))                        # each row once
+    assert_audit_equals_reference(audit(ws, "score-mixed"), reference_audit(ws, "score-mixed-plain"))
 
 
 def test_cumulative_shares_from_ascending_scores_equal_the_plain_sums():

@@ -86,8 +86,10 @@ def _fill_from_parts_by_batch(run: RunRecord, parts: list[PartSummary], rows: di
                               doc_ids: np.ndarray, dtype, readers: Executor):
     """`_fill_from_parts` over all documents, its parts read on `readers`, one task per set of parts that
     hold the same queries (a query batch of `curator score`): the slice, and an iterator of the row
-    positions that are complete, a batch at a time as their reads end, so that the caller analyses the
-    first queries while the next are read."""
+    positions that are complete, as the reads end, so that the caller analyses the first queries while
+    the next are read. A row is complete when every task holding its query has ended: a run scored again
+    with less query memory holds a query in parts of different batches (all four queries over the first
+    documents, two and two over the later ones)."""
     placed = _place(run, parts, doc_ids, 0, len(doc_ids))
     _check_covered(run, placed, rows, len(doc_ids), doc_ids)
     matrix = np.empty((len(rows), len(doc_ids)), dtype=dtype)
@@ -96,11 +98,18 @@ def _fill_from_parts_by_batch(run: RunRecord, parts: list[PartSummary], rows: di
         batches.setdefault(tuple(q for q in item[0].queries if q in rows), []).append(item)
     reads = {readers.submit(_read_into, matrix, items, rows): [rows[q] for q in queries]
              for queries, items in batches.items() if queries}
+    unread = np.zeros(len(rows), dtype=np.int64)          # per row: the reads holding it not yet ended
+    for held in reads.values():
+        unread[held] += 1
 
     def complete():
         for read in as_completed(reads):
             read.result()
-            yield reads[read]
+            held = reads[read]
+            unread[held] -= 1
+            done = [row for row in held if unread[row] == 0]
+            if done:
+                yield done
 
     return matrix, complete()
 
