@@ -28,15 +28,18 @@ def numpy_of(column) -> np.ndarray:
         data = column.buffers()[1]
         if data is None:                     # an empty array may have no data buffer
             return np.empty(0, dtype=dtype)
-        return np.frombuffer(data, dtype=dtype, count=len(column), offset=column.offset * dtype.itemsize)
+        view = np.frombuffer(data, dtype=dtype, count=len(column), offset=column.offset * dtype.itemsize)
+        view.setflags(write=False)           # Arrow's memory (a Parquet read's is writable): never write into it
+        return view
     return column.to_numpy(zero_copy_only=False)
 
 
 def arrow_of(values: np.ndarray, kind: str):
     """A numpy array as a pyarrow Array of the number type `kind` ("int64", "double", …: Arrow's names),
-    converted to that type first if it is another."""
+    converted first if it is another type that converts without loss (int32 → int64, float32 → double;
+    float → int64 is refused, as `pa.array` refuses it)."""
     import pyarrow as pa
 
     dtype = _NUMBERS[kind]
-    values = np.ascontiguousarray(values, dtype=dtype)
+    values = np.ascontiguousarray(np.asarray(values).astype(dtype, casting="safe", copy=False))
     return pa.Array.from_buffers(pa.type_for_alias(kind), len(values), [None, pa.py_buffer(values)])
