@@ -110,3 +110,20 @@ def test_results_without_per_query_values_give_no_bootstrap_and_say_so():
     ppl = stats.compare([{"seed": s, "general_ppl": 10.0 + 0.1 * s} for s in range(3)],
                         [{"seed": s, "general_ppl": 12.0 + 0.2 * s} for s in range(3)], "general_ppl")
     assert ppl["queries"] is None and ppl["queries_note"] == "not a mean over queries" and ppl["verdict"] == "better"
+
+
+def test_too_few_held_out_queries_give_no_interval_over_queries_and_no_claim():
+    """One query would give a zero-width interval (and a "beats" whenever the seeds agree); a handful give
+    one far too narrow: below MIN_QUERIES the comparison has no interval over queries and makes no claim."""
+    for n in (1, stats.MIN_QUERIES - 1):
+        queries = [f"q{i}" for i in range(n)]
+        better = rows({s: {q: 1.0 + 0.01 * s for q in queries} for s in range(3)})
+        worse = rows({s: {q: 1.5 + 0.02 * s for q in queries} for s in range(3)})
+        c = stats.compare(better, worse, "reasoning_loss")
+        assert c["seeds"] == "better" and c["queries"] is None and c["verdict"] == "no query interval"
+        said = stats.sentence("m", "b", c)
+        assert "does NOT beat" in said and f"only {n} held-out queries" in said
+    queries = [f"q{i}" for i in range(stats.MIN_QUERIES)]
+    c = stats.compare(rows({s: {q: 1.0 + 0.01 * s for q in queries} for s in range(3)}),
+                      rows({s: {q: 1.5 + 0.02 * s for q in queries} for s in range(3)}), "reasoning_loss")
+    assert c["verdict"] == "better" and c["queries"]["queries"] == stats.MIN_QUERIES

@@ -36,6 +36,7 @@ METRICS = {"reasoning_loss": True, "factual_loss": True, "general_ppl": True, "a
 QUERY_METRICS = ("reasoning_loss", "factual_loss", "accuracy")     # means over held-out queries
 OUTCOME_METRICS = ("reasoning_loss", "accuracy")                    # what the outcome's sentences speak of
 RESAMPLES = 2000
+MIN_QUERIES = 5     # fewer held-out queries give no interval over queries (and so no claim)
 _ROWS = 256         # resamples drawn at a time (bounds the index matrix's memory)
 
 
@@ -96,6 +97,8 @@ def paired_improvements(mixture: Sequence[dict], baseline: Sequence[dict], metri
     queries = sorted(set.intersection(*(set(t) for t in tables)))
     if not queries:
         return None, "no query measured on every seed"
+    if len(queries) < MIN_QUERIES:     # a percentile bootstrap of so few values is far too narrow (one: zero width)
+        return None, f"only {len(queries)} held-out queries; an interval over them needs {MIN_QUERIES}"
     sign = 1.0 if lower_better else -1.0
     return [[sign * (b["per_query"][metric][q] - m["per_query"][metric][q]) for q in queries]
             for m, b in pairs], None
@@ -164,9 +167,12 @@ def sentence(mixture: str, baseline: str, comparison: dict) -> str:
                f"(improvement {mean:.4g}, {seeds}), but the {queries} reaches 0: within the noise of the " \
                f"held-out queries' sampling."
     if verdict == "no query interval":
+        why = {"no per-query values recorded": "these results hold no per-query values (measured before they "
+                                               "were recorded)"}.get(comparison.get("queries_note") or "",
+                                                                     comparison.get("queries_note") or "")
         return f"{mixture} does NOT beat {baseline} on {what} as far as can be told: across seeds the mixture is " \
-               f"{seeds_said} (improvement {mean:.4g}, {seeds}), but these results hold no per-query values " \
-               f"(measured before they were recorded), so there is no interval over the held-out queries; no claim."
+               f"{seeds_said} (improvement {mean:.4g}, {seeds}), but {why}, so there is no interval over the " \
+               f"held-out queries; no claim."
     if verdict == "same on every seed":
         side = "better" if mean > 0 else "worse"
         also = f" ({queries})" if queries else ""
