@@ -204,15 +204,27 @@ def measure(root: Path, n: int, args, eigenvalues: np.ndarray, layer_sizes: list
     from curator.sketch.index import StoreRows, build_index, open_search
 
     started = time.perf_counter()
-    ws, store, rotation = write_store(root, n, eigenvalues, layer_sizes, args.shard_docs)
-    written = time.perf_counter() - started
+    if (root / "done").is_file():           # --keep: the store a previous run wrote (same recipe and size)
+        from curator.catalog.workspace import Workspace
+        from curator.sketch.store import load_store
+
+        ws = Workspace(root / "ws")
+        store, rotation, written = load_store(ws, f"synthetic-{n}"), Rotation(len(eigenvalues), 0), None
+    else:
+        shutil.rmtree(root / "ws", ignore_errors=True)       # a write that did not finish
+        ws, store, rotation = write_store(root, n, eigenvalues, layer_sizes, args.shard_docs)
+        written = time.perf_counter() - started
+        (root / "done").touch()
+    if args.write_only:
+        return {"docs": n, "write_s": written}
     queries = draw(args.queries, eigenvalues, rotation, np.random.default_rng(2))   # the documents' distribution
     rows = StoreRows(ws, store)
     start = time.perf_counter()
     truth = exact_top10(rows, queries)
     baseline = time.perf_counter() - start
     start = time.perf_counter()
-    built = build_index(ws, store.id, args.factory, "bench", rescore=args.rescore[0], nprobe=args.nprobe[0])
+    built = build_index(ws, store.id, args.factory, "bench", rescore=args.rescore[0], nprobe=args.nprobe[0],
+                        retrain=True)
     build_s = time.perf_counter() - start
     opened = open_search(ws, "bench")
     # `curator search` has torch loaded (the model sketches the query) before it re-scores; load it here too,
@@ -234,7 +246,8 @@ def measure(root: Path, n: int, args, eigenvalues: np.ndarray, layer_sizes: list
                                        "recall": recall(found, truth),
                                        "candidate_recall": recall(proposed, truth)})
             print(n, result["settings"][-1], flush=True)
-    shutil.rmtree(root / "ws")
+    if not args.keep:
+        shutil.rmtree(root / "ws")
     return result
 
 
@@ -325,6 +338,10 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--spectrum", type=Path, default=SPECTRUM, help="the spectrum file to draw from")
     parser.add_argument("--record", type=Path)
+    parser.add_argument("--keep", type=Path, help="write each store under this folder (store-N) and keep it; a "
+                        "later run with the same --keep reuses it instead of writing it again")
+    parser.add_argument("--write-only", action="store_true", help="with --keep: write the stores, measure nothing "
+                        "(to write them while the machine is busy and measure on a quiet one)")
     args = parser.parse_args()
     if args.measure_spectrum:
         measure_spectrum(args)
@@ -336,8 +353,15 @@ def main() -> None:
     eigenvalues, slope, head = full_spectrum(spectrum, spectrum["dim"])
     results = []
     for n in [s for s in (args.small, args.docs) if s]:
+        if args.keep:
+            (args.keep / f"store-{n}").mkdir(parents=True, exist_ok=True)
+            results.append(measure(args.keep / f"store-{n}", n, args, eigenvalues, spectrum["layer_sizes"]))
+            continue
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             results.append(measure(Path(tmp), n, args, eigenvalues, spectrum["layer_sizes"]))
+    if args.write_only:
+        print(results)
+        return
     lines = report(results, args, spectrum, slope, head)
     print("\n".join(lines))
     if args.record:
