@@ -66,6 +66,66 @@ def workspace(args, scratch: Path):
     return ws
 
 
+OTHER_FAMILIES = ("terse", "prose", "code", "chat")
+
+
+def heldout_selector(ws, args) -> str:
+    """What `curator evaluate` holds out by default (the paper's format at --eval-seed, the factual controls,
+    the catalog's factual questions) plus --cross-per-family queries per reasoning task in each other family
+    of formats, added to the catalog; the selector of all of them."""
+    from curator.catalog.database import Catalog
+    from curator.catalog.queries import store_queries
+    from curator.catalog.querygen import generate
+    from curator.constants import REASONING_TASKS
+
+    queries = [q for task in (*REASONING_TASKS, "factual-control") for q in generate(task, args.eval_per_task,
+                                                                                      seed=args.eval_seed)]
+    queries += [q for task in REASONING_TASKS for family in OTHER_FAMILIES
+                for q in generate(task, args.cross_per_family, seed=args.eval_seed, family=family)]
+    with Catalog.open(ws, write=True) as catalog:
+        store_queries(catalog, queries)
+        trivia = [r[0] for r in catalog.sql("SELECT DISTINCT query_set FROM queries WHERE task = 'factual'")]
+    return ",".join(sorted({q.query_set for q in queries} | set(trivia)))
+
+
+def by_format(data: dict, args) -> list[str]:
+    """Held-out reasoning loss by format: the ranking's own (the paper's family, another seed) and the other
+    families, each arm's mean and the mixture's comparisons restricted to those queries (the same paired
+    intervals, from the per-query values the evaluation recorded)."""
+    from curator.evaluate import stats
+
+    def family(query_id: str) -> str:
+        return next((f for f in OTHER_FAMILIES if f"-{f}-s" in query_id), "paper")
+
+    groups = {"same format as the ranking's queries (paper, seed %d)" % args.eval_seed: {"paper"},
+              "other formats (terse, prose, code, chat)": set(OTHER_FAMILIES)}
+    out = ["", "Held-out reasoning loss by the queries' format (the ranking's queries are the paper's format, seed 0; "
+               "the other families share no template with them):", "",
+           "| queries | n | arm | loss (mean over seeds) | against | improvement | over seeds | over held-out queries "
+           "| verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, families in groups.items():
+        def only(row: dict) -> dict:
+            values = {q: v for q, v in row["per_query"]["reasoning_loss"].items() if family(q) in families}
+            return {"seed": row["seed"], "reasoning_loss": sum(values.values()) / len(values),
+                    "per_query": {"reasoning_loss": values}}
+        rows = {}
+        for row in data["results"]:
+            rows.setdefault(row["arm"], []).append(only(row))
+        mine = rows[args.mixture]
+        n = len(mine[0]["per_query"]["reasoning_loss"])
+        for arm, arm_rows in rows.items():
+            loss = sum(r["reasoning_loss"] for r in arm_rows) / len(arm_rows)
+            if arm in (args.mixture, "base"):
+                out.append(f"| {label} | {n} | {arm} | {loss:.4f} | | | | | |")
+                continue
+            c = stats.compare(mine, arm_rows, "reasoning_loss", data["setup"].get("bootstrap_resamples", 2000))
+            q = c["queries"]
+            over_queries = f"[{q['low']:.4f}, {q['high']:.4f}]" if q else "–"
+            out.append(f"| {label} | {n} | {arm} | {loss:.4f} | {args.mixture} vs {arm} | {c['mean']:.4f} | "
+                       f"[{c['low']:.4f}, {c['high']:.4f}] | {over_queries} | {c['verdict']} |")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo-workspace", type=Path, default=None)
@@ -82,7 +142,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--baselines", default="random,source-matched,bottom")
+    parser.add_argument("--cross-per-family", type=int, default=0,
+                        help="also hold out N queries per reasoning task in each other family of formats (terse, "
+                             "prose, code, chat; seed --eval-seed), and report the held-out loss by format")
+    parser.add_argument("--eval-seed", type=int, default=1001)
     parser.add_argument("--record", type=Path, default=None)
+    parser.add_argument("--section", default="evaluate-smollm2", help="the Markdown section --record replaces")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from curator.evaluate.config import EvaluateConfig
@@ -91,7 +157,9 @@ def main() -> None:
     scratch = args.work or Path(tempfile.mkdtemp(prefix="evaluate-smollm2-"))
     started = time.perf_counter()
     ws = workspace(args, scratch)
-    config = EvaluateConfig(mixtures=[args.mixture], tokens=args.tokens, seeds=args.seeds, seq_len=args.seq_len,
+    selector = heldout_selector(ws, args) if args.cross_per_family else None
+    config = EvaluateConfig(mixtures=[args.mixture], baselines=args.baselines.split(","), eval_seed=args.eval_seed,
+                            eval_queries=selector, tokens=args.tokens, seeds=args.seeds, seq_len=args.seq_len,
                             batch_rows=args.batch_rows, checkpoints=args.checkpoints, lr=args.lr,
                             eval_per_task=args.eval_per_task, heldout_docs=args.heldout_docs,
                             max_new_tokens=args.max_new_tokens, model="smollm2-135m", device=args.device)
@@ -135,13 +203,15 @@ def main() -> None:
         mean = "–" if c["mean"] is None else f"{c['mean']:.4f}"
         lines.append(f"| {c['against']} | {c['metric'].replace('_', ' ')} | {mean} | {span(c['low'], c['high'])} | "
                      f"{span(q['low'], q['high']) if q else '–'} | {c['verdict']} |")
+    if args.cross_per_family:
+        lines += by_format(data, args)
     lines += ["", "Outcome, as the report states it:", ""] + [f"- {s}" for s in data["sentences"]]
     lines += ["", f"Report: `{Path(data['report']).name}` (evaluation {data['id']})."]
     print("\n".join(lines))
     if args.record:
         from recording import record_section
 
-        record_section(args.record, "evaluate-smollm2", "SmolLM2-135M: the reasoning mixture against baselines",
+        record_section(args.record, args.section, "SmolLM2-135M: the reasoning mixture against baselines",
                        "evaluate_smollm2.py", lines)
 
 
