@@ -154,6 +154,8 @@ def sentence(mixture: str, baseline: str, comparison: dict) -> str:
     what = {"reasoning_loss": "held-out reasoning loss", "factual_loss": "factual-control loss",
             "general_ppl": "general-text perplexity", "accuracy": "exact-match accuracy"}[comparison["metric"]]
     verdict, mean, seeds_said = comparison["verdict"], comparison["mean"], comparison["seeds"]
+    # Differences of sums that are equal (an accuracy of 3/24 against 3/24) come out as ±1e-18 or so: 0.
+    mean = 0.0 if abs(mean) < 1e-12 else mean
     seeds = "" if comparison["low"] is None else \
         f"95% interval over seeds {comparison['low']:.4g} to {comparison['high']:.4g}"
     queries = _over_queries(comparison)
