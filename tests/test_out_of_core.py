@@ -205,19 +205,22 @@ def test_a_partial_score_table_is_one_clear_error(planted, tmp_path):  # noqa: F
     json.dumps(audit(ws, "score-test"))
 
 
-def test_one_slice_and_answers_searched_past_the_top(real_run, planted, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("tiers", [(2, 4), (4, 10_000)])
+def test_one_slice_and_answers_searched_past_the_top(real_run, planted, monkeypatch, tiers):  # noqa: F811
     """Default slices hold every query (the correlations come from the one slice); a top of one document
-    makes answers be looked for further down: first in a wider top of two, then in every text."""
+    makes answers be looked for further down: in a wider top of two, then of four, then in every text
+    by DuckDB; or, when the last tier is longer than the corpus, in the whole row's order."""
     ws, run_id, _ = real_run
     assert_audit_equals_reference(audit(ws, "score-parts"), reference_audit(ws, run_id))
     ws, _ = planted
     want = reference_audit(ws, "score-test")
     monkeypatch.setattr(audit_module, "ANSWER_TOP", 1)
-    monkeypatch.setattr(audit_module, "ANSWER_WIDER", 2)
+    monkeypatch.setattr(audit_module, "ANSWER_WIDER", tiers)
     searched = audit(ws)["answer_occurrence"]["per_query"]
     first = {q: r["first_rank"] for q, r in want["answer_occurrence"].items()}
     assert {q: r["first_rank"] for q, r in searched.items()} == first
-    assert any(rank is not None and rank > 2 for rank in first.values()), first     # the full search ran
+    assert any(rank is not None and rank > 4 for rank in first.values()), first     # past the tiers
+    assert any(rank in (2, 3, 4) for rank in first.values()), first                  # found in a tier
 
 
 # -- parts with a summary (what `curator score` writes) --------------------------------------------
@@ -277,6 +280,33 @@ def test_part_summaries_equal_the_rows_they_summarise(planted, tmp_path):  # noq
                     [len(values), values.sum(), (values * values).sum()], rel=1e-12)
             assert summary.block("score", i, i + 1)[0].tolist() == mine["score"].to_list()
     assert part_summaries([tmp_path / "score-sum-plain.parquet"]) is None      # written by another tool
+
+
+def test_a_parts_pieces_are_its_row_groups_and_join_into_its_blocks(tmp_path, monkeypatch):
+    """Row groups of two queries each (and a file whose row groups cut queries in half, as another writer
+    may): every (start, stop) reads back the values written, piece by piece and as one block."""
+    import pyarrow.parquet as pq
+
+    from curator.influence import score_dataset
+    from curator.influence.score_dataset import part_summaries, write_part
+
+    values = np.arange(5 * 7, dtype=np.float32).reshape(5, 7) / 3
+    queries = [f"q{i}" for i in range(5)]
+    monkeypatch.setattr(score_dataset, "ROW_GROUP_ROWS", 14)
+    write_part(tmp_path / "whole.parquet", queries, np.arange(10, 17), values, values / 2)
+    table = pq.read_table(tmp_path / "whole.parquet")
+    pq.write_table(table, tmp_path / "halves.parquet", row_group_size=10)      # 10 rows: 1 3/7 queries
+    whole, halves = part_summaries([tmp_path / "whole.parquet", tmp_path / "halves.parquet"])
+    assert pq.ParquetFile(whole.path).metadata.num_row_groups == 3
+    for part in (whole, halves):
+        for start in range(5):
+            for stop in range(start + 1, 6):
+                pieces = list(part.pieces("score", start, stop))
+                assert [at for at, _ in pieces] == sorted(at for at, _ in pieces)
+                assert np.concatenate([p for _, p in pieces]).tolist() == values[start:stop].tolist()
+                assert all(p.tolist() == values[at:at + len(p)].tolist() for at, p in pieces)
+                assert part.block("score_per_nat", start, stop).tolist() == (values[start:stop] / 2).tolist()
+    assert [len(p) for _, p in whole.pieces("score", 1, 5)] == [1, 2, 1]      # groups of q0-1, q2-3, q4
 
 
 @pytest.mark.parametrize("normalize, tasks", [("raw", ["arithmetic", "factual"]), ("per-nat", ["arithmetic"])])

@@ -138,13 +138,16 @@ def _read_into(matrix: np.ndarray, placed: list, rows: dict[str, int]) -> None:
     for part, columns, inside in placed:
         if columns[-1] - columns[0] == len(columns) - 1 and (np.diff(columns) > 0).all():   # consecutive: a copy
             columns = slice(int(columns[0]), int(columns[-1]) + 1)
-        for positions, first, last in query_rows(part, rows):
-            block = part.block("score", first, last)
-            block = block if inside is None else block[:, inside]
-            if isinstance(columns, slice):
-                matrix[positions, columns] = block
-            else:
-                matrix[np.ix_(positions, columns)] = block
+        for positions, first, _ in query_rows(part, rows):
+            for at, block in part.pieces("score", first, first + len(positions)):
+                here = positions[at - first:at - first + len(block)]
+                if here == list(range(here[0], here[0] + len(here))):    # consecutive rows: one slice
+                    here = slice(here[0], here[0] + len(here))
+                block = block if inside is None else block[:, inside]
+                if isinstance(columns, slice):
+                    matrix[here, columns] = block
+                else:
+                    matrix[np.ix_(np.arange(matrix.shape[0])[here], columns)] = block
 
 
 def _check_covered(run: RunRecord, placed: list, rows: dict[str, int], width: int, doc_ids: np.ndarray) -> None:
