@@ -16,7 +16,7 @@ score` writes them: only their score column; other files through DuckDB),
              the queries do not all fit in one group (then the group is used);
 and each answer is looked for in the texts of its query's top documents, every
 text being searched (by DuckDB, `analyses.answer_re2`) only for an answer that
-none of the top ANSWER_WIDER documents holds.
+none of the top ANSWER_WIDER documents holds (looked at a tier at a time: the top 5,000, then 50,000).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from curator.sketch.index import one_blas_thread
 SECTIONS_NEEDING_SCORES = ["influence by source", "query correlations", "concentration", "answer occurrence"]
 GRAM_COLUMNS = 2**16           # documents per float64 block of the correlations' sums of products
 ANSWER_TOP = 500               # the paper's top documents searched for a query's answer
-ANSWER_WIDER = 50_000          # searched next for the best-placed document holding it
+ANSWER_WIDER = (5_000, 50_000)  # searched next, tier by tier, for the best-placed document holding it
 QUERY_THREADS = 2              # threads sorting and counting queries (beside the correlations' one)
 READ_THREADS = 2               # threads reading score parts into the slice
 
@@ -104,10 +104,10 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
             tops, wider = {}, {}
             for p, future in sorted(analysed, key=lambda pair: pair[0]):
                 query_id = group[p]
-                row_counts, row_concentration, top, kth = future.result()
+                row_counts, row_concentration, top, tiers = future.result()
                 counts[query_id], concentration[query_id] = row_counts, row_concentration
                 if query_id in answers:
-                    tops[query_id], wider[query_id] = top, kth
+                    tops[query_id], wider[query_id] = top, tiers
             occurrence.update(_answer_ranks(catalog, dict(zip(group, matrix, strict=True)), tops, wider, answers,
                                             doc_ids))
         if summed is not None:
@@ -129,7 +129,7 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
 
 def _query_analyses(row: np.ndarray, split: analyses.SourceSplit, ks: list[int], top: bool):
     """One query's source counts, concentration and, with `top`, its ANSWER_TOP best positions and
-    ANSWER_WIDER-th largest score, from one sort of its scores (numpy's sort and comparisons release
+    k-th largest scores for each k of ANSWER_WIDER, from one sort of its scores (numpy's sort and comparisons release
     the GIL, so queries run on QUERY_THREADS threads)."""
     ascending = np.sort(row)                          # the only sort of the row; the rest reads it
     concentration = {"cumulative": analyses.cumulative_positive_ascending(ascending, analyses.PERCENTS),
@@ -137,7 +137,8 @@ def _query_analyses(row: np.ndarray, split: analyses.SourceSplit, ks: list[int],
     if not top:
         return analyses.source_counts_sorted(row, ascending, split, ks), concentration, None, None
     return (analyses.source_counts_sorted(row, ascending, split, ks), concentration,
-            analyses.top_order(row, ascending, ANSWER_TOP), ascending[len(row) - min(ANSWER_WIDER, len(row))])
+            analyses.top_order(row, ascending, ANSWER_TOP),
+            [(k, ascending[len(row) - k]) for k in ANSWER_WIDER if k < len(row)])
 
 
 def _queries_of(catalog: Catalog, run: RunRecord,
@@ -216,11 +217,11 @@ def _documents_of(catalog: Catalog, run: RunRecord, n_queries: int,
 
 
 def _answer_ranks(catalog: Catalog, rows: dict[str, np.ndarray], tops: dict[str, np.ndarray],
-                  wider: dict[str, float], answers: dict[str, str], doc_ids: np.ndarray) -> dict[str, dict]:
+                  wider: dict[str, list], answers: dict[str, str], doc_ids: np.ndarray) -> dict[str, dict]:
     """`analyses.query_answer` of each query in `tops` (its ANSWER_TOP best positions, in order) without
-    matching every text: the answer is looked for in the texts of those documents, then of the best
-    ANSWER_WIDER (`wider`: each query's ANSWER_WIDER-th largest score) where none holds it, and only then
-    in every text (by DuckDB, for those answers alone)."""
+    matching every text: the answer is looked for in the texts of those documents, then of the next best
+    a tier of ANSWER_WIDER at a time (`wider`: each query's tiers) where none holds it, and only then in
+    every text (by DuckDB, for those answers alone)."""
     result = {}
     texts = _texts(catalog, doc_ids[np.unique(np.concatenate(list(tops.values())))] if tops else [])
     for query_id, top in tops.items():
@@ -235,16 +236,23 @@ def _answer_ranks(catalog: Catalog, rows: dict[str, np.ndarray], tops: dict[str,
     return result
 
 
-def _first_rank_beyond(catalog: Catalog, row: np.ndarray, value: float, pattern, answer: str,
+def _first_rank_beyond(catalog: Catalog, row: np.ndarray, tiers: list[tuple[int, float]], pattern, answer: str,
                        doc_ids: np.ndarray) -> int | None:
-    """The rank of the best document holding the answer when none of the top ANSWER_TOP does (`value`:
-    the row's ANSWER_WIDER-th largest score)."""
-    wider = analyses.top_order_above(row, value, min(ANSWER_WIDER, len(row)))
-    texts = _texts(catalog, doc_ids[wider])
-    has = np.array([bool(pattern.search(texts[d])) for d in doc_ids[wider]], dtype=bool)
-    if has.any():
-        return int(np.argmax(has)) + 1
-    if len(wider) == len(doc_ids):
+    """The rank of the best document holding the answer when none of the top ANSWER_TOP does. `tiers`:
+    (k, the row's k-th largest score) for each k of ANSWER_WIDER below the row's length; each tier's
+    texts are read only when the tier before holds no answer (most answers of a reasoning query are
+    in the next few thousand), then the whole row's when it is short, then every text by DuckDB."""
+    n, checked = len(row), min(ANSWER_TOP, len(row))
+    steps = [*tiers, *([(n, None)] if n <= ANSWER_WIDER[-1] else [])]
+    for k, value in steps:
+        order = np.argsort(-row, kind="stable") if value is None else analyses.top_order_above(row, value, k)
+        fresh = doc_ids[order[checked:]]
+        texts = _texts(catalog, fresh)
+        has = np.array([bool(pattern.search(texts[d])) for d in fresh], dtype=bool)
+        if has.any():
+            return checked + int(np.argmax(has)) + 1
+        checked = k
+    if checked >= n:
         return None
     return analyses.best_rank(row, np.flatnonzero(_answer_documents(catalog, doc_ids, {answer})[answer]))
 
