@@ -94,8 +94,12 @@ def projection_transform(directions: np.ndarray):
     return transform
 
 
-def empty(dim: int, factory: str = "Flat", train_sample: np.ndarray | None = None, seed: int = 0):
-    """A trained, empty inner-product index for vectors of `dim` dimensions."""
+def empty(dim: int, factory: str = "Flat", train_sample: np.ndarray | None = None, seed: int = 0,
+          more_training: Iterable[np.ndarray] = ()):
+    """A trained, empty inner-product index for vectors of `dim` dimensions. With a projection, the
+    projection learns from `train_sample` alone and what follows it from the projected sample and the
+    blocks of `more_training` (raw vectors, each projected as it comes): an IVF of many lists needs more
+    training vectors than an SVD of the full dimension can hold in memory."""
     import faiss
 
     projection, rest = split_factory(factory)
@@ -111,7 +115,8 @@ def empty(dim: int, factory: str = "Flat", train_sample: np.ndarray | None = Non
     sample = np.ascontiguousarray(train_sample, dtype=np.float32)
     if projection is not None:
         transform = projection_transform(top_directions(sample, projection, seed))
-        sample = transform.apply(sample)
+        sample = np.concatenate([transform.apply(sample), *(
+            transform.apply(np.ascontiguousarray(block, dtype=np.float32)) for block in more_training)])
         if not index.is_trained:
             index.train(sample)
         return faiss.IndexPreTransform(transform, index)     # FAISS's Python layer keeps both alive

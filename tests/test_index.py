@@ -8,7 +8,8 @@ import pytest
 from curator.catalog.database import create_workspace
 from curator.errors import ArtifactError, CuratorError
 from curator.indexes import faiss_index
-from curator.sketch.index import StoreRows, auto_factory, build_index, open_search, top_and_bottom
+from curator.sketch.index import (StoreRows, auto_factory, build_index, default_nprobe, more_training, open_search,
+                                  top_and_bottom, training_sample)
 from curator.sketch.scoring import blocked_scores
 from curator.sketch.store import SketchStore, record_store, shard_name, store_dir, write_manifest, write_shard
 
@@ -164,5 +165,28 @@ def test_bad_factories_and_damaged_metadata_are_clear_errors(ws):
 
 def test_auto_keeps_small_stores_exact_and_projects_large_ones():
     assert auto_factory(5_000, 24_576) == "Flat"
-    assert auto_factory(250_000, 24_576).startswith("Proj256,IVF")
     assert auto_factory(1_000_000, 64) == "Flat"
+    # About 4√n lists, a power of two, each with 39 training rows of at most 200,000.
+    assert auto_factory(30_000, 24_576) == "Proj256,IVF512,SQ8"
+    assert auto_factory(250_000, 24_576) == "Proj256,IVF2048,SQ8"
+    assert auto_factory(5_000_000, 24_576) == "Proj256,IVF4096,SQ8"
+    # Lists searched: 128 up to 512 lists, then growing more slowly than the lists.
+    assert [default_nprobe(f"Proj256,IVF{n},SQ8") for n in (64, 512, 1024, 2048, 4096)] == [128, 128, 224, 384, 672]
+
+
+def test_the_lists_learn_from_more_store_rows_than_the_projection(ws):
+    """An IVF of many lists trains on LIST_SAMPLE rows per list: the projection's sample plus other rows of
+    the store, each drawn once, from every shard, read as stored."""
+    store = make_store(ws, [structured(1000, s) for s in (1, 2, 3)])
+    rows = StoreRows(ws, store)
+    everything = np.concatenate([rows.block(s) for s in range(3)])
+    where = {row.tobytes(): i for i, row in enumerate(everything)}
+    projection = [where[row.tobytes()] for row in training_sample(rows, 200, 0)]
+    extra = np.concatenate(list(more_training(rows, 624, 200, 0)))
+    drawn = [where[row.tobytes()] for row in extra]
+    assert len(drawn) == 424 and len(set(drawn)) == 424 and not set(drawn) & set(projection)
+    assert {i // 1000 for i in drawn} == {0, 1, 2}
+    built = build_index(ws, store.id, "Proj32,IVF16,SQ8", "many", sample=200)
+    meta = open_search(ws, built["name"]).meta
+    assert meta.trained_on == 16 * 39 and meta.search == {"nprobe": 128}
+    assert list(more_training(rows, 150, 200, 0)) == []         # the projection's sample is enough

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,10 +47,12 @@ from curator.sketch.store import SketchStore, load_store, rebuild_command, store
 
 INDEX_META_VERSION = 1
 FLAT_MAX_BYTES = 2 * 2**30        # `auto` keeps a store exact (Flat) while its float32 copy fits in this
-TRAIN_SAMPLE = 20_000             # store rows the projection and the quantizers learn from
+TRAIN_SAMPLE = 20_000             # store rows the projection learns from (held whole, as float32)
+LIST_SAMPLE = 39                  # training rows per IVF list (FAISS's k-means asks for 39 or more)
+MAX_LIST_SAMPLE = 200_000         # at most this many (projected: 256 floats each) train the IVF lists
 PROJECTION_DIM = 256
 DEFAULT_RESCORE = 32              # candidates per query re-scored from the store (measured: docs/results/search_scale.md)
-DEFAULT_NPROBE = 128              # of at most 512 lists: fewer miss much of the exact top 10 (search_scale.md)
+DEFAULT_NPROBE = 128              # IVF lists searched per query for 512 lists or fewer; more lists: `default_nprobe`
 
 
 # -- the store's float16 shards, memory-mapped -------------------------------------------------
@@ -227,14 +230,35 @@ def read_meta(path: Path, rebuild: str) -> IndexMeta:
 # -- choosing and building ------------------------------------------------------------------------
 
 def auto_factory(documents: int, dim: int) -> str:
-    """Flat while the store's float32 copy fits in FLAT_MAX_BYTES; else projection + IVF-PQ sized to the
-    store (about 4√n lists, at least 39 training vectors per list, as FAISS's k-means asks)."""
-    if documents * dim * 4 <= FLAT_MAX_BYTES or documents < 39 * 16:
+    """Flat while the store's float32 copy fits in FLAT_MAX_BYTES; else projection + IVF-SQ8 sized to the
+    store: about 4√n lists (a power of two), each with LIST_SAMPLE training rows, so the share of the
+    store a search scans keeps falling as the store grows (measured at 250,000 sketches: 2,048 lists
+    searched 384 at a time found the exact top 10 as often as 512 lists searched 128 at a time, in 0.69
+    of the time; docs/results/search_scale.md)."""
+    if documents * dim * 4 <= FLAT_MAX_BYTES or documents < LIST_SAMPLE * 16:
         return "Flat"
     projection = min(PROJECTION_DIM, dim)
     lists = 2 ** round(math.log2(max(16.0, 4 * math.sqrt(documents))))
-    lists = min(lists, 2 ** int(math.log2(min(documents, TRAIN_SAMPLE) / 39)))
+    lists = min(lists, 2 ** int(math.log2(min(documents, MAX_LIST_SAMPLE) / LIST_SAMPLE)))
     return f"Proj{projection},IVF{lists},SQ8"
+
+
+def default_nprobe(factory: str) -> int:
+    """IVF lists searched per query: DEFAULT_NPROBE up to 512 lists, then growing as lists^0.8 (rounded to
+    a multiple of 32), which kept recall@10 at 0.96 from 512 lists (128 searched) to 2,048 (384)."""
+    found = re.search(r"IVF(\d+)", factory)
+    lists = int(found.group(1)) if found else 0
+    if lists <= 512:
+        return DEFAULT_NPROBE
+    return min(lists, 32 * round(DEFAULT_NPROBE * (lists / 512) ** 0.8 / 32))
+
+
+def list_training_rows(factory: str, documents: int, sample: int) -> int:
+    """How many store rows an IVF factory's lists learn from: LIST_SAMPLE per list, at least the
+    projection's sample, at most MAX_LIST_SAMPLE and the store."""
+    found = re.search(r"IVF(\d+)", factory)
+    wanted = LIST_SAMPLE * int(found.group(1)) if found else 0
+    return min(documents, max(sample, min(wanted, MAX_LIST_SAMPLE)))
 
 
 def training_sample(rows: StoreRows, size: int, seed: int) -> np.ndarray:
@@ -242,11 +266,32 @@ def training_sample(rows: StoreRows, size: int, seed: int) -> np.ndarray:
     total = len(rows)
     if total <= size:
         return np.concatenate([rows.block(s) for s in range(len(rows.values))])
-    chosen = np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+    return np.concatenate(list(_sampled_blocks(rows, _sample_rows(total, size, seed))))
+
+
+def more_training(rows: StoreRows, size: int, exclude: int, seed: int):
+    """Blocks of store rows (float32) for the IVF lists beyond the projection's sample: `size` rows in
+    all with the `exclude` the projection drew (the same seeded choice), read a shard at a time so that
+    only the projected rows are held."""
+    total = len(rows)
+    if size <= exclude or total <= exclude:
+        return iter(())
+    others = np.setdiff1d(np.arange(total), _sample_rows(total, exclude, seed), assume_unique=True)
+    chosen = np.sort(np.random.default_rng(seed + 1).choice(others, min(size - exclude, len(others)),
+                                                             replace=False))
+    return _sampled_blocks(rows, chosen)
+
+
+def _sample_rows(total: int, size: int, seed: int) -> np.ndarray:
+    if total <= size:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+
+
+def _sampled_blocks(rows: StoreRows, chosen: np.ndarray):
     shard_of = np.searchsorted(rows.starts, chosen, side="right") - 1
-    parts = [as_float32(rows.values[s][chosen[shard_of == s] - rows.starts[s]]) * rows.scales[s]
-             for s in np.unique(shard_of)]
-    return np.concatenate(parts)
+    for s in np.unique(shard_of):
+        yield as_float32(rows.values[s][chosen[shard_of == s] - rows.starts[s]]) * rows.scales[s]
 
 
 def _shard_blocks(rows: StoreRows):
@@ -338,20 +383,28 @@ def build_index(ws: Workspace, store_id: str | None = None, factory: str = "auto
 
 def _trained(ws, store, factory, name, sample, seed, rescore, nprobe):
     """A trained, empty index and its metadata."""
-    train = None
+    train, trained_on = None, 0
     started = time.perf_counter()
     try:
         if faiss_index.needs_training(factory):
-            train = training_sample(StoreRows(ws, store), sample, seed)
-        index = faiss_index.empty(store.dim, factory, train, seed)
+            rows = StoreRows(ws, store)
+            train = training_sample(rows, sample, seed)
+            extra = ()
+            if faiss_index.split_factory(factory)[0] is not None:     # a projection: its lists may want more
+                wanted = list_training_rows(factory, len(rows), len(train))
+                extra = more_training(rows, wanted, len(train), seed)
+                trained_on = wanted
+            trained_on = trained_on or len(train)
+            index = faiss_index.empty(store.dim, factory, train, seed, extra)
+        else:
+            index = faiss_index.empty(store.dim, factory, None, seed)
     except ValueError as exc:
         raise CuratorError(f"index {name}: {exc}") from None
     approximate = factory != "Flat"
     meta = IndexMeta(name=name, store_id=store.id, factory=factory, shards=[], rows=0,
                      rescore=(DEFAULT_RESCORE if approximate else 0) if rescore is None else rescore,
-                     search={"nprobe": nprobe or DEFAULT_NPROBE} if "IVF" in factory else {},
-                     trained_on=0 if train is None else len(train),
-                     seconds={"train": round(time.perf_counter() - started, 3)})
+                     search={"nprobe": nprobe or default_nprobe(factory)} if "IVF" in factory else {},
+                     trained_on=trained_on, seconds={"train": round(time.perf_counter() - started, 3)})
     return index, meta
 
 
