@@ -345,6 +345,40 @@ def test_an_audit_from_part_summaries_equals_the_in_memory_audit(planted, tmp_pa
     assert_audit_equals_reference(audit(ws, "score-sum"), want)
 
 
+def test_compacting_a_run_joins_its_small_parts_and_changes_no_score(planted, tmp_path, monkeypatch):  # noqa: F811
+    """Each query batch's parts are joined in document order into parts of at most 700 documents (the
+    250 + 350 of the first step, the 200 + 200 of the second); the folder holds exactly the listed parts,
+    the rows are the same, and the audit and the ranking equal the uncompacted run's. A compaction killed
+    after its manifest was written is finished by the next `open`."""
+    from curator.influence.score_dataset import ScoreDataset, part_summaries
+
+    ws, scores = planted
+    root = summarised_run(ws, tmp_path, scores, "score-sum")
+    rows_before = pl.read_parquet(root / "*.parquet").sort("query_id", "doc_id")
+    dataset = ScoreDataset(root)
+    manifest = dataset.read_manifest()
+    assert dataset.compact(manifest) == manifest and len(list(root.glob("*.parquet"))) == 8   # few: left alone
+    original = ScoreDataset._finish_publishing
+    monkeypatch.setattr(ScoreDataset, "_finish_publishing", lambda self, m: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        dataset.compact(manifest, documents_per_part=700, min_parts=2)
+    monkeypatch.setattr(ScoreDataset, "_finish_publishing", original)
+    manifest = dataset.open(manifest.run_id, manifest.query_batches)        # finishes the killed compaction
+    assert sorted(p.name for p in root.glob("*.parquet")) == manifest.parts and len(manifest.parts) == 4
+    summaries = part_summaries([root / name for name in manifest.parts])
+    assert sorted(s.documents for s in summaries) == [400, 400, 600, 600]
+    assert all(name.split("-")[1] == "joined" for name in manifest.parts)
+    assert pl.read_parquet(root / "*.parquet").sort("query_id", "doc_id").equals(rows_before)
+    assert dataset.compact(manifest, documents_per_part=700, min_parts=2) == manifest    # nothing to join
+    assert_audit_equals_reference(audit(ws, "score-sum"), reference_audit(ws, "score-sum-plain"))
+    rank(ws, RankConfig(name="sum", run="score-sum"), replace=True)
+    rank(ws, RankConfig(name="plain", run="score-sum-plain"), replace=True)
+    with Catalog.open(ws) as catalog:
+        got, want = (catalog.frame("SELECT doc_id, score FROM ranking_scores WHERE ranking = ? ORDER BY doc_id",
+                                   [name]) for name in ("sum", "plain"))
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-9, atol=1e-12)
+
+
 def test_a_query_held_by_parts_of_two_batchings_comes_complete_once(planted, tmp_path, monkeypatch):  # noqa: F811
     """A query held by parts of two batchings (all queries over the first 600 documents, two and two over
     the rest) is handed to the analyses once, after both of its reads have ended, whichever ends last;

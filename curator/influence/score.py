@@ -204,6 +204,8 @@ def score(ws: Workspace, config: ScoreConfig, *, out: Path | None = None, loaded
     with timer("publish"):
         manifest = dataset.publish(manifest, [name for names in planned for name in names], np.asarray(todo),
                                    losses)
+    with timer("compact"):
+        manifest = dataset.compact(manifest)
     stats = {"documents": manifest.documents, "added_documents": len(todo), "queries": len(queries),
              "query_batches": len(query_batches), "query_rank": rank, "query_rank_reason": rank_reason,
              "query_losses": manifest.query_losses, "windows": windows, "tokens": tokens,
