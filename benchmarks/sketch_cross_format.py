@@ -203,7 +203,7 @@ def budget_rows(tables, exact, families, budgets, energy, shapes) -> list[dict]:
     for budget in budgets:
         dims = budget // 2
         uniform = [min(top, math.isqrt(dims // len(names)))] * len(names)
-        by_energy = allocate_ranks(energy, shapes, None, budget, 2)
+        by_energy = allocate_ranks(energy, shapes, None, budget, 2, split="energy")
         wanted = [min(by_energy[n]) for n in names]
         energy_ks = [min(top, k) for k in wanted]
         for split, ks_of in (("uniform", lambda f: uniform), ("suite energy", lambda f: energy_ks)):

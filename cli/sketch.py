@@ -24,6 +24,7 @@ from curator.cli.common import (
 
 Method = choices("Method", values(constants.SketchMethod))
 Precision = choices("Precision", values(constants.SketchPrecision))
+BudgetSplit = choices("BudgetSplit", values(constants.SketchBudgetSplit))
 
 index_app = typer.Typer(help="FAISS indexes over sketch stores.", no_args_is_help=True)
 
@@ -60,8 +61,12 @@ def sketch(
                                                              "whose gradients give those directions.")] = 256,
     rank: Annotated[int | None, typer.Option(help="k per layer side: a k × k sketch per layer.",
                                              show_default=False)] = None,
-    budget_bytes: Annotated[int | None, typer.Option(help="Bytes per document, spread over layers by where the "
-                                                          "suite's query energy is.", show_default=False)] = None,
+    budget_bytes: Annotated[int | None, typer.Option(help="Bytes per document, spread over layers by "
+                                                          "--budget-split.", show_default=False)] = None,
+    budget_split: Annotated[BudgetSplit, typer.Option(help="uniform: the same k × k on every layer (ranked "
+                                                           "queries in other formats better, docs/sketches.md); "
+                                                           "energy: k² in proportion to where the suite's "
+                                                           "query energy is.")] = "uniform",
     precision: Annotated[Precision, typer.Option(help="Storage precision of the sketches (float16 is scaled per "
                                                       "layer, so it neither overflows nor flushes to zero).")]
     = "float16",
@@ -95,6 +100,7 @@ def sketch(
 
     ws = workspace_from(workspace)
     config = SketchConfig(suite=suite, method=method.value, rank=rank, budget_bytes=budget_bytes,
+                          budget_split=budget_split.value,
                           document_share=document_share, document_sample=document_sample,
                           precision=precision.value, factors=factors, device=device, dtype=dtype.value,
                           batch_tokens=batch_tokens, shard_docs=shard_docs, seed=seed)

@@ -18,7 +18,9 @@ from curator.influence.score import ScoreConfig, score
 from curator.sketch.index import build_index, open_index, top_and_bottom
 from curator.sketch.scoring import blocked_scores, sketch_score
 from curator.sketch.build import sketch, sketch_queries
+from curator.sketch.bases import allocate_ranks
 from curator.sketch.store import SketchConfig, iter_shards
+from curator.errors import CuratorError
 from curator.catalog.database import create_workspace
 from curator.catalog.records import score_source
 
@@ -101,8 +103,38 @@ def test_bases_are_deterministic_and_shared_by_documents_and_queries(setup, tmp_
 
 def test_budget_bytes_spreads_rank_by_query_energy(setup):
     ws, lm, _ = setup
-    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", budget_bytes=400, precision="float16"), loaded=lm)
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", budget_bytes=400, budget_split="energy",
+                                    precision="float16"), loaded=lm)
     assert store.bytes_per_doc <= 400 and len({tuple(k) for k in store.ranks.values()}) > 1
+
+
+def test_budget_bytes_gives_every_layer_the_same_rank_by_default(setup):
+    ws, lm, _ = setup
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", budget_bytes=400, precision="float16"), loaded=lm)
+    assert store.bytes_per_doc <= 400 and len({tuple(k) for k in store.ranks.values()}) == 1
+    k = store.ranks[store.modules[0]][0]
+    # The largest k that fits: one more on every layer would pass the budget.
+    assert 2 * len(store.modules) * (k + 1) ** 2 > 400
+
+
+def test_uniform_split_caps_small_layers_and_fills_the_budget_with_the_rest():
+    shapes = {"small": (3, 2), "wide": (40, 50), "tall": (60, 30)}
+    ranks = allocate_ranks({}, shapes, None, 2 * 1000, 2, "uniform")
+    assert ranks == {"small": [3, 2], "wide": [22, 22], "tall": [22, 22]}     # 6 + 2·22² = 974 ≤ 1,000 < 6 + 2·23²
+    with pytest.raises(CuratorError, match="too small"):
+        allocate_ranks({}, shapes, None, 4, 2, "uniform")
+    with pytest.raises(CuratorError, match="no budget split"):
+        allocate_ranks({}, shapes, None, 2000, 2, "by-hand")
+
+
+def test_budget_split_is_part_of_a_budgeted_stores_identity_only():
+    ranked = SketchConfig(suite="s0", rank=3)
+    assert ranked.identity() == ranked.model_copy(update={"budget_split": "energy"}).identity()
+    budgeted = SketchConfig(suite="s0", budget_bytes=400)
+    energy = budgeted.model_copy(update={"budget_split": "energy"})
+    assert budgeted.identity() != energy.identity()
+    # An energy split is what budgeted stores were before the setting existed: their ids stay.
+    assert "budget_split" not in energy.identity()
 
 
 def test_a_killed_sketch_run_resumes_to_the_same_store(setup):

@@ -28,7 +28,7 @@ from curator.artifacts import NOT_IDENTITY, Settings, content_id, reading, write
 from curator.catalog.database import Catalog
 from curator.catalog.records import find_record
 from curator.catalog.workspace import Workspace
-from curator.constants import ChatTemplate, ModelDType, SketchMethod, SketchPrecision
+from curator.constants import ChatTemplate, ModelDType, SketchBudgetSplit, SketchMethod, SketchPrecision
 from curator.errors import ArtifactError, CuratorError
 
 # 2: float16 shards carry per-layer scales; `precision` replaced `dtype`.
@@ -44,6 +44,9 @@ class SketchConfig(Settings):
     method: SketchMethod = "whitened-subspace"
     rank: int | None = Field(None, ge=1, description="k per layer (sketch k × k per layer)")
     budget_bytes: int | None = Field(None, ge=1, description="bytes per document, spread over layers")
+    budget_split: SketchBudgetSplit = Field("uniform", description="how budget_bytes is spread: the same k on "
+                                                                   "every layer, or k² in proportion to the "
+                                                                   "suite's query energy per layer")
     precision: SketchPrecision = Field("float16", description="storage precision of the sketches")
     factors: str | None = Field(None, description="fit id (or unique prefix); default: the latest fit",
                                 json_schema_extra=NOT_IDENTITY)   # the resolved fit id is in the store id
@@ -67,6 +70,10 @@ class SketchConfig(Settings):
         if self.method != "mixed":
             found.pop("document_share", None)
             found.pop("document_sample", None)
+        # The split means nothing to --rank, and every budgeted store before the setting existed was
+        # split by energy: leaving it out then keeps those ids.
+        if self.budget_bytes is None or self.budget_split == "energy":
+            found.pop("budget_split", None)
         return found
 
 
@@ -115,7 +122,8 @@ def rebuild_command(store: SketchStore) -> str:
     if s.get("rank") is not None:
         parts += ["--rank", str(s["rank"])]
     if s.get("budget_bytes") is not None:
-        parts += ["--budget-bytes", str(s["budget_bytes"])]
+        # A store from before the split was a setting spread its budget by energy.
+        parts += ["--budget-bytes", str(s["budget_bytes"]), "--budget-split", s.get("budget_split", "energy")]
     if store.method == "mixed":
         parts += ["--document-share", str(s.get("document_share", 0.25)),
                   "--document-sample", str(s.get("document_sample", 256))]
