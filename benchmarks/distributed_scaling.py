@@ -42,7 +42,7 @@ from curator.catalog.database import Catalog, create_workspace  # noqa: E402
 from curator.catalog.ingest import IngestOptions, ingest  # noqa: E402
 from curator.catalog.queries import store_queries  # noqa: E402
 from curator.catalog.querygen import generate  # noqa: E402
-from curator.catalog.records import score_source  # noqa: E402
+from curator.catalog.records import score_files  # noqa: E402
 from curator.catalog.workspace import Workspace  # noqa: E402
 from curator.constants import REASONING_TASKS  # noqa: E402
 from curator.demo import DemoSettings, build_demo_corpus  # noqa: E402
@@ -97,7 +97,7 @@ def measure(base: Path, tmp: Path, ranks: int, model: str, args) -> dict:
     (factors_path,) = (root / "factors").glob("fit-*.safetensors")
     return {"ranks": ranks, "fit_wall": fit_wall, "score_wall": score_wall, "fit": fit_stats, "run": run_stats,
             "factors": load_tensors(factors_path)[0],
-            "scores": pl.read_parquet(score_source(root / "scores")).sort(["query_id", "doc_id"])}
+            "scores": pl.read_parquet(score_files(root / "scores")).sort(["query_id", "doc_id"])}
 
 
 def agreement(one: dict, other: dict) -> tuple[float, float]:

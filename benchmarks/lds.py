@@ -179,7 +179,7 @@ def curator_scores(root: Path, docs: list[str], folder: Path, args) -> tuple[dic
     from curator.catalog.ingest import IngestOptions, ingest
     from curator.catalog.queries import store_queries
     from curator.catalog.querygen import generate
-    from curator.catalog.records import score_source
+    from curator.catalog.records import score_files
     from curator.influence.fit import FitConfig, fit
     from curator.influence.score import ScoreConfig, score
     from curator.sketch.build import sketch
@@ -211,7 +211,7 @@ def curator_scores(root: Path, docs: list[str], folder: Path, args) -> tuple[dic
     timings["sketch + score"] = time.perf_counter() - started
     qpos = {q.id: i for i, q in enumerate(queries)}
     for name, result in (("ekfac", exact), ("sketch", sketched)):
-        table = pl.read_parquet(score_source(result.out_path))
+        table = pl.read_parquet(score_files(result.out_path))
         array = np.zeros((len(queries), len(docs)))
         for qid, doc_id, value in table.select("query_id", "doc_id", "score").iter_rows():
             array[qpos[qid], index[doc_id]] = value

@@ -68,7 +68,7 @@ from curator.catalog.documents import document_ids  # noqa: E402
 from curator.catalog.ingest import IngestOptions, ingest  # noqa: E402
 from curator.catalog.queries import select_queries, store_queries  # noqa: E402
 from curator.catalog.querygen import HELD_OUT_FAMILIES, family_of, generate  # noqa: E402
-from curator.catalog.records import score_source  # noqa: E402
+from curator.catalog.records import score_files  # noqa: E402
 from curator.demo import DemoSettings, build_demo_corpus, excerpt  # noqa: E402
 from curator.influence.ekfac import (  # noqa: E402
     sketch_eigen_frame,
@@ -327,7 +327,7 @@ def main() -> None:
         t = time.perf_counter()
         result = score(ws, ScoreConfig(queries=",".join(q.id for q in held), device=args.device, query_rank="dense",
                                        batch_tokens=args.batch_tokens), loaded=lm)
-        frame = pl.read_parquet(score_source(result.out_path))
+        frame = pl.read_parquet(score_files(result.out_path))
         position = {d: i for i, d in enumerate(ids)}
         exact = np.zeros((len(ids), len(held)))
         for column, query in enumerate(held):

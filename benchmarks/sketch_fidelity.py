@@ -55,7 +55,7 @@ from curator.influence.score import ScoreConfig, score  # noqa: E402
 from curator.sketch.build import sketch, sketch_queries  # noqa: E402
 from curator.sketch.store import SketchConfig, iter_shards  # noqa: E402
 from curator.catalog.database import create_workspace  # noqa: E402
-from curator.catalog.records import score_source  # noqa: E402
+from curator.catalog.records import score_files  # noqa: E402
 
 TASKS = ("arithmetic", "slope", "linear")
 SUBSPACE = ("query-subspace", "whitened-subspace", "mixed")     # built from a suite: one store per suite size
@@ -167,7 +167,7 @@ def main() -> None:
         result = score(ws, ScoreConfig(queries=",".join(q.id for q in held), device=args.device,
                                        query_rank="dense",
                                        batch_tokens=args.batch_tokens), loaded=lm)
-        exact = pl.read_parquet(score_source(result.out_path))
+        exact = pl.read_parquet(score_files(result.out_path))
 
         rows, passes = [], []
         for method in args.methods.split(","):

@@ -36,7 +36,7 @@ from curator.influence.fit import FitConfig, fit  # noqa: E402
 from curator.influence.score import ScoreConfig, score  # noqa: E402
 from curator.influence.scoring import bytes_per_query, choose_query_rank, passes_needed  # noqa: E402
 from curator.model.loading import tracked_modules  # noqa: E402
-from curator.catalog.records import score_source  # noqa: E402
+from curator.catalog.records import score_files  # noqa: E402
 
 BUDGET_MB = 2048
 
@@ -96,8 +96,8 @@ def main() -> None:
             runs[setting] = (time.perf_counter() - start, result)
             print(setting, runs[setting][0], result.stats["query_batches"], result.stats["query_rank_reason"],
                   flush=True)
-        a = pl.read_parquet(score_source(runs["auto"][1].out_path)).sort(["query_id", "doc_id"])["score"].to_numpy()
-        d = pl.read_parquet(score_source(runs["dense"][1].out_path)).sort(["query_id", "doc_id"])["score"].to_numpy()
+        a = pl.read_parquet(score_files(runs["auto"][1].out_path)).sort(["query_id", "doc_id"])["score"].to_numpy()
+        d = pl.read_parquet(score_files(runs["dense"][1].out_path)).sort(["query_id", "doc_id"])["score"].to_numpy()
     auto_s, auto = runs["auto"]
     dense_s, dense = runs["dense"]
     lines += [

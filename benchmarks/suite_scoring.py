@@ -57,7 +57,7 @@ from curator.catalog.queries import select_queries, store_queries  # noqa: E402
 from curator.catalog.querygen import generate  # noqa: E402
 from curator.influence.score import ScoreConfig, score  # noqa: E402
 from curator.catalog.database import create_workspace  # noqa: E402
-from curator.catalog.records import score_source  # noqa: E402
+from curator.catalog.records import score_files  # noqa: E402
 
 TASKS = ("arithmetic", "slope", "linear")
 
@@ -230,7 +230,7 @@ def main() -> None:
             if total < ours_s.get(n, math.inf):
                 ours_s[n], stats[n] = total, result.stats["seconds"]
             passes[n] = min(passes.get(n, math.inf), result.stats["seconds"]["document pass"])
-        ours = (pl.read_parquet(score_source(result.out_path)).pivot(on="doc_id", index="query_id", values="score")
+        ours = (pl.read_parquet(score_files(result.out_path)).pivot(on="doc_id", index="query_id", values="score")
                 .sort("query_id").select([str(i) for i in ids]).to_numpy())
         lm_tokenizer = lm.tokenizer
         del lm

@@ -12,7 +12,7 @@ from helpers import curator, plant_run, run_ingest, write_jsonl
 from curator.audit import analyses
 from curator.audit.audit import audit, compare
 from curator.catalog.database import Catalog
-from curator.catalog.records import score_source
+from curator.catalog.records import score_files
 from curator.catalog.queries import Query, store_queries
 from curator.audit.report import render
 
@@ -124,7 +124,7 @@ def test_json_numbers_equal_direct_recomputation_from_the_parquet(planted, tmp_p
         path = catalog.one("SELECT out_path FROM runs")[0]
         texts = dict(catalog.sql("SELECT id, text FROM documents"))
         sources = dict(catalog.sql("SELECT id, source FROM documents"))
-    scores = pl.read_parquet(score_source(path))
+    scores = pl.read_parquet(score_files(path))
     wide = scores.pivot(on="doc_id", index="query_id", values="score").sort("query_id")
     matrix = wide.drop("query_id").to_numpy()
     np.testing.assert_allclose(np.array(data["correlations"]["matrix"]), np.corrcoef(matrix), atol=1e-12)

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from helpers import curator, write_jsonl
 from tinylm import TRAINING_TEXT, save_tiny
-from curator.catalog.records import score_source
+from curator.catalog.records import score_files
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_score_writes_one_row_per_pair_and_records_the_run(pipeline):
     out = root / "scores"
     result = curator("score", "--queries", "arithmetic,slope-s4", "--out", out, "-w", ws)
     assert "5 queries × 12 documents" in result.stdout
-    table = pl.read_parquet(score_source(out))
+    table = pl.read_parquet(score_files(out))
     assert table.columns == ["query_id", "doc_id", "score", "score_per_nat"]
     assert table.height == 60 and table.select(["query_id", "doc_id"]).is_duplicated().sum() == 0
     assert not (out / "pending").exists() and len(list(out.glob("*.parquet"))) >= 1

@@ -24,7 +24,7 @@ from curator.catalog.database import Catalog, create_workspace
 from curator.catalog.documents import document_ids
 from curator.catalog.queries import add_queries, select_queries
 from curator.catalog.querygen import generate
-from curator.catalog.records import score_source
+from curator.catalog.records import score_files
 from curator.catalog.workspace import Workspace
 from curator.influence.factors import load_tensors
 from curator.influence.fit import FitConfig, fit
@@ -76,7 +76,7 @@ def factors_of(ws: Path) -> dict:
 
 
 def scores_of(out: Path) -> pl.DataFrame:
-    return pl.read_parquet(score_source(out)).sort(["query_id", "doc_id"])
+    return pl.read_parquet(score_files(out)).sort(["query_id", "doc_id"])
 
 
 def test_two_ranks_fit_the_factors_of_one_process(corpus, tmp_path):

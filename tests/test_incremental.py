@@ -13,7 +13,7 @@ from tinylm import TRAINING_TEXT, loaded_tiny
 
 from curator.catalog.database import Catalog, create_workspace
 from curator.catalog.queries import Query, store_queries
-from curator.catalog.records import score_source
+from curator.catalog.records import score_files
 from curator.catalog.workspace import Workspace
 from curator.influence.fit import FitConfig, fit
 from curator.influence.score import ScoreConfig, score
@@ -72,8 +72,8 @@ def test_a_score_run_over_the_catalog_adds_only_new_documents(grown):
     everything = score(whole, config, loaded=lm)
     assert everything.run_id == first.run_id
     assert 0 < counter.tokens < everything.stats["tokens"]         # the first documents were not scored again
-    a = pl.read_parquet(score_source(everything.out_path)).sort(["query_id", "doc_id"])
-    b = pl.read_parquet(score_source(again.out_path)).sort(["query_id", "doc_id"])
+    a = pl.read_parquet(score_files(everything.out_path)).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(score_files(again.out_path)).sort(["query_id", "doc_id"])
     assert a.select("query_id", "doc_id").equals(b.select("query_id", "doc_id"))
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
                                atol=1e-6 * float(a["score"].abs().max()))

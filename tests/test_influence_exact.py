@@ -44,7 +44,7 @@ from curator.catalog.queries import Query, store_queries
 from curator.influence.score import ScoreConfig, score
 from curator.influence.scoring import bytes_per_query, for_documents, layer_scores, multiply_out_within
 from curator.catalog.database import create_workspace
-from curator.catalog.records import score_source
+from curator.catalog.records import score_files
 
 MAX_LEN = 12
 DOCS = [TRAINING_TEXT[0], TRAINING_TEXT[1] * 2, "x = 1", TRAINING_TEXT[2], "ab",
@@ -207,7 +207,7 @@ def test_scores_equal_explicit_formula(setup, brute):
                 if owner == doc_id:
                     total += sum(float(preconditioned[n] @ vec(seq[n][2])) for n in record.modules)
             expected[(query.id, doc_id)] = (total, total / loss)
-    table = pl.read_parquet(score_source(result.out_path))
+    table = pl.read_parquet(score_files(result.out_path))
     assert table.height == len(QUERIES) * len(DOCS)
     assert table.select(["query_id", "doc_id"]).is_duplicated().sum() == 0
     got = {(r["query_id"], r["doc_id"]): (r["score"], r["score_per_nat"]) for r in table.to_dicts()}
@@ -226,8 +226,8 @@ def test_full_rank_queries_give_the_same_scores(setup):
     ws, lm, record, _, result = setup
     full = score(ws, ScoreConfig(batch_tokens=40, query_rank=64, factors=record.id), loaded=lm)
     assert full.run_id != result.run_id
-    a = pl.read_parquet(score_source(result.out_path)).sort(["query_id", "doc_id"])
-    b = pl.read_parquet(score_source(full.out_path)).sort(["query_id", "doc_id"])
+    a = pl.read_parquet(score_files(result.out_path)).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(score_files(full.out_path)).sort(["query_id", "doc_id"])
     scale = float(a["score"].abs().max())
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-3, atol=1e-4 * scale)
 
@@ -492,8 +492,8 @@ def test_a_killed_scoring_run_resumes_from_finished_chunks(setup, tmp_path):
     chunks = -(-result.stats["documents"] // 2)
     assert counter.finished == chunks
     assert not (out / "pending").exists() and len(list(out.glob("*.parquet"))) == chunks
-    a = pl.read_parquet(score_source(result.out_path)).sort(["query_id", "doc_id"])
-    b = pl.read_parquet(score_source(resumed.out_path)).sort(["query_id", "doc_id"])
+    a = pl.read_parquet(score_files(result.out_path)).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(score_files(resumed.out_path)).sort(["query_id", "doc_id"])
     assert a.select(["query_id", "doc_id"]).equals(b.select(["query_id", "doc_id"]))
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
                                atol=1e-5 * float(a["score"].abs().max()))
@@ -520,8 +520,8 @@ def test_a_run_resumed_with_other_batching_settings_equals_an_uninterrupted_one(
     one_batch = per_query_batches.model_copy(update={"query_memory_mb": 1000 * one_query, "chunk_docs": 3})
     resumed = score(ws, one_batch, out=out, loaded=lm)
     assert resumed.run_id == result.run_id and resumed.stats["query_batches"] == len(QUERIES)
-    a = pl.read_parquet(score_source(result.out_path)).sort(["query_id", "doc_id"])
-    b = pl.read_parquet(score_source(resumed.out_path)).sort(["query_id", "doc_id"])
+    a = pl.read_parquet(score_files(result.out_path)).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(score_files(resumed.out_path)).sort(["query_id", "doc_id"])
     assert a.select(["query_id", "doc_id"]).equals(b.select(["query_id", "doc_id"]))
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
                                atol=1e-5 * float(a["score"].abs().max()))
@@ -531,7 +531,7 @@ def test_a_run_resumed_with_other_batching_settings_equals_an_uninterrupted_one(
         score(ws, one_batch, out=out2, loaded=lm, progress=StopAfter(chunks=1))
     again = score(ws, per_query_batches, out=out2, loaded=lm)
     assert again.stats["query_batches"] == len(QUERIES)      # one batch of all no longer fits
-    c = pl.read_parquet(score_source(again.out_path)).sort(["query_id", "doc_id"])
+    c = pl.read_parquet(score_files(again.out_path)).sort(["query_id", "doc_id"])
     np.testing.assert_allclose(c["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
                                atol=1e-5 * float(a["score"].abs().max()))
 
@@ -546,8 +546,8 @@ def test_a_run_resumed_with_another_batch_size_reuses_the_finished_chunks(setup,
     resumed = score(ws, config.model_copy(update={"batch_tokens": 64}), out=out, loaded=lm, progress=resumed_count)
     score(ws, config, out=tmp_path / "fresh.parquet", loaded=lm, progress=fresh_count)
     assert 0 < resumed_count.tokens < fresh_count.tokens      # the two finished chunks were not scored again
-    a = pl.read_parquet(score_source(result.out_path)).sort(["query_id", "doc_id"])
-    b = pl.read_parquet(score_source(resumed.out_path)).sort(["query_id", "doc_id"])
+    a = pl.read_parquet(score_files(result.out_path)).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(score_files(resumed.out_path)).sort(["query_id", "doc_id"])
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-4,
                                atol=1e-5 * float(a["score"].abs().max()))
 
@@ -561,5 +561,5 @@ def test_a_settings_change_that_changes_the_scores_starts_afresh(setup, tmp_path
     rank_one = score(ws, dense.model_copy(update={"query_rank": 1}), out=out, loaded=lm)
     fresh = score(ws, dense.model_copy(update={"query_rank": 1}), out=tmp_path / "fresh.parquet", loaded=lm)
     assert rank_one.run_id == fresh.run_id
-    np.testing.assert_array_equal(pl.read_parquet(score_source(rank_one.out_path))["score"].to_numpy(),
-                                  pl.read_parquet(score_source(fresh.out_path))["score"].to_numpy())
+    np.testing.assert_array_equal(pl.read_parquet(score_files(rank_one.out_path))["score"].to_numpy(),
+                                  pl.read_parquet(score_files(fresh.out_path))["score"].to_numpy())

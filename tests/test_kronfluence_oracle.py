@@ -22,7 +22,7 @@ from curator.model.loading import tracked_modules, wrap_model
 from curator.catalog.queries import Query, store_queries
 from curator.influence.score import ScoreConfig, score
 from curator.catalog.database import create_workspace
-from curator.catalog.records import score_source
+from curator.catalog.records import score_files
 
 kronfluence = pytest.importorskip("kronfluence")
 
@@ -96,7 +96,7 @@ def test_exact_scores_match_kronfluence(tmp_path):
     result = score(ws, ScoreConfig(batch_tokens=256), loaded=lm)
     import polars as pl
 
-    ours = (pl.read_parquet(score_source(result.out_path)).pivot(on="doc_id", index="query_id", values="score")
+    ours = (pl.read_parquet(score_files(result.out_path)).pivot(on="doc_id", index="query_id", values="score")
             .sort("query_id").drop("query_id").to_numpy())
 
     # kronfluence on a fresh copy of the same model.

@@ -24,7 +24,7 @@ from curator.audit import audit as audit_module
 from curator.audit import slices as slices_module
 from curator.audit.audit import audit, compare
 from curator.catalog.database import Catalog
-from curator.catalog.records import score_source
+from curator.catalog.records import score_files
 from curator.catalog.workspace import Workspace
 from curator.constants import REASONING_TASKS
 from curator.curate.rank import RankConfig, rank
@@ -35,7 +35,7 @@ from curator.curate.rank import RankConfig, rank
 def reference_audit(ws: Workspace, run_id: str) -> dict:
     with Catalog.open(ws) as catalog:
         path = catalog.one("SELECT out_path FROM runs WHERE id = ?", [run_id])[0]
-        scores = pl.read_parquet(score_source(path))
+        scores = pl.read_parquet(score_files(path))
         docs = dict((d, (s, t)) for d, s, t in catalog.sql("SELECT id, source, text FROM documents"))
         queries = catalog.sql("SELECT id, task, answer FROM queries")
     wide = scores.pivot(on="doc_id", index="query_id", values="score").sort("query_id")
@@ -133,7 +133,7 @@ def real_run(tmp_path_factory):
     workspace = Workspace(ws)
     with Catalog.open(workspace) as catalog:
         run = catalog.one("SELECT id, out_path FROM runs")
-    scores = pl.read_parquet(score_source(run[1]))
+    scores = pl.read_parquet(score_files(run[1]))
     parts = root / "parts"
     parts.mkdir()
     queries, docs = sorted(scores["query_id"].unique()), sorted(scores["doc_id"].unique())
@@ -251,7 +251,7 @@ def summarised_run(ws: Workspace, tmp_path, scores: pl.DataFrame, run_id: str, r
                 write_part(dataset.pending / names[-1], batch, block["doc_id"].to_numpy(), values, values / 2)
         manifest = dataset.publish(manifest, names, np.concatenate(chunks), {q: 2.0 for q in query_ids})
     # the run's rows in one file too, to rank and audit the same rows through DuckDB
-    rows = pl.read_parquet(score_source(dataset.root)).drop("score_per_nat")
+    rows = pl.read_parquet(score_files(dataset.root)).drop("score_per_nat")
     plant_run(ws, tmp_path, rows, {q: 2.0 for q in query_ids}, run_id=f"{run_id}-plain")
     with Catalog.open(ws, write=True) as catalog:
         catalog.sql("INSERT INTO runs SELECT ?, kind, method, model_id, factors_id, query_ids, settings, ?, stats, "
@@ -379,6 +379,23 @@ def test_compacting_a_run_joins_its_small_parts_and_changes_no_score(planted, tm
     np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-9, atol=1e-12)
 
 
+def test_a_wide_batch_joins_fewer_documents_per_part(planted, tmp_path, monkeypatch):  # noqa: F811
+    """A joined part holds at most COMPACT_VALUES scores per column: with room for 1,000, the batch of two
+    queries joins at most 500 documents (250 and 350 stay apart, the two parts of 200 are joined), the
+    batch of three at most 333 (nothing is joined)."""
+    from curator.influence import score_dataset
+    from curator.influence.score_dataset import ScoreDataset, part_summaries
+
+    ws, scores = planted
+    root = summarised_run(ws, tmp_path, scores, "score-sum")
+    monkeypatch.setattr(score_dataset, "COMPACT_VALUES", 1000)
+    dataset = ScoreDataset(root)
+    manifest = dataset.compact(dataset.read_manifest(), documents_per_part=700, min_parts=2)
+    sizes = sorted(s.documents for s in part_summaries([root / name for name in manifest.parts]))
+    assert sizes == [200, 200, 250, 250, 350, 350, 400]
+    assert_audit_equals_reference(audit(ws, "score-sum"), reference_audit(ws, "score-sum-plain"))
+
+
 def test_a_query_held_by_parts_of_two_batchings_comes_complete_once(planted, tmp_path, monkeypatch):  # noqa: F811
     """A query held by parts of two batchings (all queries over the first 600 documents, two and two over
     the rest) is handed to the analyses once, after both of its reads have ended, whichever ends last;
@@ -431,9 +448,17 @@ def test_an_audit_of_parts_missing_a_document_is_one_clear_error(planted, tmp_pa
     """The slices are checked from the parts' documents before they are filled (no NaN fill)."""
     from curator.errors import CuratorError
 
+    from curator.influence.score_dataset import ScoreDataset
+
     ws, scores = planted
     root = summarised_run(ws, tmp_path, scores, "score-sum")
-    next(root.glob("b0-601-*.parquet")).unlink()          # documents 601, 603, … of the first 2 queries
+    lost = next(root.glob("b0-601-*.parquet"))            # documents 601, 603, … of the first 2 queries
+    lost.unlink()
+    with pytest.raises(CuratorError, match=f"{lost.name}"):            # listed by the manifest, not there
+        audit(ws, "score-sum")
+    dataset = ScoreDataset(root)
+    manifest = dataset.read_manifest()
+    dataset.write_manifest(manifest.model_copy(update={"parts": [p for p in manifest.parts if p != lost.name]}))
     with pytest.raises(CuratorError, match="not a full query × document table"):
         audit(ws, "score-sum")
     from curator.audit.slices import _check_covered

@@ -45,7 +45,7 @@ from curator.influence.factors import load_tensors
 from curator.influence.fit import FitConfig, fit
 from curator.influence.score import ScoreConfig, score
 from curator.model.loading import wrap_model
-from curator.catalog.records import score_source
+from curator.catalog.records import score_files
 from tinylm import tiny_llama, word_tokenizer
 
 WORDS = ("the a one two three four five six seven eight nine ten plus minus times is equals answer "
@@ -89,7 +89,7 @@ def setup(tmp_path_factory):
 
 
 def scores_of(result) -> pl.DataFrame:
-    return pl.read_parquet(score_source(result.out_path)).sort(["query_id", "doc_id"])
+    return pl.read_parquet(score_files(result.out_path)).sort(["query_id", "doc_id"])
 
 
 @pytest.mark.parametrize("rank", ["dense", 4])

@@ -102,7 +102,7 @@ def assert_equals_an_uninterrupted_run(ws_path, run_id: str, out) -> None:
     import polars as pl
 
     from curator.catalog.database import Catalog
-    from curator.catalog.records import get_run, score_source
+    from curator.catalog.records import get_run, score_files
     from curator.catalog.workspace import Workspace
     from curator.influence.score import ScoreConfig, score
 
@@ -111,7 +111,7 @@ def assert_equals_an_uninterrupted_run(ws_path, run_id: str, out) -> None:
         run = get_run(catalog, run_id)
         ids = [row[0] for row in catalog.sql("SELECT id FROM documents WHERE source = 's'")]
     score(ws, ScoreConfig(queries="arithmetic-s0", batch_tokens=16), out=out, doc_ids=ids, record=False)
-    resumed, once = (pl.read_parquet(score_source(path)).sort("query_id", "doc_id") for path in (run.out_path, out))
+    resumed, once = (pl.read_parquet(score_files(path)).sort("query_id", "doc_id") for path in (run.out_path, out))
     assert resumed.height == once.height == 2 * 120
     assert resumed["doc_id"].to_list() == once["doc_id"].to_list()
     assert resumed["score"].to_numpy() == pytest.approx(once["score"].to_numpy(), rel=1e-4, abs=1e-6)

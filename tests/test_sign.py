@@ -21,7 +21,7 @@ from curator.influence.ekfac import precondition
 from curator.catalog.queries import Query, store_queries
 from curator.influence.score import ScoreConfig, score
 from curator.catalog.database import create_workspace
-from curator.catalog.records import score_source
+from curator.catalog.records import score_files
 
 QUERY = Query(id="q", task="arithmetic", prompt="Calculate the answer: (5 + 3) * 2", completion="8 * 2 = 16.")
 DOCS = TRAINING_TEXT + ["7 * 6 = 42", "Rome is in Italy.", "x = x + 1", "print(2 * 8)", "(6 - 2) / 2 = 2"]
@@ -71,7 +71,7 @@ def scored(tmp_path_factory):
     lm = loaded_tiny(seed=1, bias=True)
     fit(ws, FitConfig(model="tiny", max_seq_len=128), loaded=lm)   # default: true (sampled) Fisher
     result = score(ws, ScoreConfig(), loaded=lm)
-    table = pl.read_parquet(score_source(result.out_path)).sort("score")
+    table = pl.read_parquet(score_files(result.out_path)).sort("score")
     texts = {i: t for i, t in enumerate(DOCS, start=1)}
     with Catalog.open(ws) as catalog:
         record = get_factors(catalog)

@@ -22,7 +22,7 @@ from curator.sketch.bases import allocate_ranks
 from curator.sketch.store import SketchConfig, iter_shards
 from curator.errors import CuratorError
 from curator.catalog.database import create_workspace
-from curator.catalog.records import score_source
+from curator.catalog.records import score_files
 
 DOCS = TRAINING_TEXT + [t[::-1] for t in TRAINING_TEXT] + ["x = 1", "y = x * 2", "print(y)", "(3 + 4) * 2 = 14"]
 SUITE = [Query(id=f"s{i}", task="arithmetic", prompt=f"Calculate the answer: ({i} + 3) * 2",
@@ -65,8 +65,8 @@ def test_full_rank_sketch_scores_equal_exact_scores_for_suite_queries(setup, met
                                     batch_tokens=96), loaded=lm)
     assert store.complete and store.documents == len(DOCS) and len(store.shards) == 4
     result = sketch_score(ws, ScoreConfig(method="sketch", queries="s0,s1,s2,s3", store=store.id), loaded=lm)
-    a = pl.read_parquet(score_source(exact.out_path)).filter(pl.col("query_id").str.starts_with("s")).sort(["query_id", "doc_id"])
-    b = pl.read_parquet(score_source(result.out_path)).sort(["query_id", "doc_id"])
+    a = pl.read_parquet(score_files(exact.out_path)).filter(pl.col("query_id").str.starts_with("s")).sort(["query_id", "doc_id"])
+    b = pl.read_parquet(score_files(result.out_path)).sort(["query_id", "doc_id"])
     assert a.select("query_id", "doc_id").equals(b.select("query_id", "doc_id"))
     scale = float(a["score"].abs().max())
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-3, atol=1e-4 * scale)
@@ -80,7 +80,7 @@ def test_a_truncated_subspace_is_not_exact_but_keeps_the_ranking_for_suite_queri
     assert all(k == [2, 2] for k in store.ranks.values()) and store.dim == 4 * len(store.ranks)
     vectors, _ = sketch_queries(ws, store, lm, SUITE)
     _, approx = blocked_scores(ws, store, vectors)
-    a = pl.read_parquet(score_source(exact.out_path)).filter(pl.col("query_id") == "s0").sort("doc_id")["score"].to_numpy()
+    a = pl.read_parquet(score_files(exact.out_path)).filter(pl.col("query_id") == "s0").sort("doc_id")["score"].to_numpy()
     assert not np.allclose(approx[:, 0], a, rtol=1e-3)
     assert np.corrcoef(approx[:, 0], a)[0, 1] > 0.5
 

@@ -33,9 +33,9 @@ from curator.audit import analyses
 from curator.audit.slices import document_blocks, not_full, query_groups
 from curator.catalog.composition import composition, token_counts_available
 from curator.catalog.database import Catalog
-from curator.catalog.records import RunRecord, get_run, score_source
+from curator.catalog.records import RunRecord, get_run, score_files, sql_files
 from curator.catalog.workspace import Workspace
-from curator.curate.scores import arrow_batches, reading_scores, scores_view, sql_text, summarised_parts
+from curator.curate.scores import arrow_batches, reading_scores, scores_view, summarised_parts
 from curator.errors import CuratorError
 from curator.influence.score_dataset import PartSummary
 from curator.sketch.index import one_blas_thread
@@ -169,11 +169,10 @@ def _queries_of(catalog: Catalog, run: RunRecord,
 def _doc_id_bounds(catalog: Catalog, run: RunRecord) -> tuple[int, int]:
     """The smallest and largest doc id, from the Parquet row groups' statistics (no scan) where every row
     group has them."""
-    source = sql_text(score_source(run.out_path))
     low, high, missing = catalog.one(
         "SELECT min(stats_min_value::BIGINT), max(stats_max_value::BIGINT), "
         "count(*) FILTER (WHERE stats_min_value IS NULL OR stats_max_value IS NULL) "
-        f"FROM parquet_metadata('{source}') WHERE path_in_schema = 'doc_id'")
+        f"FROM parquet_metadata({sql_files(score_files(run.out_path))}) WHERE path_in_schema = 'doc_id'")
     if missing or low is None:
         low, high = catalog.one("SELECT min(doc_id), max(doc_id) FROM scores")
     return int(low), int(high)

@@ -50,16 +50,35 @@ def rescore_command(run: RunRecord) -> str:
     return shlex.join(parts) + " --force"
 
 
-def score_source(path: str | Path) -> str:
-    """What DuckDB's `read_parquet` and polars' `scan_parquet` read for a run's scores.
+def score_files(path: str | Path) -> list[str]:
+    """The Parquet files of a run's scores, for DuckDB's `read_parquet` and polars' `scan_parquet`.
 
-    A run writes a score dataset: a folder of Parquet parts (one per query batch and document
-    chunk, written by whichever rank scored them), every part with the columns query_id, doc_id,
-    score, score_per_nat. Runs written as a single Parquet file (sketch scores, older runs) are
-    read as that file.
+    A run writes a score dataset: a folder of Parquet parts (per query batch and chunk of documents,
+    written by whichever rank scored them, joined when there are many), every part with the columns
+    query_id, doc_id, score, score_per_nat, and a manifest listing the parts. The parts are taken
+    from the manifest, which is replaced atomically: a reader never sees a part twice or half of a
+    publish or a join (curator/influence/score_dataset.py). A folder without one is read by its
+    Parquet files; runs written as a single file (sketch scores, older runs) as that file.
     """
+    import json
+
     path = Path(path)
-    return str(path / "*.parquet") if path.is_dir() else str(path)
+    if not path.is_dir():
+        return [str(path)]
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        try:
+            parts = json.loads(manifest.read_text()).get("parts")
+        except (OSError, ValueError, AttributeError):
+            parts = None
+        if isinstance(parts, list) and parts:
+            return [str(path / name) for name in parts]
+    return [str(p) for p in sorted(path.glob("*.parquet"))]
+
+
+def sql_files(files: list[str]) -> str:
+    """A list of paths as a DuckDB list literal (for `read_parquet` and `parquet_metadata`)."""
+    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
 
 
 def load_run_scores(run: RunRecord, columns: list[str] | None = None, query_ids: list[str] | None = None):
@@ -73,7 +92,7 @@ def load_run_scores(run: RunRecord, columns: list[str] | None = None, query_ids:
 
     path = Path(run.out_path)
     with reading(path, f"score file of run {run.id}", rescore_command(run)):
-        frame = pl.scan_parquet(score_source(path))
+        frame = pl.scan_parquet(score_files(path))
         frame.collect_schema()      # reads the footers only: a damaged file fails here, inside `reading`
     if query_ids is not None:
         frame = frame.filter(pl.col("query_id").is_in(query_ids))

@@ -11,7 +11,7 @@ hold (sorts, hash tables) to a folder inside the workspace:
             removes its files when the connection closes.
 
 `scores` is the run's dataset as a view: a folder of Parquet parts or, for older
-runs and sketch scores, one file (`curator.catalog.records.score_source`).
+runs and sketch scores, one file (`curator.catalog.records.score_files`).
 
 Parts written by `curator score` carry a summary (curator/influence/score_dataset.py):
 their queries, documents and per-query sums. `summarised_parts` hands those to the
@@ -32,7 +32,7 @@ import duckdb
 
 from curator.artifacts import reading
 from curator.catalog.database import Catalog
-from curator.catalog.records import RunRecord, rescore_command, score_source
+from curator.catalog.records import RunRecord, rescore_command, score_files, sql_files
 from curator.errors import CuratorError
 from curator.influence.score_dataset import PartSummary, part_summaries
 
@@ -68,10 +68,9 @@ def reading_scores(run: RunRecord) -> Iterator[None]:
 def scores_view(catalog: Catalog, run: RunRecord, name: str = "scores") -> str:
     """Register the run's score dataset as the temporary view `name` and check its columns."""
     bounded(catalog)
-    source = score_source(run.out_path)
     with reading_scores(run):
         catalog.sql(f"CREATE OR REPLACE TEMP VIEW {name} AS "
-                    f"SELECT * FROM read_parquet('{sql_text(source)}', union_by_name = true)")
+                    f"SELECT * FROM read_parquet({sql_files(score_files(run.out_path))}, union_by_name = true)")
         columns = [row[0] for row in catalog.sql(f"DESCRIBE {name}")]
     missing = [c for c in SCORE_COLUMNS if c not in columns]
     if missing:
@@ -83,9 +82,8 @@ def scores_view(catalog: Catalog, run: RunRecord, name: str = "scores") -> str:
 def summarised_parts(run: RunRecord) -> list[PartSummary] | None:
     """The summaries of every part of the run's dataset (the files the `scores` view reads; footers
     only), or None when one part has none: then the stage reads the rows through DuckDB."""
-    path = Path(run.out_path)
     with reading_scores(run):
-        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        files = [Path(f) for f in score_files(run.out_path)]
         return part_summaries(files) if files else None
 
 

@@ -2,14 +2,18 @@
 
     <out>/manifest.json           run id, query batches, per-nat losses, the parts, documents scored
     <out>/documents-<hash>.npy    ids of the documents the published parts hold (int64)
-    <out>/b003-<hash>.parquet     one part per (query batch, chunk of documents): query_id, doc_id,
+    <out>/b003-<hash>.parquet     one part per (query batch, chunk of documents), or a join of such
+                                  parts (`b003-joined-<hash>`): query_id, doc_id,
                                   score, score_per_nat, query-major (every document of the chunk
                                   for the first query, then the next), with a summary in its
                                   Parquet metadata (`write_part`, `PartSummary`)
     <out>/pending/                parts of the run in progress, moved up when it completes
 
-Readers glob `<out>/*.parquet` (curator.catalog.records.score_source), so they only ever
-see a complete run: parts appear there when every rank has finished. A part is named by the
+curator's readers take the parts the manifest lists (curator.catalog.records.score_files); the
+manifest is replaced atomically, so they only ever see a complete run: parts are listed when every
+rank has finished. (A glob of `<out>/*.parquet` sees the same files, but for the instant a publish
+or a join moves them.) When a query batch ends with COMPACT_MIN_PARTS parts or more, the run joins
+them into larger parts before it is recorded (`ScoreDataset.compact`). A part is named by the
 queries and documents it holds, so a rerun (on any number of ranks) keeps exactly the
 pending parts it would write again and deletes the others; an incremental run (new documents
 since the last) writes parts for the new documents only and publishes them beside the old.
@@ -44,7 +48,8 @@ SUMMARY_KEY = b"curator.part"
 SUMMARY_VERSION = 1
 SUMMARY_COLUMNS = ("score", "score_per_nat")
 ROW_GROUP_ROWS = 2**20          # about this many rows per row group, always whole queries
-COMPACT_DOCUMENTS = 2**18       # documents per part once a run's small parts are joined (`compact`)
+COMPACT_DOCUMENTS = 2**18       # documents per part once a run's small parts are joined (`compact`),
+COMPACT_VALUES = 2**23          # and at most this many scores per column (a wide batch joins fewer documents)
 COMPACT_MIN_PARTS = 64          # a query batch with fewer parts is left as it is: opening 64 files costs little
 
 
@@ -162,8 +167,8 @@ class ScoreDataset:
     def compact(self, manifest: DatasetManifest, documents_per_part: int = COMPACT_DOCUMENTS,
                 min_parts: int = COMPACT_MIN_PARTS) -> DatasetManifest:
         """Join the small parts (a document chunk each: 512 documents by default) of each query batch that
-        has at least `min_parts` parts into parts of up to `documents_per_part` documents, in document
-        order, and return the manifest that lists them. A 2M-document run leaves ~4,000 chunks per query
+        has at least `min_parts` parts into parts of up to `documents_per_part` documents (and
+        COMPACT_VALUES scores), in document order, and return the manifest that lists them. A 2M-document run leaves ~4,000 chunks per query
         batch; the stages after the model open every part and read its footer, which made ranking 2M
         documents × 100 queries take 75 s from 15,628 parts against 3.5 s from 32
         (docs/results/out_of_core.md). The joined parts are written as pending, and the new manifest is
@@ -175,15 +180,19 @@ class ScoreDataset:
         for part in summaries:
             by_batch.setdefault(tuple(part.queries), []).append(part)
         groups: list[list[PartSummary]] = []
-        for parts in by_batch.values():
+        for queries, parts in by_batch.items():
             if len(parts) < min_parts:
                 continue
+            # A joined part is built whole in memory: its scores, per-nat scores and query ids.
+            most = max(1, min(documents_per_part, COMPACT_VALUES // max(1, len(queries))))
             current: list[PartSummary] = []
+            held = 0
             for part in sorted(parts, key=lambda p: int(p.doc_ids()[0]) if p.documents else -1):
-                if current and sum(p.documents for p in current) + part.documents > documents_per_part:
+                if current and held + part.documents > most:
                     groups.append(current)
-                    current = []
+                    current, held = [], 0
                 current.append(part)
+                held += part.documents
             groups.append(current)
         groups = [group for group in groups if len(group) > 1]
         if not groups:

@@ -20,7 +20,7 @@ from curator.catalog.database import Catalog
 from curator.catalog.documents import seeded_sample
 from curator.catalog.queries import Query, select_queries
 from curator.catalog.querygen import family_of
-from curator.catalog.records import score_source
+from curator.catalog.records import score_files
 from curator.model import distributed
 from curator.catalog.workspace import Workspace
 from curator.errors import CuratorError
@@ -69,7 +69,7 @@ def stored_exact_scores(catalog: Catalog, store, queries: list[Query], doc_ids: 
                 or not wanted <= set(json.loads(query_ids)) or not Path(out_path).exists()):
             continue
         with reading(Path(out_path), "score file", f"curator score --queries {','.join(sorted(wanted))} --force"):
-            table = (pl.scan_parquet(score_source(out_path))
+            table = (pl.scan_parquet(score_files(out_path))
                      .filter(pl.col("query_id").is_in(sorted(wanted)) & pl.col("doc_id").is_in(doc_ids))
                      .collect())
         if table.height == len(wanted) * len(doc_ids):
@@ -99,7 +99,7 @@ def fidelity(ws: Workspace, store: SketchStore, loaded, queries: list[Query], sa
                                           query_rank="dense"),
                           out=Path(tmp) / "exact", loaded=loaded, queries=held_out, doc_ids=ids,
                           record=False, ranks=distributed.SINGLE)
-            table = pl.read_parquet(score_source(exact.out_path))
+            table = pl.read_parquet(score_files(exact.out_path))
         reference = "scored for this check"
     vectors, _ = sketch_queries(ws, store, loaded, held_out)
     doc_ids, products = blocked_scores(ws, store, vectors)

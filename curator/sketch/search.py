@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from curator.catalog.database import Catalog
 from curator.catalog.documents import snippets
-from curator.catalog.records import score_source
+from curator.catalog.records import score_files
 from curator.catalog.queries import Query, select_queries
 from curator.catalog.workspace import Workspace
 from curator.constants import ModelDType
@@ -37,7 +37,7 @@ def rerank(ws: Workspace, store: SketchStore, loaded, queries, candidates: list[
     with tempfile.TemporaryDirectory() as tmp:
         result = score(ws, config, out=Path(tmp) / "rerank.parquet", loaded=loaded, queries=queries,
                        doc_ids=union, record=False)
-        table = pl.read_parquet(score_source(result.out_path))
+        table = pl.read_parquet(score_files(result.out_path))
     ranked = []
     for query, docs in zip(queries, candidates, strict=True):
         mine = table.filter(pl.col("query_id") == query.id).filter(pl.col("doc_id").is_in(docs))
