@@ -122,7 +122,9 @@ def sketch(
 @index_app.command("build")
 def index_build(
     factory: Annotated[str, typer.Option(help="auto (default): Flat while the store's float32 copy fits in 2 GiB, "
-                                              "else Proj256,IVFn,SQ8. Flat: exact, every sketch in RAM. "
+                                              "else Proj256,IVFn,SQ8 with about 4√n lists (an index auto chose keeps "
+                                              "its factory as the store grows; --retrain starts afresh). "
+                                              "Flat: exact, every sketch in RAM. "
                                               "ProjN,IVFn,SQ8: the sketches projected onto their N directions "
                                               "of most energy, in an IVF index of 8-bit codes trained on a store sample; "
                                               "searches re-score candidates exactly from the store. Or any "
@@ -131,9 +133,10 @@ def index_build(
                                               show_default=False)] = None,
     name: Annotated[str | None, typer.Option(help="Index name. Default: STORE-FACTORY.", show_default=False)] = None,
     rescore: Annotated[int | None, typer.Option(help="Candidates per query re-scored exactly from the float16 "
-                                                     "store (0: off). Default: 32 for approximate indexes.",
+                                                     "store (0: off). Default: 16 for approximate indexes.",
                                                 show_default=False)] = None,
-    nprobe: Annotated[int | None, typer.Option(help="IVF lists searched per query. Default: 128.",
+    nprobe: Annotated[int | None, typer.Option(help="IVF lists searched per query. Default: 128, or for more "
+                                                    "than 512 lists about 128·(lists/512)^0.8 (384 of 2,048).",
                                                show_default=False)] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Build afresh even when the index exists (by "
                                                             "default only the store's new shards are added).")]

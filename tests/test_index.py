@@ -130,7 +130,7 @@ def test_a_trained_index_grows_with_its_own_quantizer_as_if_built_over_everythin
     faiss_index.save(trained, first["path"].replace("ivf.faiss", "ivf-ref.faiss"))
     queries = structured(8, 9).astype(np.float32)
     opened = open_search(ws, "ivf")
-    assert opened.meta.rescore == 40 and opened.meta.search == {"nprobe": 128}
+    assert opened.meta.rescore == 40 and opened.meta.search == {"nprobe": 16}
     faiss_index.set_search_parameters(trained, opened.meta.search)
     got = faiss_index.search(opened.index, queries, 50)
     want = faiss_index.search(trained, queries, 50)
@@ -171,7 +171,7 @@ def test_auto_keeps_small_stores_exact_and_projects_large_ones():
     assert auto_factory(250_000, 24_576) == "Proj256,IVF2048,SQ8"
     assert auto_factory(5_000_000, 24_576) == "Proj256,IVF4096,SQ8"
     # Lists searched: 128 up to 512 lists, then growing more slowly than the lists.
-    assert [default_nprobe(f"Proj256,IVF{n},SQ8") for n in (64, 512, 1024, 2048, 4096)] == [128, 128, 224, 384, 672]
+    assert [default_nprobe(f"Proj256,IVF{n},SQ8") for n in (64, 512, 1024, 2048, 4096)] == [64, 128, 224, 384, 672]
 
 
 def test_the_lists_learn_from_more_store_rows_than_the_projection(ws):
@@ -188,5 +188,25 @@ def test_the_lists_learn_from_more_store_rows_than_the_projection(ws):
     assert {i // 1000 for i in drawn} == {0, 1, 2}
     built = build_index(ws, store.id, "Proj32,IVF16,SQ8", "many", sample=200)
     meta = open_search(ws, built["name"]).meta
-    assert meta.trained_on == 16 * 39 and meta.search == {"nprobe": 128}
+    assert meta.trained_on == 16 * 39 and meta.search == {"nprobe": 16}
     assert list(more_training(rows, 150, 200, 0)) == []         # the projection's sample is enough
+
+
+def test_an_index_auto_chose_keeps_its_factory_and_grows(ws, monkeypatch):
+    """`auto` picks more lists as a store grows; the index it chose before is grown with its own factory
+    (not trained afresh under another name) unless --retrain asks for a new one."""
+    from curator.sketch import index as index_module
+
+    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 0)
+    store = make_store(ws, [structured(1500, 1), structured(1500, 2)])
+    first = build_index(ws, store.id)
+    assert first["factory"] == "Proj256,IVF64,SQ8" and not first["grown"]
+    for seed in range(3, 9):                                    # 3,000 → 12,000 documents
+        append_shard(ws, store, list(range(1500 * (seed - 1), 1500 * seed)), structured(1500, seed))
+    assert auto_factory(store.documents, DIM) == "Proj256,IVF256,SQ8"
+    grown = build_index(ws, store.id)
+    assert grown["grown"] and grown["name"] == first["name"] and grown["factory"] == first["factory"]
+    assert grown["added"] == 9000 and grown["rows"] == 12000
+    fresh = build_index(ws, store.id, retrain=True)
+    assert fresh["factory"] == "Proj256,IVF256,SQ8" and not fresh["grown"] and fresh["name"] != first["name"]
+    assert build_index(ws, store.id)["name"] == fresh["name"]    # the latest index auto chose
