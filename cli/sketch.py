@@ -44,7 +44,9 @@ def _fidelity_table(result: dict, title: str) -> None:
 
 def sketch(
     suite: Annotated[str, typer.Option(help="Queries whose preconditioned gradients span the bases (selector: "
-                                            "tasks, query sets or ids).", show_default=False)],
+                                            "tasks, query sets or ids). Written in several families (`curator "
+                                            "queries generate --family`), it ranks queries in a format it never "
+                                            "saw better (docs/sketches.md).", show_default=False)],
     method: Annotated[Method, typer.Option(help="whitened-subspace (built from the suite in whitened "
                                                 "coordinates; the most faithful, docs/benchmarks.md), "
                                                 "mixed (whitened-subspace's suite directions interleaved with "
