@@ -8,7 +8,9 @@ on 1,000+ real documents.
         [--family-suite-per-family 4] [--family-suite-ranks 32,48,64,73] [--shares ""]
         [--skip-library] [--out FILE.md] [--json FILE.json]
 
---out writes the raw tables only; docs/results/sketch_cross_format.md adds notes above them.
+The defaults are those of docs/results/sketch_cross_format.md: about 45 minutes on 2 shared CPU
+cores, and 15 more for the library step (2.6 GiB of float32 sketches; about 5 GiB at the peak).
+--out writes the raw tables only; that page adds notes above them.
 
 Corpus: the demo's four sources plus passages of Python's own documentation
 (pydoc_data.topics), every document cut to --max-chars. Suite: the paper's family,
@@ -32,7 +34,8 @@ What is measured:
 1. the curve: each block at each rank of --ranks, mean over the same-family and the
    cross-format queries;
 2. per-layer budgets at each byte budget of --budgets, on the paper block: uniform
-   ranks, the suite-energy split that `--budget-bytes` uses, and ranks chosen by a
+   ranks (what `--budget-bytes` gives by default since this measurement), the
+   suite-energy split (`--budget-split energy`, the default before), and ranks chosen by a
    greedy search that maximises the mean cross-format Spearman of three held-out
    families, reported on the fourth (leave-one-family-out) and on the same-family
    queries, none of which the choice saw;
