@@ -9,7 +9,7 @@ on 1,000+ real documents.
         [--skip-library] [--out FILE.md] [--json FILE.json]
 
 The defaults are those of docs/results/sketch_cross_format.md: about 45 minutes on 2 shared CPU
-cores, and 15 more for the library step (2.6 GiB of float32 sketches; about 5 GiB at the peak).
+cores, and 15 more for the library step (2.6 GiB of float32 sketches; 3.8 GiB resident when polled).
 --out writes the raw tables only; that page adds notes above them.
 
 Corpus: the demo's four sources plus passages of Python's own documentation
