@@ -288,6 +288,28 @@ def test_fidelity_reports_queries_of_the_suites_family_apart_from_other_formats(
     assert load_store(ws, store.id).fidelity["groups"]["cross-format"]["queries"] == 3
 
 
+def test_a_suite_in_several_families_is_measured_on_the_family_it_lacks(setup):
+    """docs/sketches.md's recipe: a suite in the paper's format and other families, one family held
+    out. Held-out queries of a family the suite holds are "same family"; only the missing one is
+    cross-format, so the number `curator search` quotes is for a format the bases never saw."""
+    from curator.catalog.querygen import generate
+    from curator.sketch.fidelity import measure_store
+
+    ws, lm, _ = setup
+    suite = [q for family in ("prose", "code") for q in generate("arithmetic", 2, seed=4, family=family)]
+    prose_again = generate("arithmetic", 1, seed=5, family="prose")
+    unseen = generate("arithmetic", 2, seed=5, family="chat")
+    with Catalog.open(ws, write=True) as catalog:
+        store_queries(catalog, suite + prose_again + unseen)
+    selector = ",".join(["s0", "s1", "arithmetic-prose-s4", "arithmetic-code-s4"])
+    store = sketch(ws, SketchConfig(suite=selector, budget_bytes=400), loaded=lm)
+    assert len(store.suite) == 6
+    result = measure_store(ws, store, ",".join(["h0", *(q.id for q in prose_again + unseen)]), loaded=lm)
+    groups = result["groups"]
+    assert groups["same family"]["families"] == ["code", "paper", "prose"] and groups["same family"]["queries"] == 2
+    assert groups["cross-format"]["families"] == ["chat"] and groups["cross-format"]["queries"] == 2
+
+
 # -- mixed bases: the suite's directions interleaved with the documents' own ------------------------
 
 def test_interleave_takes_a_share_of_every_prefix_and_completes_the_space():
