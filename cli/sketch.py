@@ -65,10 +65,11 @@ def sketch(
                                              show_default=False)] = None,
     budget_bytes: Annotated[int | None, typer.Option(help="Bytes per document, spread over layers by "
                                                           "--budget-split.", show_default=False)] = None,
-    budget_split: Annotated[BudgetSplit, typer.Option(help="uniform: the same k × k on every layer (ranked "
-                                                           "queries in other formats better, docs/sketches.md); "
-                                                           "energy: k² in proportion to where the suite's "
-                                                           "query energy is.")] = "uniform",
+    budget_split: Annotated[BudgetSplit | None, typer.Option(
+        help="uniform (default): the same k × k on every layer (smaller layers whole; it ranked queries in "
+             "other formats better, docs/sketches.md); energy: k² in proportion to where the suite's query "
+             "energy is. Unset, a store the same command built with the energy split (the default before "
+             "2026-12-02) is extended rather than sketched again.", show_default=False)] = None,
     precision: Annotated[Precision, typer.Option(help="Storage precision of the sketches (float16 is scaled per "
                                                       "layer, so it neither overflows nor flushes to zero).")]
     = "float16",
@@ -102,13 +103,16 @@ def sketch(
 
     ws = workspace_from(workspace)
     config = SketchConfig(suite=suite, method=method.value, rank=rank, budget_bytes=budget_bytes,
-                          budget_split=budget_split.value,
+                          budget_split=budget_split.value if budget_split else None,
                           document_share=document_share, document_sample=document_sample,
                           precision=precision.value, factors=factors, device=device, dtype=dtype.value,
                           batch_tokens=batch_tokens, shard_docs=shard_docs, seed=seed)
     with PassBar() as bar:
         store, result = sketch_and_measure(ws, config, holdout=holdout, sample=fidelity_sample, progress=bar,
                                            force=force)
+    if budget_bytes and budget_split is None and store.settings.get("budget_split") == "energy":
+        console.print("Extended the store these settings built with the energy split, the default before "
+                      "2026-12-02 (--budget-split uniform builds a new one: docs/sketches.md).")
     console.print(f"Store [bold]{store.id}[/]: {store.documents:,} documents, {store.dim:,} dimensions, "
                   f"{store.bytes_per_doc:,} bytes per document ({store.method}, {len(store.suite)} suite queries).")
     if store.seconds.get("documents"):

@@ -110,11 +110,30 @@ def test_budget_bytes_spreads_rank_by_query_energy(setup):
 
 def test_budget_bytes_gives_every_layer_the_same_rank_by_default(setup):
     ws, lm, _ = setup
-    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", budget_bytes=400, precision="float16"), loaded=lm)
-    assert store.bytes_per_doc <= 400 and len({tuple(k) for k in store.ranks.values()}) == 1
+    # 392 bytes: no energy-split store of these settings exists in the shared workspace (see below).
+    store = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", budget_bytes=392, precision="float16"), loaded=lm)
+    assert store.bytes_per_doc <= 392 and len({tuple(k) for k in store.ranks.values()}) == 1
+    assert store.settings["budget_split"] == "uniform"
     k = store.ranks[store.modules[0]][0]
     # The largest k that fits: one more on every layer would pass the budget.
-    assert 2 * len(store.modules) * (k + 1) ** 2 > 400
+    assert 2 * len(store.modules) * (k + 1) ** 2 > 392
+
+
+def test_the_same_command_extends_a_store_built_with_the_old_energy_split(setup):
+    """A store built by `--budget-bytes` before the uniform split was the default (energy, and no split in
+    its settings) is what the same command, without --budget-split, finds and extends; asking for uniform
+    builds another. Its rebuild command names the energy split."""
+    from curator.sketch.store import rebuild_command
+
+    ws, lm, _ = setup
+    old = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", budget_bytes=424, budget_split="energy"), loaded=lm)
+    again = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", budget_bytes=424), loaded=lm)
+    assert again.id == old.id and again.settings["budget_split"] == "energy"
+    uniform = sketch(ws, SketchConfig(suite="s0,s1,s2,s3", budget_bytes=424, budget_split="uniform"), loaded=lm)
+    assert uniform.id != old.id
+    before_the_setting = old.model_copy(update={"settings": {k: v for k, v in old.settings.items()
+                                                             if k != "budget_split"}})
+    assert "--budget-split energy" in rebuild_command(before_the_setting)
 
 
 def test_uniform_split_caps_small_layers_and_fills_the_budget_with_the_rest():
@@ -133,6 +152,7 @@ def test_budget_split_is_part_of_a_budgeted_stores_identity_only():
     budgeted = SketchConfig(suite="s0", budget_bytes=400)
     energy = budgeted.model_copy(update={"budget_split": "energy"})
     assert budgeted.identity() != energy.identity()
+    assert budgeted.identity() == budgeted.model_copy(update={"budget_split": "uniform"}).identity()   # unset
     # An energy split is what budgeted stores were before the setting existed: their ids stay.
     assert "budget_split" not in energy.identity()
 

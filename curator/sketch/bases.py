@@ -50,7 +50,7 @@ def allocate_ranks(energy: dict[str, float], shapes: dict[str, tuple[int, int]],
     """[k_out, k_in] per layer: `rank` on each side (capped by the layer's size), or, within the byte
     budget, the same k on every layer (`split` "uniform", the largest that fits) or k² ∝ the layer's
     share of the suite's query energy ("energy"). Uniform is the default: on queries phrased unlike the
-    suite it ranked better than the energy split at every budget measured (docs/sketches.md)."""
+    suite it ranked better (Spearman) than the energy split at every budget measured (docs/sketches.md)."""
     if (rank is None) == (budget_bytes is None):
         raise CuratorError("give exactly one of --rank and --budget-bytes")
     if rank is not None:

@@ -70,6 +70,7 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
     modules = check_compatible(loaded, record, None)
     max_len = record.settings["max_seq_len"]
     documents = "all documents" if config.max_docs is None else ids
+    config = _budget_split_chosen(ws, config, record, suite, documents, max_len)
     store_id = content_id("sketch", record.id, [q.model_dump() for q in suite], config.identity(), documents, max_len)
     directory = store_dir(ws, store_id)
 
@@ -127,6 +128,22 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
     write_manifest(directory, store)
     record_store(ws, store)
     return ranks.share(store)
+
+
+def _budget_split_chosen(ws: Workspace, config: SketchConfig, record, suite, documents, max_len: int) -> SketchConfig:
+    """The config with its budget split decided: as given; else uniform, unless the store the same settings
+    made with the energy split (the default before uniform) exists. Then the same command, run again after
+    another ingest, extends that store with the new documents, as it did, instead of building a second
+    store over every document."""
+    if config.budget_split is not None:
+        return config
+    if config.budget_bytes is not None:
+        energy = config.model_copy(update={"budget_split": "energy"})
+        energy_id = content_id("sketch", record.id, [q.model_dump() for q in suite], energy.identity(), documents,
+                               max_len)
+        if (store_dir(ws, energy_id) / "manifest.json").is_file():
+            return energy
+    return config.model_copy(update={"budget_split": "uniform"})
 
 
 def _open_store(ws: Workspace, directory, store_id: str, loaded: LoadedModel, modules: dict, record, suite, config,

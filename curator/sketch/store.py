@@ -44,9 +44,10 @@ class SketchConfig(Settings):
     method: SketchMethod = "whitened-subspace"
     rank: int | None = Field(None, ge=1, description="k per layer (sketch k × k per layer)")
     budget_bytes: int | None = Field(None, ge=1, description="bytes per document, spread over layers")
-    budget_split: SketchBudgetSplit = Field("uniform", description="how budget_bytes is spread: the same k on "
-                                                                   "every layer, or k² in proportion to the "
-                                                                   "suite's query energy per layer")
+    budget_split: SketchBudgetSplit | None = Field(
+        None, description="how budget_bytes is spread: the same k on every layer, or k² in proportion to the "
+                          "suite's query energy per layer; None: uniform, unless the store these settings built "
+                          "with the energy split (the default until 2026-12-02) exists, which is then extended")
     precision: SketchPrecision = Field("float16", description="storage precision of the sketches")
     factors: str | None = Field(None, description="fit id (or unique prefix); default: the latest fit",
                                 json_schema_extra=NOT_IDENTITY)   # the resolved fit id is in the store id
@@ -71,9 +72,11 @@ class SketchConfig(Settings):
             found.pop("document_share", None)
             found.pop("document_sample", None)
         # The split means nothing to --rank, and every budgeted store before the setting existed was
-        # split by energy: leaving it out then keeps those ids.
+        # split by energy: leaving it out then keeps those ids. Not chosen yet means uniform.
         if self.budget_bytes is None or self.budget_split == "energy":
             found.pop("budget_split", None)
+        else:
+            found["budget_split"] = self.budget_split or "uniform"
         return found
 
 
@@ -123,7 +126,7 @@ def rebuild_command(store: SketchStore) -> str:
         parts += ["--rank", str(s["rank"])]
     if s.get("budget_bytes") is not None:
         # A store from before the split was a setting spread its budget by energy.
-        parts += ["--budget-bytes", str(s["budget_bytes"]), "--budget-split", s.get("budget_split", "energy")]
+        parts += ["--budget-bytes", str(s["budget_bytes"]), "--budget-split", s.get("budget_split") or "energy"]
     if store.method == "mixed":
         parts += ["--document-share", str(s.get("document_share", 0.25)),
                   "--document-sample", str(s.get("document_sample", 256))]
