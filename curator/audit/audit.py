@@ -128,9 +128,9 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
 
 
 def _query_analyses(row: np.ndarray, split: analyses.SourceSplit, ks: list[int], top: bool):
-    """One query's source counts, concentration and, with `top`, its ANSWER_TOP best positions and
-    k-th largest scores for each k of ANSWER_WIDER, from one sort of its scores (numpy's sort and comparisons release
-    the GIL, so queries run on QUERY_THREADS threads)."""
+    """One query's source counts, concentration and, with `top`, its ANSWER_TOP best positions and its
+    k-th largest score for each k of ANSWER_WIDER, from one sort of its scores (numpy's sort and
+    comparisons release the GIL, so queries run on QUERY_THREADS threads)."""
     ascending = np.sort(row)                          # the only sort of the row; the rest reads it
     concentration = {"cumulative": analyses.cumulative_positive_ascending(ascending, analyses.PERCENTS),
                      "power_law": analyses.power_law_sorted(ascending[::-1][:500].astype(np.float64))}

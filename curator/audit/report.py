@@ -54,20 +54,15 @@ def _table(header: list[str], rows: list[list]) -> str:
 STYLE = {"font.size": 10, "axes.spines.top": False, "axes.spines.right": False, "svg.fonttype": "none"}
 
 
-def load_plotting():
-    """matplotlib's Figure, imported and styled. Figures are made without pyplot (its import and its
-    figure manager were a fifth of a large audit's report), so nothing opens a window and nothing needs
-    closing."""
+def _figure(width=8.0, height=3.6, panels: int | None = None):
+    """A figure and its axes (`panels`: that many stacked axes, as an array). Figures are made without
+    pyplot (its import and its figure manager were a fifth of a large audit's report), so nothing opens a
+    window and nothing needs closing."""
     import matplotlib
     from matplotlib.figure import Figure
 
     matplotlib.rcParams.update(STYLE)
-    return Figure
-
-
-def _figure(width=8.0, height=3.6, panels: int | None = None):
-    """A figure and its axes (`panels`: that many stacked axes, as an array)."""
-    figure = load_plotting()(figsize=(width, height), layout="constrained")
+    figure = Figure(figsize=(width, height), layout="constrained")
     if panels is None:
         return figure, figure.subplots()
     return figure, figure.subplots(panels, 1, squeeze=False)[:, 0]

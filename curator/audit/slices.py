@@ -141,13 +141,13 @@ def _read_into(matrix: np.ndarray, placed: list, rows: dict[str, int]) -> None:
         for positions, first, _ in query_rows(part, rows):
             for at, block in part.pieces("score", first, first + len(positions)):
                 here = positions[at - first:at - first + len(block)]
-                if here == list(range(here[0], here[0] + len(here))):    # consecutive rows: one slice
-                    here = slice(here[0], here[0] + len(here))
                 block = block if inside is None else block[:, inside]
-                if isinstance(columns, slice):
-                    matrix[here, columns] = block
+                if not isinstance(columns, slice):
+                    matrix[np.ix_(here, columns)] = block
+                elif here == list(range(here[0], here[0] + len(here))):    # consecutive rows: one slice
+                    matrix[here[0]:here[0] + len(here), columns] = block
                 else:
-                    matrix[np.ix_(np.arange(matrix.shape[0])[here], columns)] = block
+                    matrix[here, columns] = block
 
 
 def _check_covered(run: RunRecord, placed: list, rows: dict[str, int], width: int, doc_ids: np.ndarray) -> None:

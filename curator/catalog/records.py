@@ -60,8 +60,6 @@ def score_files(path: str | Path) -> list[str]:
     publish or a join (curator/influence/score_dataset.py). A folder without one is read by its
     Parquet files; runs written as a single file (sketch scores, older runs) as that file.
     """
-    import json
-
     path = Path(path)
     if not path.is_dir():
         return [str(path)]

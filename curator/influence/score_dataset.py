@@ -108,8 +108,8 @@ class ScoreDataset:
 
     def _finish_publishing(self, manifest: DatasetManifest) -> None:
         """Complete a publish (or a compaction) that was killed after its manifest was written: move up
-        the parts it lists, remove the parts and document lists it no longer does (readers take every
-        Parquet file in the folder)."""
+        the parts it lists, remove the parts and document lists it no longer does (curator reads the
+        manifest's parts, but a user's glob of the folder would take every file)."""
         for name in manifest.parts:
             if not (self.root / name).is_file() and (self.pending / name).is_file():
                 os.replace(self.pending / name, self.root / name)
@@ -168,11 +168,11 @@ class ScoreDataset:
                 min_parts: int = COMPACT_MIN_PARTS) -> DatasetManifest:
         """Join the small parts (a document chunk each: 512 documents by default) of each query batch that
         has at least `min_parts` parts into parts of up to `documents_per_part` documents (and
-        COMPACT_VALUES scores), in document order, and return the manifest that lists them. A 2M-document run leaves ~4,000 chunks per query
-        batch; the stages after the model open every part and read its footer, which made ranking 2M
-        documents × 100 queries take 75 s from 15,628 parts against 3.5 s from 32
-        (docs/results/out_of_core.md). The joined parts are written as pending, and the new manifest is
-        the commit point, as in `publish`."""
+        COMPACT_VALUES scores), in document order, and return the manifest that lists them. A 2M-document
+        run leaves ~4,000 chunks per query batch; the stages after the model open every part and read its
+        footer, which made ranking 2M documents × 100 queries take 75 s from 15,628 parts against 3.5 s
+        from 32 (docs/results/out_of_core.md). The joined parts are written as pending, and the new
+        manifest is the commit point, as in `publish`."""
         summaries = part_summaries([self.root / name for name in manifest.parts])
         if not summaries:
             return manifest                  # parts without a summary (another version): left as they are
@@ -180,14 +180,16 @@ class ScoreDataset:
         for part in summaries:
             by_batch.setdefault(tuple(part.queries), []).append(part)
         groups: list[list[PartSummary]] = []
+        documents: dict[Path, np.ndarray] = {}              # each part's ids, read once: sorted, then joined
         for queries, parts in by_batch.items():
             if len(parts) < min_parts:
                 continue
+            documents.update((part.path, part.doc_ids()) for part in parts)
             # A joined part is built whole in memory: its scores, per-nat scores and query ids.
             most = max(1, min(documents_per_part, COMPACT_VALUES // max(1, len(queries))))
             current: list[PartSummary] = []
             held = 0
-            for part in sorted(parts, key=lambda p: int(p.doc_ids()[0]) if p.documents else -1):
+            for part in sorted(parts, key=lambda p: int(documents[p.path][0]) if p.documents else -1):
                 if current and held + part.documents > most:
                     groups.append(current)
                     current, held = [], 0
@@ -204,7 +206,7 @@ class ScoreDataset:
             batch = manifest.query_batches.index(queries) if queries in manifest.query_batches else 0
             name = f"b{batch:03d}-{content_id('joined', sorted(p.path.name for p in group))}.parquet"
             with atomic_file(self.pending / name) as path:
-                write_part(path, queries, np.concatenate([p.doc_ids() for p in group]),
+                write_part(path, queries, np.concatenate([documents[p.path] for p in group]),
                            np.concatenate([p.block("score") for p in group], axis=1),
                            np.concatenate([p.block("score_per_nat") for p in group], axis=1))
             joined.append(name)
@@ -248,8 +250,8 @@ def write_part(path: Path, query_ids: list[str], doc_ids: np.ndarray, score: np.
     # Only query ids repeat: a dictionary of float scores (or of a part's doc ids) overflows pyarrow's
     # 1 MB dictionary page a quarter of the way into each row group and falls back to plain, after
     # encoding that quarter the slow way; snappy finds nothing to compress in float32 noise. Without
-    # them a part is written 2.5× and its scores read 1.5× as fast (a part of 25 queries × 250,000 documents:
-    # 1.16 → 0.45 s to write, 38 → 25 ms to read the score column; docs/results/out_of_core.md).
+    # them a part is written 2.5× and its scores read 1.5× as fast (a part of 25 queries × 250,000
+    # documents: 1.16 → 0.45 s to write, 38 → 25 ms to read the score column; docs/results/out_of_core.md).
     pq.write_table(table, path, row_group_size=max(1, n_docs) * max(1, ROW_GROUP_ROWS // max(1, n_docs)),
                    use_dictionary=["query_id"],
                    compression={"query_id": "snappy", "doc_id": "snappy", "score": "none", "score_per_nat": "none"})

@@ -71,7 +71,7 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
     max_len = record.settings["max_seq_len"]
     documents = "all documents" if config.max_docs is None else ids
     config = _budget_split_chosen(ws, config, record, suite, documents, max_len)
-    store_id = content_id("sketch", record.id, [q.model_dump() for q in suite], config.identity(), documents, max_len)
+    store_id = _store_id(config, record, suite, documents, max_len)
     directory = store_dir(ws, store_id)
 
     plan = None
@@ -130,6 +130,11 @@ def sketch(ws: Workspace, config: SketchConfig, *, loaded: LoadedModel | None = 
     return ranks.share(store)
 
 
+def _store_id(config: SketchConfig, record, suite: list[Query], documents, max_len: int) -> str:
+    """What names a store: the fit, the suite's queries, the settings, the documents and the window."""
+    return content_id("sketch", record.id, [q.model_dump() for q in suite], config.identity(), documents, max_len)
+
+
 def _budget_split_chosen(ws: Workspace, config: SketchConfig, record, suite, documents, max_len: int) -> SketchConfig:
     """The config with its budget split decided: as given; else uniform, unless the store the same settings
     made with the energy split (the default before uniform) exists. Then the same command, run again after
@@ -139,9 +144,7 @@ def _budget_split_chosen(ws: Workspace, config: SketchConfig, record, suite, doc
         return config
     if config.budget_bytes is not None:
         energy = config.model_copy(update={"budget_split": "energy"})
-        energy_id = content_id("sketch", record.id, [q.model_dump() for q in suite], energy.identity(), documents,
-                               max_len)
-        if (store_dir(ws, energy_id) / "manifest.json").is_file():
+        if (store_dir(ws, _store_id(energy, record, suite, documents, max_len)) / "manifest.json").is_file():
             return energy
     return config.model_copy(update={"budget_split": "uniform"})
 

@@ -245,11 +245,16 @@ def auto_factory(documents: int, dim: int) -> str:
     return f"Proj{projection},IVF{lists},SQ8"
 
 
+def _ivf_lists(factory: str) -> int:
+    """The IVF lists a factory string asks for (0: none)."""
+    found = re.search(r"IVF(\d+)", factory)
+    return int(found.group(1)) if found else 0
+
+
 def default_nprobe(factory: str) -> int:
     """IVF lists searched per query: DEFAULT_NPROBE up to 512 lists, then growing as lists^0.8 (rounded to
     a multiple of 32), which kept recall@10 at 0.96 from 512 lists (128 searched) to 2,048 (384)."""
-    found = re.search(r"IVF(\d+)", factory)
-    lists = int(found.group(1)) if found else 0
+    lists = _ivf_lists(factory)
     if lists <= 512:
         return min(lists, DEFAULT_NPROBE) if lists else DEFAULT_NPROBE
     return min(lists, 32 * round(DEFAULT_NPROBE * (lists / 512) ** 0.8 / 32))
@@ -258,9 +263,7 @@ def default_nprobe(factory: str) -> int:
 def list_training_rows(factory: str, documents: int, sample: int) -> int:
     """How many store rows an IVF factory's lists learn from: LIST_SAMPLE per list, at least the
     projection's sample, at most MAX_LIST_SAMPLE and the store."""
-    found = re.search(r"IVF(\d+)", factory)
-    wanted = LIST_SAMPLE * int(found.group(1)) if found else 0
-    return min(documents, max(sample, min(wanted, MAX_LIST_SAMPLE)))
+    return min(documents, max(sample, min(LIST_SAMPLE * _ivf_lists(factory), MAX_LIST_SAMPLE)))
 
 
 def training_sample(rows: StoreRows, size: int, seed: int) -> np.ndarray:
@@ -406,21 +409,17 @@ def _auto_index(ws: Workspace, store: SketchStore, name: str | None) -> IndexMet
 
 def _trained(ws, store, factory, name, sample, seed, rescore, nprobe):
     """A trained, empty index and its metadata."""
-    train, trained_on = None, 0
+    train, extra, trained_on = None, (), 0
     started = time.perf_counter()
     try:
         if faiss_index.needs_training(factory):
             rows = StoreRows(ws, store)
             train = training_sample(rows, sample, seed)
-            extra = ()
+            trained_on = len(train)
             if faiss_index.split_factory(factory)[0] is not None:     # a projection: its lists may want more
-                wanted = list_training_rows(factory, len(rows), len(train))
-                extra = more_training(rows, wanted, len(train), seed)
-                trained_on = wanted
-            trained_on = trained_on or len(train)
-            index = faiss_index.empty(store.dim, factory, train, seed, extra)
-        else:
-            index = faiss_index.empty(store.dim, factory, None, seed)
+                trained_on = list_training_rows(factory, len(rows), len(train))
+                extra = more_training(rows, trained_on, len(train), seed)
+        index = faiss_index.empty(store.dim, factory, train, seed, extra)
     except ValueError as exc:
         raise CuratorError(f"index {name}: {exc}") from None
     approximate = factory != "Flat"
