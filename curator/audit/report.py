@@ -1,14 +1,18 @@
 """The audit report: one self-contained HTML file drawn from the audit's JSON.
 
-Plots are matplotlib SVG inlined in the page, so it opens offline and prints
-sharply; every number in a plot is also in the JSON written beside it.
+Charts are SVG inlined in the page (curator/plots.py), so it opens offline and prints
+sharply; every number in a chart is also in the JSON written beside it.
 """
 
 from __future__ import annotations
 
 import html
-import io
 from pathlib import Path
+
+import numpy as np
+
+from curator import plots
+from curator.plots import PALETTE, Series
 
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:2em auto;padding:0 1.5em;
@@ -20,16 +24,9 @@ border-bottom:1px solid #e2e6ea}th{background:#f4f6f8}td:first-child,th:first-ch
 .plot{margin:.5em 0}.plot svg{max-width:100%;height:auto}.explain{color:#3b444b;max-width:80ch}
 """
 
-PALETTE = ["#3366cc", "#dc3912", "#ff9900", "#109618", "#990099", "#0099c6", "#dd4477", "#66aa00", "#b82e2e",
-           "#316395"]
 
-
-def _svg(fig) -> str:
-    buffer = io.StringIO()
-    # The figures lay themselves out (constrained layout): bbox_inches="tight" would draw each one twice.
-    fig.savefig(buffer, format="svg")
-    text = buffer.getvalue()
-    return f'<div class="plot">{text[text.index("<svg"):]}</div>'
+def _plot(svg: str) -> str:
+    return f'<div class="plot">{svg}</div>'
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -51,23 +48,6 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-STYLE = {"font.size": 10, "axes.spines.top": False, "axes.spines.right": False, "svg.fonttype": "none"}
-
-
-def _figure(width=8.0, height=3.6, panels: int | None = None):
-    """A figure and its axes (`panels`: that many stacked axes, as an array). Figures are made without
-    pyplot (its import and its figure manager were a fifth of a large audit's report), so nothing opens a
-    window and nothing needs closing."""
-    import matplotlib
-    from matplotlib.figure import Figure
-
-    matplotlib.rcParams.update(STYLE)
-    figure = Figure(figsize=(width, height), layout="constrained")
-    if panels is None:
-        return figure, figure.subplots()
-    return figure, figure.subplots(panels, 1, squeeze=False)[:, 0]
-
-
 def composition_section(data: dict) -> str:
     rows = data["composition"]["rows"]
     if not rows:
@@ -78,24 +58,16 @@ def composition_section(data: dict) -> str:
         ["source", "kind", "documents", "tokens", "bytes", "share of documents", "share of tokens"],
         [[r["source"], r["kind"], r["documents"], r["tokens"], r["bytes"], f"{r['docs_share']:.1%}",
           f"{r['tokens'] / total_tokens:.1%}" if tokens_known and total_tokens else "–"] for r in rows])
-    fig, ax = _figure(8, 0.9 + 0.55 * len(rows))
     labels = [f"{r['source']} ({r['kind']})" for r in rows]
     series = [("documents", [r["docs_share"] for r in rows]),
               ("bytes", [r["bytes"] / (sum(x["bytes"] for x in rows) or 1) for r in rows])]
     if tokens_known and total_tokens:
         series.append(("tokens", [r["tokens"] / total_tokens for r in rows]))
-    height = 0.8 / len(series)
-    for i, (name, values) in enumerate(series):
-        ax.barh([y - 0.4 + height * (i + 0.5) for y in range(len(rows))], values, height=height * 0.95,
-                color=PALETTE[i], label=name)
-    ax.set_yticks(range(len(rows)), labels)
-    ax.invert_yaxis()
-    ax.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
-    ax.set_xlabel("share of the corpus")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(rows) > 2 else -0.5), ncol=3, frameon=False)
+    chart = plots.horizontal(labels, [Series(name, values, PALETTE[i]) for i, (name, values) in enumerate(series)],
+                             x_label="share of the corpus")
     note = "" if tokens_known else "<p class='explain'>Token counts appear once a model has tokenized every " \
                                    "document (<code>curator score</code>).</p>"
-    return f"<h2>1. Corpus composition</h2>{table}{note}{_svg(fig)}"
+    return f"<h2>1. Corpus composition</h2>{table}{note}{_plot(chart)}"
 
 
 def source_section(data: dict) -> str:
@@ -104,81 +76,51 @@ def source_section(data: dict) -> str:
              "divided by the source's share of the corpus. Above 1: the source is over-represented among the "
              "documents that drive the task (Ruis et al. 2024 found code and maths over-represented for "
              "reasoning).</p>"]
-    import numpy as np
-
     tasks = list(data["influence_by_source"].items())
     if not tasks:
         return "".join(parts)
-    # One figure with a panel per task and one legend: each figure costs a layout and an SVG pass of its
-    # own (four task figures were a second of a 2M-document audit).
-    fig, panels = _figure(9, 0.9 + 2.4 * len(tasks), panels=len(tasks))
-    tables = []
-    for axes, (task, result) in zip(panels, tasks, strict=True):
+    panels, tables = [], []
+    for task, result in tasks:
         sources = sorted(result["corpus_share"])
         ks = list(result["top"])
-        width = min(0.8 / (2 * len(ks)), 0.12)
-        x = np.arange(len(sources))
+        series = []
         for i, k in enumerate(ks):
-            axes.bar(x + (2 * i) * width - 0.4, [result["top"][k][s] for s in sources], width,
-                     color=PALETTE[i % len(PALETTE)], label=f"top {k}")
-            axes.bar(x + (2 * i + 1) * width - 0.4, [result["bottom"][k][s] for s in sources], width,
-                     color=PALETTE[i % len(PALETTE)], alpha=0.35, label=f"bottom {k}")
-        axes.axhline(1, color="#555", lw=0.8, ls="--")
-        axes.set_xticks(x - 0.4 + width * len(ks) - width / 2, sources)
-        axes.set_ylabel("share / corpus share")
-        axes.set_title(f"{task}", loc="left")
+            color = PALETTE[i % len(PALETTE)]
+            series += [Series(f"top {k}", [result["top"][k][s] for s in sources], color),
+                       Series(f"bottom {k}", [result["bottom"][k][s] for s in sources], color, opacity=0.35)]
+        panels.append(plots.bars(sources, series, title=task, y_label="share / corpus share", reference=1.0,
+                                 legend=False))
         rows = [[s, f"{result['corpus_share'][s]:.1%}", *[result["top"][k][s] for k in ks],
                  *[result["bottom"][k][s] for k in ks]] for s in sources]
         tables.append(f"<h3>{html.escape(task)}</h3>" + _table(
             ["source", "corpus share", *[f"top {k}" for k in ks], *[f"bottom {k}" for k in ks]], rows))
-    handles, labels = panels[0].get_legend_handles_labels()
-    fig.legend(handles, labels, ncol=min(6, len(labels)), fontsize=8, frameon=False, loc="outside lower center")
-    return "".join(parts) + _svg(fig) + "".join(tables)
+    # One figure with a panel per task and one legend (the k's are the same for every task).
+    return "".join(parts) + _plot(plots.stack(panels)) + "".join(tables)
 
 
 def correlation_section(data: dict) -> str:
     corr = data["correlations"]
-    import numpy as np
-
     n = len(corr["query_ids"])
     # Queries grouped by task (in id order within one), whatever order their ids put them in: one block
     # per task, and one pair of separating lines per task rather than per query.
     order = sorted(range(n), key=lambda i: corr["tasks"][i])
-    matrix = np.array(corr["matrix"])[np.ix_(order, order)]
-    tasks = [corr["tasks"][i] for i in order]
-    fig, ax = _figure(min(9, 2 + 0.3 * n), min(8, 1.6 + 0.3 * n))
-    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
-    boundaries = [i for i in range(1, n) if tasks[i] != tasks[i - 1]]
-    for b in boundaries:
-        ax.axhline(b - 0.5, color="k", lw=1)
-        ax.axvline(b - 0.5, color="k", lw=1)
-    starts = [0, *boundaries]
-    ends = [*boundaries, n]
-    ax.set_xticks([(s + e - 1) / 2 for s, e in zip(starts, ends, strict=True)],
-                  [tasks[s] for s in starts], rotation=30, ha="right")
-    ax.set_yticks([(s + e - 1) / 2 for s, e in zip(starts, ends, strict=True)], [tasks[s] for s in starts])
-    ax.figure.colorbar(image, ax=ax, shrink=0.8, label="Pearson r")
+    matrix = np.array(corr["matrix"], dtype=np.float64)[np.ix_(order, order)]
+    chart = plots.heatmap(matrix, [corr["tasks"][i] for i in order], label="Pearson r")
     rows = [[task, value] for task, value in corr["mean_within_task"].items()]
     rows.append(["across tasks", corr["mean_across_tasks"]])
     return ("<h2>3. Query-by-query correlation</h2><p class='explain'>Pearson correlation between two queries' "
             "influence scores over all documents, queries grouped by task. High correlation within a task "
             "means its queries draw on the same documents: shared procedural knowledge.</p>"
-            + _svg(fig) + _table(["mean correlation", "r"], rows))
+            + _plot(chart) + _table(["mean correlation", "r"], rows))
 
 
 def concentration_section(data: dict) -> str:
     conc = data["concentration"]
-    fig, ax = _figure(7, 3.4)
-    for i, (task, result) in enumerate(conc["per_task"].items()):
-        ax.plot(conc["percents"], result["cumulative"], marker="o", ms=3, color=PALETTE[i % len(PALETTE)],
-                label=task)
-    ax.set_xscale("log")
-    ax.set_xticks(conc["percents"], [f"{p:g}%" for p in conc["percents"]])
-    ax.minorticks_off()
-    ax.set_xlabel("top k% of documents (log scale)")
-    ax.set_ylabel("share of positive influence")
-    ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
-    ax.legend(frameon=False)
+    series = [Series(task, result["cumulative"], PALETTE[i % len(PALETTE)], x=conc["percents"], markers=True)
+              for i, (task, result) in enumerate(conc["per_task"].items())]
+    chart = plots.lines(series, x_log=True, x_ticks=[(p, f"{p:g}%") for p in conc["percents"]],
+                        x_label="top k% of documents (log scale)", y_label="share of positive influence",
+                        y_fmt=plots.percent, x_fmt=lambda p: f"{p:g}%")
     rows = [[task, r["alpha_mean"], r["alpha_se_mean"],
              sum(1 for q in conc["per_query"].values() if q["task"] == task and q["power_law"])]
             for task, r in conc["per_task"].items()]
@@ -186,7 +128,7 @@ def concentration_section(data: dict) -> str:
             "influence its top k% of documents hold (a task whose curve rises slowly draws on many documents, "
             "as the paper found for reasoning), and a power-law fit log(score) = c − α·log(rank) over each "
             "query's top 500 positive scores.</p>"
-            + _svg(fig) + _table(["task", "mean α", "mean s.e. of α", "queries fitted"], rows))
+            + _plot(chart) + _table(["task", "mean α", "mean s.e. of α", "queries fitted"], rows))
 
 
 def answer_section(data: dict) -> str:
@@ -233,17 +175,12 @@ def render(data: dict) -> str:
 def compare_plot(result: dict) -> str:
     """An SVG of per-query Pearson and Spearman between two runs."""
     per_query = result["per_query"]
-    fig, ax = _figure(max(5, 0.35 * len(per_query) + 2), 3.2)
     names = list(per_query)
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [per_query[n]["pearson"] for n in names], 0.4, color=PALETTE[0], label="Pearson")
-    ax.bar([i + 0.2 for i in x], [per_query[n]["spearman"] for n in names], 0.4, color=PALETTE[2],
-           label="Spearman")
-    ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylim(min(0, *(v["pearson"] for v in per_query.values())) - 0.05, 1.05)
-    ax.set_title(f"{result['run_a']} vs {result['run_b']}", loc="left")
-    ax.legend(frameon=False)
-    return _svg(fig)
+    series = [Series("Pearson", [per_query[n]["pearson"] for n in names], PALETTE[0]),
+              Series("Spearman", [per_query[n]["spearman"] for n in names], PALETTE[2])]
+    chart = plots.bars(names, series, width=max(420, 26 * len(names) + 120), height=300,
+                       title=f"{result['run_a']} vs {result['run_b']}", y_label="correlation", rotate=60)
+    return plots.svg(chart.width, chart.height, chart.body)
 
 
 def write_report(data: dict, out: Path, json_out: Path | None = None) -> None:
@@ -260,5 +197,4 @@ def write_report(data: dict, out: Path, json_out: Path | None = None) -> None:
 def write_compare_plot(result: dict, path: Path) -> None:
     from curator.artifacts import write_text_atomic
 
-    svg = compare_plot(result)
-    write_text_atomic(path, svg[svg.index("<svg"):svg.rindex("</svg>") + 6])
+    write_text_atomic(path, compare_plot(result))

@@ -1,18 +1,19 @@
 """The evaluation report: one self-contained HTML page and the JSON it is drawn from.
 
-The plot (held-out reasoning loss over training tokens, per arm) is matplotlib SVG inlined in the page,
+The plot (held-out reasoning loss over training tokens, per arm) is SVG inlined in the page (curator/plots.py),
 as in the audit report; every number in the page is in the JSON.
 """
 
 from __future__ import annotations
 
 import html
-import io
 import json
 from pathlib import Path
 
 from curator.artifacts import write_text_atomic
-from curator.audit.report import CSS, PALETTE
+from curator import plots
+from curator.audit.report import CSS
+from curator.plots import PALETTE, Series
 
 COLUMNS = [("reasoning_loss", "reasoning loss (nats/token)"), ("factual_loss", "control loss (nats/token)"),
            ("general_ppl", "held-out text perplexity"), ("accuracy", "exact-match accuracy")]
@@ -84,31 +85,21 @@ def _per_task(data: dict) -> str:
 
 
 def _plot(data: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False,
-                         "svg.fonttype": "none"})
-    fig, ax = plt.subplots(figsize=(8, 4))
+    series = []
     arms = [a for a in data["summary"] if a != "base"]
     for i, arm in enumerate(arms):
         curves = [r["curve"] for r in data["results"] if r["arm"] == arm]
         color = PALETTE[i % len(PALETTE)]
-        for curve in curves:
-            ax.plot([p["tokens"] for p in curve], [p["reasoning_loss"] for p in curve], color=color, alpha=0.25, lw=1)
+        for seed, curve in enumerate(curves):
+            series.append(Series(f"{arm}, seed {seed + 1}", [p["reasoning_loss"] for p in curve], color,
+                                 x=[p["tokens"] for p in curve], opacity=0.25, width=1, legend=False))
         points = len(min(curves, key=len))
         mean = [sum(c[k]["reasoning_loss"] for c in curves) / len(curves) for k in range(points)]
-        ax.plot([p["tokens"] for p in curves[0][:points]], mean, color=color, lw=2, label=arm, marker="o", ms=3)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("held-out reasoning loss (nats/token)")
-    ax.legend(frameon=False, fontsize=9)
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight")
-    plt.close(fig)
-    text = buffer.getvalue()
-    return f'<div class="plot">{text[text.index("<svg"):]}</div>'
+        series.append(Series(arm, mean, color, x=[p["tokens"] for p in curves[0][:points]], width=2.2,
+                             markers=True))
+    chart = plots.lines(series, width=760, height=340, x_label="training tokens",
+                        y_label="held-out reasoning loss (nats/token)")
+    return f'<div class="plot">{chart}</div>'
 
 
 def render(data: dict) -> str:
