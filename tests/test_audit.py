@@ -117,6 +117,34 @@ def test_answers_are_found_by_duckdb_exactly_as_by_the_python_pattern():
         assert any(python) and not all(python)
 
 
+def test_the_quick_answer_test_finds_what_the_pattern_finds():
+    texts = ["x = 42.", "142", "4.2 and 42.5", "42", "a42", "é42", "(42)", "42,5", "٣42", "Paris", "PARIS!",
+             "parisian", "in paris.", "ſ", "S", "K", "k", "$5 off", "1/2 cup", "11/2", "", "4 2"]
+    for answer in ("42", " 42 ", "4.2", "$5", "1/2", "Paris", "s", "k", "C++"):
+        pattern = analyses.answer_pattern(answer)
+        found = analyses.answer_finder(answer)
+        assert [found(t) for t in texts] == [pattern.search(t) is not None for t in texts], answer
+    # cased answers keep the case-insensitive pattern: 'ſ' (long s) and 'K' (Kelvin) fold to s and k
+    assert analyses.answer_finder("s")("ſ") and analyses.answer_finder("k")("K")
+
+
+def test_float32_scores_correlate_within_their_own_precision():
+    """Products of float32 scores are taken in float32, about the first block's means: far from zero
+    (an offset 100× the spread) products not centred would be off by ~2e-4."""
+    rng = np.random.default_rng(4)
+    n = 100_000
+    common = rng.standard_t(3, n)
+    values = (np.outer(rng.uniform(0, 1, 12), common) + rng.standard_t(3, (12, n)) * rng.uniform(0.2, 2, (12, 1))
+              + 100.0).astype(np.float32)
+    gram = analyses.Gram(12)
+    for start in range(0, n, 16_384):
+        gram.add(values[:, start:start + 16_384])
+    exact = values.astype(np.float64)
+    np.testing.assert_allclose(gram.correlation(), np.corrcoef(exact), atol=1e-6)
+    np.testing.assert_allclose(gram.means(), exact.mean(axis=1), rtol=1e-9)
+    assert gram.products.dtype == np.float64
+
+
 def test_json_numbers_equal_direct_recomputation_from_the_parquet(planted, tmp_path):
     ws, _ = planted
     data = json.loads(json.dumps(audit(ws)))

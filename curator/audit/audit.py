@@ -21,9 +21,12 @@ none of the top ANSWER_WIDER documents holds (looked at a tier at a time: the to
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,7 +34,6 @@ from curator import __version__
 from curator.arrays import numpy_of
 from curator.audit import analyses
 from curator.audit.slices import document_blocks, not_full, query_groups
-from curator.catalog.composition import composition, token_counts_available
 from curator.catalog.database import Catalog
 from curator.catalog.records import RunRecord, get_run, score_files, sql_files
 from curator.catalog.workspace import Workspace
@@ -41,10 +43,11 @@ from curator.influence.score_dataset import PartSummary
 from curator.sketch.index import one_blas_thread
 
 SECTIONS_NEEDING_SCORES = ["influence by source", "query correlations", "concentration", "answer occurrence"]
-GRAM_COLUMNS = 2**16           # documents per float64 block of the correlations' sums of products
+GRAM_COLUMNS = 2**14           # documents per block of the correlations' sums of products
 ANSWER_TOP = 500               # the paper's top documents searched for a query's answer
 ANSWER_WIDER = (5_000, 50_000)  # searched next, tier by tier, for the best-placed document holding it
 QUERY_THREADS = 2              # threads sorting and counting queries (beside the correlations' one)
+ANSWER_QUERIES = 20            # queries whose answers are looked up together (one fetch of their texts)
 READ_THREADS = 2               # threads reading score parts into the slice
 
 
@@ -55,29 +58,62 @@ def audit(ws: Workspace, run_id: str | None = None) -> dict:
         tokenizer = None
         if run is not None:
             tokenizer = catalog.one("SELECT tokenizer_id FROM models WHERE id = ?", [run.model_id])[0]
-        elif token_counts_available(catalog):
-            tokenizer = token_counts_available(catalog)[0]
-        comp = composition(catalog, tokenizer)
+        else:
+            from curator.catalog.composition import token_counts_available
+
+            tokenizer = next(iter(token_counts_available(catalog)), None)
         report = {
             "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "curator_version": __version__,
-            "workspace": str(ws.root),
-            "composition": {"tokenizer": tokenizer, "rows": comp.to_dicts()},
-            "run": None, "missing": [],
+            "workspace": str(ws.root), "composition": None, "run": None, "missing": [],
         }
         if run is None:
+            report["composition"] = _composition(catalog, tokenizer)
             report["missing"] = SECTIONS_NEEDING_SCORES
             return report
         model = catalog.one("SELECT name FROM models WHERE id = ?", [run.model_id])
-        with reading_scores(run), one_blas_thread():
-            report.update(_run_analyses(catalog, run, model[0] if model else run.model_id))
+        with reading_scores(run), one_blas_thread(), ThreadPoolExecutor(READ_THREADS) as readers:
+            scores = _start_reading(catalog, run, readers)
+            # The catalog's own questions while the scores are read (the reads release the GIL).
+            report["composition"] = _composition(catalog, tokenizer)
+            report.update(_run_analyses(catalog, run, model[0] if model else run.model_id, scores, readers))
     return report
 
 
-def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
+def _composition(catalog: Catalog, tokenizer: str | None) -> dict:
+    # Imported here: polars (a sixth of a second) then loads while the scores are read, not before.
+    from curator.catalog.composition import composition
+
+    return {"tokenizer": tokenizer, "rows": composition(catalog, tokenizer).to_dicts()}
+
+
+class _Reading(NamedTuple):
+    """A run's scores as the audit reads them: its parts (None: read through DuckDB), its queries, its
+    doc-id range when dense, and the slices (`query_groups`), the first one's reads already started
+    when the ids are a range."""
+    parts: list[PartSummary] | None
+    query_ids: list[str]
+    dense: tuple[int, int] | None
+    groups: Iterator | None
+
+
+def _start_reading(catalog: Catalog, run: RunRecord, readers: ThreadPoolExecutor) -> _Reading:
+    """`_Reading` of the run. When its parts have summaries and its ids are a range (as `curator score`
+    writes them), the documents are known without the catalog, so the first slice starts filling on
+    `readers` now, while the catalog answers the composition and the documents' sources."""
     scores_view(catalog, run)
     parts = summarised_parts(run)
     query_ids, dense = _queries_of(catalog, run, parts)
-    doc_ids, doc_codes, sources = _documents_of(catalog, run, len(query_ids), dense)
+    groups = None
+    if parts is not None and dense:
+        doc_ids = np.arange(dense[0], dense[1] + 1, dtype=np.int64)
+        groups = query_groups(catalog, run, query_ids, doc_ids, parts, readers)
+        groups = itertools.chain([next(groups)], groups)
+    return _Reading(parts, query_ids, dense, groups)
+
+
+def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading, readers: ThreadPoolExecutor) -> dict:
+    parts, query_ids = scores.parts, scores.query_ids
+    doc_ids, doc_codes, sources = _documents_of(catalog, run, len(query_ids), scores.dense)
     queries = catalog.frame("SELECT id, task, answer FROM queries WHERE id IN (SELECT unnest(?))", [query_ids])
     tasks = dict(zip(queries["id"], queries["task"], strict=True))
     unknown = [q for q in query_ids if q not in tasks]
@@ -88,10 +124,10 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
     split = analyses.SourceSplit(doc_codes, len(sources))
     gram = analyses.Gram(len(query_ids))
     counts, concentration, occurrence = {}, {}, {}
-    with ThreadPoolExecutor(1) as background, ThreadPoolExecutor(QUERY_THREADS) as workers, \
-            ThreadPoolExecutor(READ_THREADS) as readers:
+    groups = scores.groups or query_groups(catalog, run, query_ids, doc_ids, parts, readers)
+    with ThreadPoolExecutor(1) as background, ThreadPoolExecutor(QUERY_THREADS) as workers:
         summed = None
-        for group, matrix, complete in query_groups(catalog, run, query_ids, doc_ids, parts, readers):
+        for group, matrix, complete in groups:
             # Each query's sort and counts start as soon as its rows are read (a query batch at a time),
             # while the next batch is read: numpy's sorts and pyarrow's reads release the GIL.
             analysed = [(p, workers.submit(_query_analyses, matrix[p], split, ks, group[p] in answers))
@@ -101,15 +137,18 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str) -> dict:
                 # others sort and count each query's scores: all of them only read the slice.
                 summed = background.submit(lambda m=matrix: [gram.add(m[:, start:start + GRAM_COLUMNS])
                                                              for start in range(0, m.shape[1], GRAM_COLUMNS)])
-            tops, wider = {}, {}
-            for p, future in sorted(analysed, key=lambda pair: pair[0]):
+            # The answers are looked up a few queries at a time as their analyses end, while the workers
+            # sort the next ones (DuckDB fetches the texts without the GIL; the tests are short).
+            rows, tops, wider = dict(zip(group, matrix, strict=True)), {}, {}
+            for number, (p, future) in enumerate(analysed, start=1):    # in the order they were started
                 query_id = group[p]
                 row_counts, row_concentration, top, tiers = future.result()
                 counts[query_id], concentration[query_id] = row_counts, row_concentration
                 if query_id in answers:
                     tops[query_id], wider[query_id] = top, tiers
-            occurrence.update(_answer_ranks(catalog, dict(zip(group, matrix, strict=True)), tops, wider, answers,
-                                            doc_ids))
+                if tops and (len(tops) == ANSWER_QUERIES or number == len(analysed)):
+                    occurrence.update(_answer_ranks(catalog, rows, tops, wider, answers, doc_ids))
+                    tops, wider = {}, {}
         if summed is not None:
             summed.result()
     if gram.n == 0:
@@ -224,18 +263,18 @@ def _answer_ranks(catalog: Catalog, rows: dict[str, np.ndarray], tops: dict[str,
     result = {}
     texts = _texts(catalog, doc_ids[np.unique(np.concatenate(list(tops.values())))] if tops else [])
     for query_id, top in tops.items():
-        pattern = analyses.answer_pattern(answers[query_id])
-        has = np.array([bool(pattern.search(texts[d])) for d in doc_ids[top]], dtype=bool)
+        found = analyses.answer_finder(answers[query_id])
+        has = np.array([found(texts[d]) for d in doc_ids[top]], dtype=bool)
         first = int(np.argmax(has)) + 1 if has.any() else None
         if first is None and len(top) < len(doc_ids):
-            first = _first_rank_beyond(catalog, rows[query_id], wider[query_id], pattern, answers[query_id],
+            first = _first_rank_beyond(catalog, rows[query_id], wider[query_id], found, answers[query_id],
                                        doc_ids)
         result[query_id] = {"answer": answers[query_id], "top": int(min(ANSWER_TOP, len(doc_ids))),
                             "contains": int(has[:ANSWER_TOP].sum()), "first_rank": first}
     return result
 
 
-def _first_rank_beyond(catalog: Catalog, row: np.ndarray, tiers: list[tuple[int, float]], pattern, answer: str,
+def _first_rank_beyond(catalog: Catalog, row: np.ndarray, tiers: list[tuple[int, float]], found, answer: str,
                        doc_ids: np.ndarray) -> int | None:
     """The rank of the best document holding the answer when none of the top ANSWER_TOP does. `tiers`:
     (k, the row's k-th largest score) for each k of ANSWER_WIDER below the row's length; each tier's
@@ -247,7 +286,7 @@ def _first_rank_beyond(catalog: Catalog, row: np.ndarray, tiers: list[tuple[int,
         order = np.argsort(-row, kind="stable") if value is None else analyses.top_order_above(row, value, k)
         fresh = doc_ids[order[checked:]]
         texts = _texts(catalog, fresh)
-        has = np.array([bool(pattern.search(texts[d])) for d in fresh], dtype=bool)
+        has = np.array([found(texts[d]) for d in fresh], dtype=bool)
         if has.any():
             return checked + int(np.argmax(has)) + 1
         checked = k

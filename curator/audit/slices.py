@@ -87,17 +87,19 @@ def _fill_from_parts_by_batch(run: RunRecord, parts: list[PartSummary], rows: di
     """`_fill_from_parts` over all documents, its parts read on `readers`, one task per set of parts that
     hold the same queries (a query batch of `curator score`): the slice, and an iterator of the row
     positions that are complete, as the reads end, so that the caller analyses the first queries while
-    the next are read. A row is complete when every task holding its query has ended: a run scored again
+    the next are read (the cells' coverage is checked while the first reads run, before any row is handed
+    out). A row is complete when every task holding its query has ended: a run scored again
     with less query memory holds a query in parts of different batches (all four queries over the first
     documents, two and two over the later ones)."""
     placed = _place(run, parts, doc_ids, 0, len(doc_ids))
-    _check_covered(run, placed, rows, len(doc_ids), doc_ids)
     matrix = np.empty((len(rows), len(doc_ids)), dtype=dtype)
     batches: dict[tuple[str, ...], list] = {}
     for item in placed:
         batches.setdefault(tuple(q for q in item[0].queries if q in rows), []).append(item)
     reads = {readers.submit(_read_into, matrix, items, rows): [rows[q] for q in queries]
              for queries, items in batches.items() if queries}
+    # Checked while the reads run (they only fill the fresh slice): nothing is analysed before it passes.
+    _check_covered(run, placed, rows, len(doc_ids), doc_ids)
     unread = np.zeros(len(rows), dtype=np.int64)          # per row: the reads holding it not yet ended
     for held in reads.values():
         unread[held] += 1
@@ -116,8 +118,8 @@ def _fill_from_parts_by_batch(run: RunRecord, parts: list[PartSummary], rows: di
 
 def _place(run: RunRecord, parts: list[PartSummary], doc_ids: np.ndarray, start: int,
            stop: int) -> list[tuple[PartSummary, np.ndarray, np.ndarray | None]]:
-    """The parts holding documents of doc_ids[start:stop]: (part, its columns in the slice, a mask of the
-    part's documents kept, None when all are)."""
+    """The parts holding documents of doc_ids[start:stop]: (part, its columns in the slice: a `slice` when
+    they are consecutive, a mask of the part's documents kept: None when all are)."""
     low, high = int(doc_ids[start]), int(doc_ids[stop - 1])
     placed = []
     for part in parts:
@@ -129,15 +131,16 @@ def _place(run: RunRecord, parts: list[PartSummary], doc_ids: np.ndarray, start:
                                f"documents are scored by some queries only")
         inside = (at >= start) & (at < stop)
         if inside.any():
-            placed.append((part, at[inside] - start, None if inside.all() else inside))
+            columns = at[inside] - start
+            if columns[-1] - columns[0] == len(columns) - 1 and (np.diff(columns) > 0).all():   # consecutive
+                columns = slice(int(columns[0]), int(columns[-1]) + 1)
+            placed.append((part, columns, None if inside.all() else inside))
     return placed
 
 
 def _read_into(matrix: np.ndarray, placed: list, rows: dict[str, int]) -> None:
     """The score columns of the `placed` parts, for the queries `rows`, into their cells of `matrix`."""
     for part, columns, inside in placed:
-        if columns[-1] - columns[0] == len(columns) - 1 and (np.diff(columns) > 0).all():   # consecutive: a copy
-            columns = slice(int(columns[0]), int(columns[-1]) + 1)
         for positions, first, _ in query_rows(part, rows):
             for at, block in part.pieces("score", first, first + len(positions)):
                 here = positions[at - first:at - first + len(block)]
@@ -158,9 +161,12 @@ def _check_covered(run: RunRecord, placed: list, rows: dict[str, int], width: in
         for query_id in part.queries:
             if query_id in rows:
                 holders.setdefault(query_id, []).append(number)
+    holder_sets = {tuple(n) for n in holders.values()}
+    if len(holders) == len(rows) and all(_tiles([placed[n][1] for n in numbers], width) for numbers in holder_sets):
+        return
     per_document = np.zeros(width, dtype=np.int64)       # how many of the queries score each document
     complete = len(holders) == len(rows)
-    for numbers in {tuple(n) for n in holders.values()}:
+    for numbers in holder_sets:
         times = np.zeros(width, dtype=np.int64)
         for number in numbers:
             times[placed[number][1]] += 1
@@ -170,6 +176,16 @@ def _check_covered(run: RunRecord, placed: list, rows: dict[str, int], width: in
     if not complete:
         column = int(np.argmax(per_document != len(rows)))
         raise not_full(run, int(doc_ids[column]), int(per_document[column]), len(rows))
+
+
+def _tiles(columns: list, width: int) -> bool:
+    """Do these column ranges (`slice`s, as `_place` gives consecutive columns) cover 0..width once each?
+    False also when one is not a range: then the caller counts every column."""
+    if not all(isinstance(c, slice) for c in columns):
+        return False
+    spans = sorted((c.start, c.stop) for c in columns)
+    return (spans[0][0] == 0 and spans[-1][1] == width
+            and all(before[1] == after[0] for before, after in zip(spans, spans[1:])))
 
 
 def document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray,
