@@ -121,9 +121,22 @@ def _place(run: RunRecord, parts: list[PartSummary], doc_ids: np.ndarray, start:
     """The parts holding documents of doc_ids[start:stop]: (part, its columns in the slice: a `slice` when
     they are consecutive, a mask of the part's documents kept: None when all are)."""
     low, high = int(doc_ids[start]), int(doc_ids[stop - 1])
+    ranged = doc_ids[-1] - doc_ids[0] + 1 == len(doc_ids)
     placed = []
     for part in parts:
         if part.first_doc is not None and (part.first_doc > high or part.first_doc + part.documents <= low):
+            continue
+        if ranged and part.first_doc is not None:     # two id ranges: their overlap, without an id array
+            first = part.first_doc - int(doc_ids[0])   # the part's first column among all documents
+            if first < 0 or first + part.documents > len(doc_ids):
+                raise CuratorError(f"the scores of run {run.id} are not a full query × document table: some "
+                                   f"documents are scored by some queries only")
+            begin, end = max(first, start), min(first + part.documents, stop)
+            inside = None
+            if (begin, end) != (first, first + part.documents):
+                inside = np.zeros(part.documents, dtype=bool)
+                inside[begin - first:end - first] = True
+            placed.append((part, slice(begin - start, end - start), inside))
             continue
         at = _positions(doc_ids, part.doc_ids())
         if at is None:

@@ -295,7 +295,9 @@ class PartSummary:
             yield start, np.zeros((max(0, stop - start), n), dtype=np.float32)
             return
         with reading(self.path, "score dataset part", "curator score ... --force"):
-            handle = pq.ParquetFile(self.path)
+            # Mapped rather than read: the float pages are decoded straight from the page cache, without
+            # the kernel copying them into a read buffer first (less system time, and steadier).
+            handle = pq.ParquetFile(self.path, memory_map=True)
             bounds = np.cumsum([0] + [handle.metadata.row_group(g).num_rows
                                       for g in range(handle.metadata.num_row_groups)])
             groups = [g for g in range(len(bounds) - 1) if bounds[g] < stop * n and bounds[g + 1] > start * n]
