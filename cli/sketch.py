@@ -128,13 +128,15 @@ def sketch(
 @index_app.command("build")
 def index_build(
     factory: Annotated[str, typer.Option(help="auto (default): Flat while the store's float32 copy fits in 2 GiB, "
-                                              "else Proj256,IVFn,SQ8 with about 4√n lists (an index auto chose keeps "
-                                              "its factory as the store grows; --retrain starts afresh). "
+                                              "then Proj256,HNSW32 while that graph fits in 2 GiB (about 1.6M "
+                                              "sketches), then Proj256,IVFn,SQ8 with about 4√n lists (an index auto "
+                                              "chose keeps its factory as the store grows; --retrain starts afresh). "
                                               "Flat: exact, every sketch in RAM. "
-                                              "ProjN,IVFn,SQ8: the sketches projected onto their N directions "
-                                              "of most energy, in an IVF index of 8-bit codes trained on a store sample; "
-                                              "searches re-score candidates exactly from the store. Or any "
-                                              "FAISS factory string (HNSW32, IVF1024,Flat, …).")] = "auto",
+                                              "ProjN,…: the sketches projected onto their N directions of most "
+                                              "energy (learnt from a store sample), then indexed by the rest: "
+                                              "HNSW32, a graph of the projected vectors; IVFn,SQ8, n lists of "
+                                              "8-bit codes. Searches re-score candidates exactly from the store. "
+                                              "Or any FAISS factory string (IVF1024,Flat, …).")] = "auto",
     store: Annotated[str | None, typer.Option(help="Sketch store id (or prefix). Default: the latest.",
                                               show_default=False)] = None,
     name: Annotated[str | None, typer.Option(help="Index name. Default: STORE-FACTORY.", show_default=False)] = None,
@@ -144,6 +146,8 @@ def index_build(
     nprobe: Annotated[int | None, typer.Option(help="IVF lists searched per query. Default: 128, or for more "
                                                     "than 512 lists about 128·(lists/512)^0.8 (384 of 2,048).",
                                                show_default=False)] = None,
+    ef_search: Annotated[int | None, typer.Option(help="Candidates an HNSW graph search keeps (more: higher "
+                                                       "recall, slower). Default: 256.", show_default=False)] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Build afresh even when the index exists (by "
                                                             "default only the store's new shards are added).")]
     = False,
@@ -157,7 +161,7 @@ def index_build(
     from curator.sketch.index import build_index
 
     result = build_index(workspace_from(workspace), store, factory, name, rescore=rescore, nprobe=nprobe,
-                         retrain=retrain)
+                         ef_search=ef_search, retrain=retrain)
     verb = f"added {result['added']:,} documents" if result["grown"] else f"{result['rows']:,} documents"
     console.print(f"Index [bold]{result['name']}[/] ({result['factory']}): {verb}, {result['rows']:,} in all, "
                   f"{result['memory_bytes'] / 2**20:,.1f} MiB → {result['path']}", highlight=False)

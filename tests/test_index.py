@@ -163,13 +163,19 @@ def test_bad_factories_and_damaged_metadata_are_clear_errors(ws):
         open_search(ws, "damaged")
 
 
-def test_auto_keeps_small_stores_exact_and_projects_large_ones():
+def test_auto_keeps_small_stores_exact_and_projects_large_ones(monkeypatch):
+    from curator.sketch import index as index_module
+
     assert auto_factory(5_000, 24_576) == "Flat"
     assert auto_factory(1_000_000, 64) == "Flat"
-    # About 4√n lists, a power of two, each with 39 training rows of at most 200,000.
+    # A graph of the projected sketches while it fits in 2 GiB (1,296 bytes a sketch) …
+    assert auto_factory(30_000, 24_576) == auto_factory(1_600_000, 24_576) == "Proj256,HNSW32"
+    # … then about 4√n lists, a power of two, each with 39 training rows of at most 200,000.
+    assert auto_factory(1_700_000, 24_576) == "Proj256,IVF4096,SQ8"
+    assert auto_factory(5_000_000, 24_576) == "Proj256,IVF4096,SQ8"
+    monkeypatch.setattr(index_module, "GRAPH_MAX_BYTES", 0)
     assert auto_factory(30_000, 24_576) == "Proj256,IVF512,SQ8"
     assert auto_factory(250_000, 24_576) == "Proj256,IVF2048,SQ8"
-    assert auto_factory(5_000_000, 24_576) == "Proj256,IVF4096,SQ8"
     # Lists searched: 128 up to 512 lists, then growing more slowly than the lists.
     assert [default_nprobe(f"Proj256,IVF{n},SQ8") for n in (64, 512, 1024, 2048, 4096)] == [64, 128, 224, 384, 672]
 
@@ -198,6 +204,7 @@ def test_an_index_auto_chose_keeps_its_factory_and_grows(ws, monkeypatch):
     from curator.sketch import index as index_module
 
     monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 0)
+    monkeypatch.setattr(index_module, "GRAPH_MAX_BYTES", 0)        # IVF, whose lists auto sizes to the store
     store = make_store(ws, [structured(1500, 1), structured(1500, 2)])
     first = build_index(ws, store.id)
     assert first["factory"] == "Proj256,IVF64,SQ8" and not first["grown"]
@@ -210,3 +217,26 @@ def test_an_index_auto_chose_keeps_its_factory_and_grows(ws, monkeypatch):
     fresh = build_index(ws, store.id, retrain=True)
     assert fresh["factory"] == "Proj256,IVF256,SQ8" and not fresh["grown"] and fresh["name"] != first["name"]
     assert build_index(ws, store.id)["name"] == fresh["name"]    # the latest index auto chose
+
+
+def test_auto_past_flat_is_a_projected_graph_that_finds_the_exact_top_10_and_grows(ws, monkeypatch):
+    from curator.sketch import index as index_module
+
+    monkeypatch.setattr(index_module, "FLAT_MAX_BYTES", 0)
+    store = make_store(ws, [structured(1500, s) for s in (1, 2)])
+    queries = structured(40, 7).astype(np.float32)
+    built = build_index(ws, store.id)
+    assert built["factory"] == "Proj256,HNSW32" and not built["grown"]
+    opened = open_search(ws, built["name"])
+    assert opened.meta.search == {"efSearch": 256} and opened.meta.rescore == 16 and opened.meta.auto
+    _, found = opened.candidates(queries, 10)
+    truth = exact_top(ws, store, queries, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]) >= 0.9
+    append_shard(ws, store, list(range(3000, 4500)), structured(1500, 3))
+    grown = build_index(ws, store.id, ef_search=64)
+    assert grown["grown"] and grown["rows"] == 4500 and grown["factory"] == "Proj256,HNSW32"
+    opened = open_search(ws, grown["name"])
+    assert opened.meta.search == {"efSearch": 64}
+    _, found = opened.candidates(queries, 10)
+    truth = exact_top(ws, store, queries, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]) >= 0.9

@@ -120,6 +120,7 @@ class IndexJob(_Job):
     name: str | None = Field(None, min_length=1, max_length=200)
     rescore: int | None = Field(None, ge=0, le=100_000)
     nprobe: int | None = Field(None, ge=1, le=100_000)
+    ef_search: int | None = Field(None, ge=1, le=100_000)
     retrain: bool = False
 
 

@@ -201,7 +201,7 @@ def run(ws, kind: str, params: dict, progress: PipeProgress):
         progress.begin("building the index", None, "documents")
         return build_index(ws, params.get("store"), params.get("factory", "auto"), params.get("name"),
                            rescore=params.get("rescore"), nprobe=params.get("nprobe"),
-                           retrain=params.get("retrain", False))
+                           ef_search=params.get("ef_search"), retrain=params.get("retrain", False))
     if kind == "rank":
         from curator.curate.rank import RankConfig, rank
 

@@ -54,24 +54,33 @@ PROJECTION_DIM = 256
 DEFAULT_RESCORE = 16              # candidates per query re-scored from the store: recall@10 0.964 / 0.968 at
                                   # 25,000 / 250,000 sketches, as 32 gives within 0.006 (docs/results/search_scale.md)
 DEFAULT_NPROBE = 128              # IVF lists searched per query for 512 lists or fewer; more lists: `default_nprobe`
+HNSW_NEIGHBOURS = 32              # links per sketch in `auto`'s graph index (HNSW32 over the projected sketches)
+HNSW_EF_SEARCH = 256              # candidates a graph search keeps: recall@10 0.970 among 16 re-scored at 250,000
+GRAPH_MAX_BYTES = 2 * 2**30       # `auto` takes the graph while its vectors and links fit in this, else IVF-SQ8
 
 
 # -- the store's float16 shards, memory-mapped -------------------------------------------------
 
-def as_float32(values: np.ndarray) -> np.ndarray:
-    """Stored sketch values as float32 (exact: every float16 is a float32). float16 is decoded by torch,
+def as_float32(values: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """Stored sketch values as float32 (exact: every float16 is a float32), times `scale` (one per column:
+    a store's layer scales, powers of two, so nothing is rounded) when given. float16 is decoded by torch,
     whose conversion uses the CPU's half-precision instructions: 3.5× numpy's `astype` on one thread
     (128 rows of 23,807: 7 ms against 25 ms, medians), and decoding is most of re-scoring's time
-    (docs/results/search_scale.md). See `one_torch_thread` for the thread count."""
+    (docs/results/search_scale.md); the scale multiplies the fresh rows in place, while they are in the
+    cache. See `one_torch_thread` for the thread count."""
     if values.dtype != np.float16:
-        return np.asarray(values, dtype=np.float32)
+        decoded = np.asarray(values, dtype=np.float32)
+        return decoded if scale is None else decoded * scale
     import warnings
 
     import torch
 
     with warnings.catch_warnings():      # a read-only memory map: torch warns, and only reads it here
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        return torch.from_numpy(np.ascontiguousarray(values)).float().numpy()
+        decoded = torch.from_numpy(np.ascontiguousarray(values)).float()
+    if scale is not None:
+        decoded.mul_(torch.from_numpy(scale))
+    return decoded.numpy()
 
 
 @contextmanager
@@ -157,20 +166,33 @@ class StoreRows:
 
     def block(self, shard: int) -> np.ndarray:
         """One shard's sketches as float32 (decoded exactly)."""
-        return as_float32(self.values[shard]) * self.scales[shard]
+        return as_float32(self.values[shard], self.scales[shard])
 
     def products(self, positions: np.ndarray, queries: np.ndarray) -> np.ndarray:
         """positions × queries exact sketch scores, for sorted store positions: each shard's rows are read
-        once, and its layer scales go into the queries (powers of two, so nothing is rounded)."""
+        once, decoded into float32 (exactly) and multiplied by its layer scales (powers of two, so nothing
+        is rounded), then by the queries. Measured on 1,000 queries × 16 candidates at 250,000 sketches
+        (docs/results/search_scale.md), each choice here took a part of re-scoring away:
+          - the queries go in once per call as one contiguous dim × queries block, where scaling and
+            transposing them for every shard was 45% of re-scoring;
+          - the rows are decoded into one buffer reused shard after shard: a fresh array per shard paid
+            its page faults again (a quarter of decoding);
+          - the product is torch's (MKL): 0.18 ms for 16 rows × 16 queries, against 0.33 ms for numpy's
+            OpenBLAS, and 0.97 ms for the transposed view OpenBLAS had before."""
+        import torch
+
         out = np.empty((len(positions), len(queries)), dtype=np.float32)
+        columns = torch.from_numpy(np.ascontiguousarray(np.asarray(queries, dtype=np.float32).T))
         bounds = np.searchsorted(positions, self.starts)
+        decoded = torch.empty((int(np.diff(bounds).max(initial=0)), self.store.dim), dtype=torch.float32)
         for shard in range(len(self.values)):
             lo, hi = bounds[shard], bounds[shard + 1]
             if hi > lo:
-                block = as_float32(self.values[shard][positions[lo:hi] - self.starts[shard]])
-                # dim × queries, contiguous: OpenBLAS took 5× longer on the transposed view (17 ms against
-                # 3 ms for 256 rows and 16 queries)
-                out[lo:hi] = block @ np.ascontiguousarray((queries * self.scales[shard]).T)
+                block = decoded[:hi - lo]
+                # fancy indexing copies the rows out of the memory map: a fresh, writable array
+                block.copy_(torch.from_numpy(self.values[shard][positions[lo:hi] - self.starts[shard]]))
+                block.mul_(torch.from_numpy(self.scales[shard]))
+                out[lo:hi] = torch.mm(block, columns).numpy()
         return out
 
     def scores(self, query_vectors: np.ndarray, rows: np.ndarray, chunk: int = 16) -> np.ndarray:
@@ -181,7 +203,7 @@ class StoreRows:
         rows = np.asarray(rows, dtype=np.int64)
         queries = np.asarray(query_vectors, dtype=np.float32)
         out = np.full(rows.shape, -np.inf, dtype=np.float32)
-        with one_torch_thread(), one_blas_thread():
+        with one_torch_thread():
             for start in range(0, len(rows), chunk):
                 part = rows[start:start + chunk]
                 valid = part >= 0
@@ -232,17 +254,40 @@ def read_meta(path: Path, rebuild: str) -> IndexMeta:
 # -- choosing and building ------------------------------------------------------------------------
 
 def auto_factory(documents: int, dim: int) -> str:
-    """Flat while the store's float32 copy fits in FLAT_MAX_BYTES; else projection + IVF-SQ8 sized to the
-    store: about 4√n lists (a power of two), each with LIST_SAMPLE training rows, so the share of the
-    store a search scans keeps falling as the store grows (measured at 250,000 sketches: 2,048 lists
-    searched 384 at a time found the exact top 10 as often as 512 lists searched 128 at a time, in 0.69
-    of the time; docs/results/search_scale.md)."""
+    """Flat while the store's float32 copy fits in FLAT_MAX_BYTES. Past that the sketches are projected
+    onto their PROJECTION_DIM directions of most energy and indexed
+      - in an HNSW graph while its projected float32 vectors and links fit in GRAPH_MAX_BYTES (about 1.6M
+        sketches): at 250,000 it found the exact top 10 as often as IVF-SQ8 (0.970 against 0.966 among 16
+        candidates) in 0.63 of its search time;
+      - else in IVF-SQ8 sized to the store (one byte per projected dimension): about 4√n lists (a power of
+        two), each with LIST_SAMPLE training rows, so the share of the store a search scans keeps falling
+        as the store grows (2,048 lists searched 384 at a time found the exact top 10 as often as 512
+        lists searched 128 at a time, in 0.69 of the time).
+    docs/results/search_scale.md has the measurements."""
     if documents * dim * 4 <= FLAT_MAX_BYTES or documents < LIST_SAMPLE * 16:
         return "Flat"
     projection = min(PROJECTION_DIM, dim)
+    if documents * graph_bytes_per_row(projection) <= GRAPH_MAX_BYTES:
+        return f"Proj{projection},HNSW{HNSW_NEIGHBOURS}"
     lists = 2 ** round(math.log2(max(16.0, 4 * math.sqrt(documents))))
     lists = min(lists, 2 ** int(math.log2(min(documents, MAX_LIST_SAMPLE) / LIST_SAMPLE)))
     return f"Proj{projection},IVF{lists},SQ8"
+
+
+def graph_bytes_per_row(projection: int) -> int:
+    """An HNSW graph's memory per sketch: its float32 vector, the bottom layer's 2·M links (4 bytes each),
+    and a little for the layers above and the bookkeeping."""
+    return 4 * projection + 8 * HNSW_NEIGHBOURS + 16
+
+
+def default_search(factory: str, nprobe: int | None = None, ef_search: int | None = None) -> dict:
+    """The FAISS search parameters an index of this factory keeps in its metadata: the IVF lists searched
+    per query (`default_nprobe` unless given) or the graph's efSearch (HNSW_EF_SEARCH unless given)."""
+    if "IVF" in factory:
+        return {"nprobe": nprobe or default_nprobe(factory)}
+    if "HNSW" in factory:
+        return {"efSearch": ef_search or HNSW_EF_SEARCH}
+    return {}
 
 
 def _ivf_lists(factory: str) -> int:
@@ -296,7 +341,7 @@ def _sample_rows(total: int, size: int, seed: int) -> np.ndarray:
 def _sampled_blocks(rows: StoreRows, chosen: np.ndarray):
     shard_of = np.searchsorted(rows.starts, chosen, side="right") - 1
     for s in np.unique(shard_of):
-        yield as_float32(rows.values[s][chosen[shard_of == s] - rows.starts[s]]) * rows.scales[s]
+        yield as_float32(rows.values[s][chosen[shard_of == s] - rows.starts[s]], rows.scales[s])
 
 
 def _shard_blocks(rows: StoreRows):
@@ -347,8 +392,8 @@ def _existing(ws: Workspace, path: Path, store: SketchStore, factory: str, name:
 
 
 def build_index(ws: Workspace, store_id: str | None = None, factory: str = "auto", name: str | None = None, *,
-                rescore: int | None = None, nprobe: int | None = None, retrain: bool = False,
-                sample: int = TRAIN_SAMPLE, seed: int = 0) -> dict:
+                rescore: int | None = None, nprobe: int | None = None, ef_search: int | None = None,
+                retrain: bool = False, sample: int = TRAIN_SAMPLE, seed: int = 0) -> dict:
     """An inner-product index over a store (by id or prefix; default the latest), recorded in the catalog.
 
     When the index exists for this store and factory, only the shards it does not hold are added,
@@ -370,14 +415,17 @@ def build_index(ws: Workspace, store_id: str | None = None, factory: str = "auto
     found = None if retrain else _existing(ws, path, store, factory, name)
     started = time.perf_counter()
     if found is None:
-        index, meta = _trained(ws, store, factory, name, sample, seed, rescore, nprobe)
+        index, meta = _trained(ws, store, factory, name, sample, seed, rescore, default_search(factory, nprobe,
+                                                                                               ef_search))
         meta.auto = chosen
     else:
         index, meta = found
         if rescore is not None:
             meta.rescore = rescore
-        if nprobe is not None:
+        if nprobe is not None and "IVF" in factory:
             meta.search["nprobe"] = nprobe
+        if ef_search is not None and "HNSW" in factory:
+            meta.search["efSearch"] = ef_search
     held = len(meta.shards)
     new_shards = store.shards[held:]
     rows = StoreRows(ws, store, new_shards)
@@ -407,7 +455,7 @@ def _auto_index(ws: Workspace, store: SketchStore, name: str | None) -> IndexMet
     return None
 
 
-def _trained(ws, store, factory, name, sample, seed, rescore, nprobe):
+def _trained(ws, store, factory, name, sample, seed, rescore, search):
     """A trained, empty index and its metadata."""
     train, extra, trained_on = None, (), 0
     started = time.perf_counter()
@@ -425,7 +473,7 @@ def _trained(ws, store, factory, name, sample, seed, rescore, nprobe):
     approximate = factory != "Flat"
     meta = IndexMeta(name=name, store_id=store.id, factory=factory, shards=[], rows=0,
                      rescore=(DEFAULT_RESCORE if approximate else 0) if rescore is None else rescore,
-                     search={"nprobe": nprobe or default_nprobe(factory)} if "IVF" in factory else {},
+                     search=search,
                      trained_on=trained_on, seconds={"train": round(time.perf_counter() - started, 3)})
     return index, meta
 
