@@ -225,8 +225,7 @@ def measure(root: Path, n: int, args, eigenvalues: np.ndarray, layer_sizes: list
     truth = exact_top10(rows, queries)
     baseline = time.perf_counter() - start
     start = time.perf_counter()
-    built = build_index(ws, store.id, args.factory, "bench", rescore=args.rescore[0], nprobe=args.nprobe[0],
-                        ef_search=args.ef_search[0],
+    built = build_index(ws, store.id, args.factory, "bench", rescore=args.rescore[0],
                         retrain=True)
     build_s = time.perf_counter() - start
     opened = open_search(ws, "bench")

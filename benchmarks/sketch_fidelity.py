@@ -244,7 +244,7 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def plot(frame: pl.DataFrame, path: Path) -> None:
-    """Both curves over bytes per document (log scale), side by side; dotted: the 64 KB budget's 0.9 line."""
+    """Both curves over bytes per document (log scale), side by side, with a dashed line at 0.9."""
     from curator.plots import PALETTE, Series, lines, svg
 
     charts = []

@@ -31,6 +31,8 @@ PALETTE = ["#3366cc", "#dc3912", "#ff9900", "#109618", "#990099", "#0099c6", "#d
            "#316395"]
 FONT = 11                      # pixels
 CHAR_WIDTH = 0.6 * FONT        # a sans-serif character's typical width, for room around labels
+LABEL_CHARS = 32               # longer category labels are cut on the axis (whole in the tooltips)
+MIN_PLOT = 120                 # pixels of plotting area a chart keeps, whatever its labels take
 AXIS_COLOR = "#555"
 GRID_COLOR = "#e2e6ea"
 # ColorBrewer's RdBu (11 classes), reversed: -1 deep blue, 0 near white, +1 deep red.
@@ -117,10 +119,16 @@ def _label_width(labels: Sequence[str], size: int = FONT) -> float:
     return max((len(s) for s in labels), default=0) * CHAR_WIDTH * size / FONT
 
 
+def short(label: str, most: int = LABEL_CHARS) -> str:
+    """An axis label cut to `most` characters (the mark's tooltip keeps it whole)."""
+    return label if len(label) <= most else label[:most - 1] + "…"
+
+
 def svg(width: float, height: float, body: str, title: str | None = None) -> str:
     """A standalone `<svg>` element (it scales with its container: the size is its viewBox)."""
     label = f' aria-label="{html.escape(title)}"' if title else ""
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width:.0f} {height:.0f}" '
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+            f'viewBox="0 0 {width:.0f} {height:.0f}" '
             f'width="{width:.0f}" height="{height:.0f}" font-family="system-ui, sans-serif" role="img"'
             f'{label}>{body}</svg>')
 
@@ -231,8 +239,10 @@ def bars(categories: Sequence[str], series: Sequence[Series], *, width: float = 
     tick_room = _label_width([fmt(t) for t in ticks])
     left = tick_room + (34 if y_label else 16)
     top = 24 if title else 8
-    below = (_label_width(categories) * math.sin(math.radians(rotate)) + 22) if rotate else 22
+    labels = [short(c) for c in categories]
+    below = (_label_width(labels) * math.sin(math.radians(rotate)) + 22) if rotate else 22
     legend_svg, legend_height = _legend(series, left, 0, width - left - 8) if legend else ("", 0)
+    height = max(height, top + below + legend_height + 6 + MIN_PLOT)      # room for long labels
     frame = Frame(left, top, width - left - 8, height - top - below - legend_height - 6,
                   (0, len(categories)), (ticks[0], ticks[-1]))
     frame.y_axis(ticks, fmt, y_label)
@@ -250,7 +260,7 @@ def bars(categories: Sequence[str], series: Sequence[Series], *, width: float = 
         frame.hline(reference)
     if low < 0 < high:
         frame.hline(0, AXIS_COLOR, None)
-    frame.x_axis([(i + 0.5, c) for i, c in enumerate(categories)], rotate=rotate)
+    frame.x_axis([(i + 0.5, c) for i, c in enumerate(labels)], rotate=rotate)
     parts = [frame.body()]
     if title:
         parts.append(_text(left, 14, title, weight="bold"))
@@ -262,7 +272,8 @@ def bars(categories: Sequence[str], series: Sequence[Series], *, width: float = 
 def horizontal(categories: Sequence[str], series: Sequence[Series], *, width: float = 760,
                fmt: Format = percent, x_label: str | None = None, row_height: float = 30) -> str:
     """Horizontal bars: a row per category (top to bottom), one bar per series in it; the legend below."""
-    left = _label_width(categories) + 14
+    labels = [short(c) for c in categories]
+    left = _label_width(labels) + 14
     values = [v for s in series for v in s.values]
     low, high = _value_range(values)
     ticks = nice_ticks(low, high, 6)
@@ -275,7 +286,7 @@ def horizontal(categories: Sequence[str], series: Sequence[Series], *, width: fl
         frame.parts.append(_line(x, frame.top, x, frame.top + plot_height, GRID_COLOR))
     band = 0.8 / max(1, len(series))
     for i, category in enumerate(categories):
-        frame.parts.append(_text(left - 6, frame.y(i + 0.5) + FONT * 0.35, category, "end"))
+        frame.parts.append(_text(left - 6, frame.y(i + 0.5) + FONT * 0.35, labels[i], "end"))
         for j, s in enumerate(series):
             value = s.values[i]
             y = frame.y(i + 0.1 + j * band)
@@ -312,18 +323,25 @@ def lines(series: Sequence[Series], *, width: float = 700, height: float = 300, 
     if reference is not None:
         frame.hline(reference)
     for s in series:
-        points = [(frame.x(x), frame.y(y)) for x, y in zip(s.x or (), s.values, strict=True)
-                  if y is not None and math.isfinite(y)]
-        if not points:
-            continue
         fade = f' stroke-opacity="{s.opacity:g}"' if s.opacity < 1 else ""
-        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
-        frame.parts.append(f'<polyline points="{path}" fill="none" stroke="{s.color}" stroke-width="{s.width:g}"'
-                           f'{fade}>{_tip(s.name)}</polyline>')
-        if s.markers:
-            for (x, y), vx, vy in zip(points, s.x or (), s.values, strict=False):
-                frame.parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{s.color}">'
-                                   f'{_tip(f"{s.name}: {x_fmt(vx)}, {y_fmt(vy)}")}</circle>')
+        runs, run = [], []           # a missing value (None, NaN) breaks the line: runs of points on each side
+        for vx, vy in zip(s.x or (), s.values, strict=True):
+            if vy is None or not math.isfinite(vy):
+                if run:
+                    runs.append(run)
+                run = []
+                continue
+            run.append((vx, vy))
+        if run:
+            runs.append(run)
+        for run in runs:
+            path = " ".join(f"{frame.x(vx):.1f},{frame.y(vy):.1f}" for vx, vy in run)
+            frame.parts.append(f'<polyline points="{path}" fill="none" stroke="{s.color}" '
+                               f'stroke-width="{s.width:g}"{fade}>{_tip(s.name)}</polyline>')
+            if s.markers:
+                for vx, vy in run:
+                    frame.parts.append(f'<circle cx="{frame.x(vx):.1f}" cy="{frame.y(vy):.1f}" r="3" '
+                                       f'fill="{s.color}">{_tip(f"{s.name}: {x_fmt(vx)}, {y_fmt(vy)}")}</circle>')
     frame.x_axis(x_ticks, x_label)
     body = frame.body() + f'<g transform="translate(0 {height - legend_height:.1f})">{legend_svg}</g>'
     return svg(width, height, body)
@@ -377,16 +395,18 @@ def heatmap(matrix: np.ndarray, groups: Sequence[str], *, label: str = "", size:
     `groups` names each row's group, and consecutive runs of a group are separated by lines and labelled
     at their middle. A colour bar from `low` to `high` on the right."""
     n = len(matrix)
-    names = []
     starts = [i for i in range(n) if i == 0 or groups[i] != groups[i - 1]]
     ends = [*starts[1:], n]
     names = [groups[s] for s in starts]
     left = _label_width(names) + 14
     below = _label_width(names) * math.sin(math.radians(30)) + 24
-    image = base64.b64encode(png(colors(matrix, low, high))).decode("ascii")
+    pixels = png(colors(matrix, low, high))
+    image = base64.b64encode(pixels).decode("ascii")
+    scale_id = f"scale-{zlib.crc32(pixels):08x}"      # one gradient id per heatmap: ids are page-wide
     cell = size / max(1, n)
     parts = [f'<image x="{left:.1f}" y="8" width="{size:.1f}" height="{size:.1f}" preserveAspectRatio="none" '
-             f'style="image-rendering:pixelated" href="data:image/png;base64,{image}"/>']
+             f'style="image-rendering:pixelated" href="data:image/png;base64,{image}" '
+             f'xlink:href="data:image/png;base64,{image}"/>']
     for b in starts[1:]:
         parts.append(_line(left + b * cell, 8, left + b * cell, 8 + size, "#000"))
         parts.append(_line(left, 8 + b * cell, left + size, 8 + b * cell, "#000"))
@@ -398,8 +418,9 @@ def heatmap(matrix: np.ndarray, groups: Sequence[str], *, label: str = "", size:
     bar_x, bar_top, bar_height = left + size + 24, 8 + size * 0.1, size * 0.8
     stops = "".join(f'<stop offset="{i / (len(DIVERGING) - 1):.3f}" stop-color="{c}"/>'
                     for i, c in enumerate(reversed(DIVERGING)))
-    parts.append(f'<defs><linearGradient id="scale" x1="0" y1="0" x2="0" y2="1">{stops}</linearGradient></defs>'
-                 f'<rect x="{bar_x:.1f}" y="{bar_top:.1f}" width="14" height="{bar_height:.1f}" fill="url(#scale)"/>')
+    parts.append(f'<defs><linearGradient id="{scale_id}" x1="0" y1="0" x2="0" y2="1">{stops}</linearGradient>'
+                 f'</defs><rect x="{bar_x:.1f}" y="{bar_top:.1f}" width="14" height="{bar_height:.1f}" '
+                 f'fill="url(#{scale_id})"/>')
     for tick in nice_ticks(low, high, 4):
         y = bar_top + (high - tick) / (high - low) * bar_height
         parts.append(_line(bar_x + 14, y, bar_x + 18, y))

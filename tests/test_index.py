@@ -232,6 +232,8 @@ def test_auto_past_flat_is_a_projected_graph_that_finds_the_exact_top_10_and_gro
     _, found = opened.candidates(queries, 10)
     truth = exact_top(ws, store, queries, 10)
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]) >= 0.9
+    with pytest.raises(CuratorError, match="--nprobe sets the IVF lists.*Proj256,HNSW32 has none"):
+        build_index(ws, store.id, nprobe=8)
     append_shard(ws, store, list(range(3000, 4500)), structured(1500, 3))
     grown = build_index(ws, store.id, ef_search=64)
     assert grown["grown"] and grown["rows"] == 4500 and grown["factory"] == "Proj256,HNSW32"
@@ -240,3 +242,12 @@ def test_auto_past_flat_is_a_projected_graph_that_finds_the_exact_top_10_and_gro
     _, found = opened.candidates(queries, 10)
     truth = exact_top(ws, store, queries, 10)
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]) >= 0.9
+    # A graph the store outgrows (its memory grows with every sketch) is not grown by `auto`: it builds
+    # what it picks for the store's size now.
+    monkeypatch.setattr(index_module, "GRAPH_MAX_BYTES", 5000 * index_module.graph_bytes_per_row(256))
+    append_shard(ws, store, list(range(4500, 6000)), structured(1500, 4))
+    outgrown = build_index(ws, store.id)
+    assert outgrown["factory"].endswith(",SQ8") and "IVF" in outgrown["factory"] and not outgrown["grown"]
+    assert open_search(ws).meta.factory == outgrown["factory"]        # the latest index: what a search takes
+    with pytest.raises(CuratorError, match="--ef-search sets an HNSW graph search's breadth"):
+        build_index(ws, store.id, ef_search=64)

@@ -133,3 +133,28 @@ def test_log_ticks_are_powers_of_ten_and_their_halves_and_fifths_inside_the_rang
     assert plots.log_ticks(1000, 64000) == [1000, 2000, 5000, 10000, 20000, 50000]
     assert plots.log_ticks(1, 1e8) == [1, 10, 100, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8]
     assert plots.log_ticks(3, 4) == [3, 4]
+
+
+def test_a_missing_value_breaks_the_line_and_every_dot_names_its_own_point():
+    root = parse(plots.lines([Series("loss", [0.1, float("nan"), 0.5, 0.9], "#000", x=[1, 2, 3, 4], markers=True)]))
+    lines = list(root.iter(f"{SVG}polyline"))
+    assert [len(line.get("points").split()) for line in lines] == [1, 2]
+    assert [c.find(f"{SVG}title").text for c in root.iter(f"{SVG}circle")] == ["loss: 1, 0.1", "loss: 3, 0.5",
+                                                                              "loss: 4, 0.9"]
+
+
+def test_long_category_labels_are_cut_and_the_bars_keep_their_room():
+    names = [f"query-{'x' * 50}-{i}" for i in range(5)]
+    panel = plots.bars(names, [Series("Pearson", [0.5, 0.6, 0.7, 0.8, 0.9], "#000")], height=300, rotate=60)
+    root = parse(plots.svg(panel.width, panel.height, panel.body))
+    heights = bar_heights(root)
+    assert len(heights) == 5 and min(heights.values()) > 50                      # whole names in the tooltips
+    assert f"{names[0]} · Pearson: 0.5" in heights
+    assert all(len(t.text) <= plots.LABEL_CHARS for t in root.iter(f"{SVG}text"))
+
+
+def test_two_heatmaps_on_one_page_keep_their_own_colour_scales():
+    first = plots.heatmap(np.eye(3), ["a", "a", "b"])
+    second = plots.heatmap(-np.eye(3), ["a", "a", "b"])
+    ids = [re.search(r'linearGradient id="([^"]+)"', svg).group(1) for svg in (first, second)]
+    assert ids[0] != ids[1] and f"url(#{ids[0]})" in first

@@ -49,11 +49,12 @@ def source_ratios(per_query_counts: list[dict], sources: list[str], doc_codes: n
 
 
 class Gram:
-    """Query-by-query sums of products of centred scores, added a block of documents at a time: the
-    Pearson correlation of every pair of queries without the whole query × document matrix, and without
-    the means beforehand. The products are taken about the first block's means (close to the true means,
-    so the sums do not cancel) and moved to the true means at the end:
-    Σ(x − mx)(y − my) = Σ(x − a)(y − b) − n·(mx − a)(my − b).
+    """Query-by-query co-moments of scores, added a block of documents at a time: the Pearson correlation
+    of every pair of queries without the whole query × document matrix, and without the means
+    beforehand. Each block is centred on its own means, so its products do not cancel however far its
+    means are from other blocks' (documents are in id order, and one source's scores can sit apart), and
+    is merged into the running co-moments as parallel variance algorithms merge (Chan et al.):
+    C = C_a + C_b + (n_a·n_b / n)·(μ_a − μ_b)(μ_a − μ_b)ᵀ.
 
     Products are taken at the scores' own precision and summed in float64 from block to block: float32
     scores (as `curator score` writes them) are centred and multiplied in float32, half the work of
@@ -61,40 +62,45 @@ class Gram:
     (the scores carry 24 bits to begin with); float64 scores keep float64 products."""
 
     def __init__(self, n_queries: int):
-        self.shift: np.ndarray | None = None
-        self.sums = np.zeros(n_queries)
-        self.products = np.zeros((n_queries, n_queries))
+        self.mean = np.zeros(n_queries)
+        self.products = np.zeros((n_queries, n_queries))     # Σ (x − μ)(y − μ) over the documents so far
         self.n = 0
         self._buffer: np.ndarray | None = None
 
     def add(self, block: np.ndarray) -> None:
         """`block`: queries × a set of documents (every query's scores of the same documents)."""
         block = np.asarray(block)
+        width = block.shape[1]
+        if width == 0:
+            return
         dtype = np.float32 if block.dtype == np.float32 else np.float64
-        if self.shift is None:     # held as the products' type holds it, so that `means` stays exact
-            self.shift = block.mean(axis=1, dtype=np.float64).astype(dtype).astype(np.float64)
         # Into one buffer kept between blocks (a new array per block costs its page faults again: 25% of
-        # this step), then centred in place.
+        # this step), centred on the block's means as the products' type holds them; the centred sums say
+        # what that rounding left, and the co-moments are moved to the block's exact means.
         if self._buffer is None or self._buffer.shape != block.shape or self._buffer.dtype != dtype:
             self._buffer = np.empty(block.shape, dtype=dtype)
+        shift = block.mean(axis=1, dtype=dtype)
         centred = self._buffer
-        np.copyto(centred, block)
-        centred -= self.shift.astype(dtype)[:, None]
-        self.products += np.dot(centred, centred.T)     # `@` takes OpenBLAS's syrk here, 7× slower
-        self.sums += centred.sum(axis=1, dtype=np.float64)
-        self.n += block.shape[1]
+        np.subtract(block, shift[:, None], out=centred)
+        sums = centred.sum(axis=1, dtype=np.float64)
+        products = np.dot(centred, centred.T).astype(np.float64) - np.outer(sums, sums) / width
+        # `@` takes OpenBLAS's syrk for float64, 7× slower than the general product
+        mean = shift.astype(np.float64) + sums / width
+        total = self.n + width
+        delta = mean - self.mean
+        self.products += products + np.outer(delta, delta) * (self.n * width / total)
+        self.mean += delta * (width / total)
+        self.n = total
 
     def means(self) -> np.ndarray:
-        return self.shift + self.sums / self.n
+        return self.mean
 
     def correlation(self) -> np.ndarray:
-        if len(self.sums) == 1:
+        if len(self.mean) == 1:
             return np.ones((1, 1))
-        offset = self.sums / self.n
-        products = self.products - self.n * np.outer(offset, offset)
-        scale = np.sqrt(np.diag(products))
+        scale = np.sqrt(np.diag(self.products))
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.clip(products / np.outer(scale, scale), -1, 1)
+            return np.clip(self.products / np.outer(scale, scale), -1, 1)
 
 
 def correlations(corr: np.ndarray, query_ids: list[str], tasks: dict[str, str]) -> dict:

@@ -25,6 +25,7 @@ import itertools
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -71,12 +72,28 @@ def audit(ws: Workspace, run_id: str | None = None) -> dict:
             report["missing"] = SECTIONS_NEEDING_SCORES
             return report
         model = catalog.one("SELECT name FROM models WHERE id = ?", [run.model_id])
-        with reading_scores(run), one_blas_thread(), ThreadPoolExecutor(READ_THREADS) as readers:
-            scores = _start_reading(catalog, run, readers)
-            # The catalog's own questions while the scores are read (the reads release the GIL).
+        with one_blas_thread(), _threads(READ_THREADS) as readers:
+            with reading_scores(run):
+                scores = _start_reading(catalog, run, readers)
+            # The catalog's own questions while the scores are read (the reads release the GIL), outside
+            # `reading_scores`, whose errors name the score files.
             report["composition"] = _composition(catalog, tokenizer)
-            report.update(_run_analyses(catalog, run, model[0] if model else run.model_id, scores, readers))
+            with reading_scores(run):
+                report.update(_run_analyses(catalog, run, model[0] if model else run.model_id, scores, readers))
     return report
+
+
+@contextmanager
+def _threads(count: int):
+    """A thread pool whose queued tasks are dropped when the block fails: an error is not held up by
+    reads or sorts nobody will use (those already running finish first)."""
+    pool = ThreadPoolExecutor(count)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _composition(catalog: Catalog, tokenizer: str | None) -> dict:
@@ -125,7 +142,7 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading
     gram = analyses.Gram(len(query_ids))
     counts, concentration, occurrence = {}, {}, {}
     groups = scores.groups or query_groups(catalog, run, query_ids, doc_ids, parts, readers)
-    with ThreadPoolExecutor(1) as background, ThreadPoolExecutor(QUERY_THREADS) as workers:
+    with _threads(1) as background, _threads(QUERY_THREADS) as workers:
         summed = None
         for group, matrix, complete in groups:
             # Each query's sort and counts start as soon as its rows are read (a query batch at a time),

@@ -10,15 +10,16 @@ Index choices (`--factory`):
 - `Flat`: every sketch in RAM as float32, exact. Right for small stores; at
   ~24,000 dims it costs 96 KB of RAM per document and `dim` multiply-adds per
   document per query.
-- `ProjN,IVFn,SQ8` (the `auto` choice past `FLAT_MAX_BYTES`): the sketches
-  projected onto the N directions of most energy (indexes/faiss_index.py), in an
-  IVF index with 8-bit scalar codes (one byte a dimension) trained on a sample
-  of the store. (PQ codes lose too much of an inner product's ranking:
-  docs/sketches.md.) It only proposes candidates:
-  every search re-scores `rescore` of them exactly from the float16 store
-  (memory-mapped shards), so the scores returned are sketch scores, and
+- `ProjN,HNSW32` (the `auto` choice past `FLAT_MAX_BYTES`, while the graph fits
+  in `GRAPH_MAX_BYTES`) and `ProjN,IVFn,SQ8` (past that): the sketches projected
+  onto the N directions of most energy (indexes/faiss_index.py), in an HNSW
+  graph of the projected vectors, or in an IVF index with 8-bit scalar codes (one
+  byte a dimension) trained on a sample of the store. (PQ codes lose too much of
+  an inner product's ranking: docs/sketches.md.) Either only proposes
+  candidates: every search re-scores `rescore` of them exactly from the float16
+  store (memory-mapped shards), so the scores returned are sketch scores, and
   `curator search --rerank` re-scores the best of those with exact EK-FAC.
-- any other FAISS factory string (HNSW32, IVF1024,Flat, …).
+- any other FAISS factory string (IVF1024,Flat, HNSW32 unprojected, …).
 
 Growing: when `curator sketch` appends shards to a store, `curator index build`
 for an index that exists adds only the shards its metadata does not list, with
@@ -140,8 +141,8 @@ class StoreRows:
     """Rows of a store by position (store order), read from memory-mapped shards, for exact re-scoring.
 
     A float16 shard holds `values / scale` per layer, with scales powers of two, so a document's sketch
-    is `values × scale` exactly in float32 and its score for a query q is `values · (q × scale)`:
-    the scale goes into the query, and the store is never decoded as a whole.
+    is `values × scale` exactly in float32: the rows a search re-scores are decoded and scaled, and the
+    store is never decoded as a whole.
     """
 
     def __init__(self, ws: Workspace, store: SketchStore, shards: list[dict] | None = None):
@@ -267,11 +268,15 @@ def auto_factory(documents: int, dim: int) -> str:
     if documents * dim * 4 <= FLAT_MAX_BYTES or documents < LIST_SAMPLE * 16:
         return "Flat"
     projection = min(PROJECTION_DIM, dim)
-    if documents * graph_bytes_per_row(projection) <= GRAPH_MAX_BYTES:
+    if _graph_fits(documents, dim):
         return f"Proj{projection},HNSW{HNSW_NEIGHBOURS}"
     lists = 2 ** round(math.log2(max(16.0, 4 * math.sqrt(documents))))
     lists = min(lists, 2 ** int(math.log2(min(documents, MAX_LIST_SAMPLE) / LIST_SAMPLE)))
     return f"Proj{projection},IVF{lists},SQ8"
+
+
+def _graph_fits(documents: int, dim: int) -> bool:
+    return documents * graph_bytes_per_row(min(PROJECTION_DIM, dim)) <= GRAPH_MAX_BYTES
 
 
 def graph_bytes_per_row(projection: int) -> int:
@@ -406,10 +411,20 @@ def build_index(ws: Workspace, store_id: str | None = None, factory: str = "auto
     chosen = factory == "auto"
     if chosen:
         # `auto` picks more lists as a store grows; an index it chose before keeps its factory and grows
-        # (re-training 250,000 sketches takes minutes, 5M an hour) unless --retrain asks for a new one.
+        # (re-training 250,000 sketches takes minutes, 5M an hour) unless --retrain asks for a new one, or
+        # unless it is a graph the store has outgrown (its memory grows with every sketch): then `auto`
+        # builds what it picks for the store's size now.
         earlier = None if retrain else _auto_index(ws, store, name)
+        if earlier and "HNSW" in earlier.factory and not _graph_fits(store.documents, store.dim):
+            earlier = None
         factory = earlier.factory if earlier else auto_factory(store.documents, store.dim)
         name = name or (earlier.name if earlier else None)
+    if nprobe is not None and "IVF" not in factory:
+        raise CuratorError(f"--nprobe sets the IVF lists a search visits; the index {factory} has none"
+                           + (" (auto chose it for this store)" if chosen else ""))
+    if ef_search is not None and "HNSW" not in factory:
+        raise CuratorError(f"--ef-search sets an HNSW graph search's breadth; the index {factory} has no graph"
+                           + (" (auto chose it for this store)" if chosen else ""))
     name = name or f"{store.id}-{factory.replace(',', '_')}"
     path = ws.artifact_dir("indexes") / f"{name}.faiss"
     found = None if retrain else _existing(ws, path, store, factory, name)
@@ -521,7 +536,8 @@ def open_search(ws: Workspace, name: str | None = None) -> SketchIndex:
         index = faiss_index.load(path)
         if index.ntotal != len(doc_ids):
             raise ValueError(f"{index.ntotal} rows where the catalog maps {len(doc_ids)}")
-    faiss_index.set_search_parameters(index, meta.search)
+    # An index built before its kind had a default (an HNSW graph: FAISS's efSearch of 16) gets it here.
+    faiss_index.set_search_parameters(index, {**default_search(meta.factory), **meta.search})
     rows = None
     if meta.rescore:
         store = load_store(ws, row[1])
