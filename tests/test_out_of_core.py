@@ -428,14 +428,24 @@ def test_a_query_held_by_parts_of_two_batchings_comes_complete_once(planted, tmp
         monkeypatch.setattr(slices_module, "_read_into", late)
         handed = []
         with ThreadPoolExecutor(2) as readers:
-            matrix, complete = slices_module._fill_from_parts_by_batch(run, parts, rows, doc_ids, np.float32,
-                                                                       readers)
+            allocated, complete = slices_module._fill_from_parts_by_batch(run, parts, rows, doc_ids, np.float32,
+                                                                          readers)
+            matrix = allocated.result()                    # the slice is taken on a reader thread
             for positions in complete:
                 for row in positions:
                     handed.append(row)
                     np.testing.assert_array_equal(matrix[row], want[row])     # whole when handed over
         assert sorted(handed) == list(range(len(rows)))                        # each row once
     assert_audit_equals_reference(audit(ws, "score-mixed"), reference_audit(ws, "score-mixed-plain"))
+
+
+def test_a_large_slice_is_mapped_with_its_pages_and_behaves_as_an_array(monkeypatch):
+    monkeypatch.setattr(slices_module, "POPULATE_BYTES", 1)
+    mapped = slices_module.empty_slice((3, 1000), np.float32)
+    assert mapped.shape == (3, 1000) and mapped.dtype == np.float32 and mapped.flags.writeable
+    mapped[:] = np.arange(3000, dtype=np.float32).reshape(3, 1000)
+    assert mapped[2, 999] == 2999 and np.sort(mapped[1])[0] == 1000
+    assert isinstance(slices_module.empty_slice((0, 5), np.float32), np.ndarray)   # empty: plain numpy
 
 
 def test_cumulative_shares_from_ascending_scores_equal_the_plain_sums():

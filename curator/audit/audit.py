@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -145,6 +145,8 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading
     with _threads(1) as background, _threads(QUERY_THREADS) as workers:
         summed = None
         for group, matrix, complete in groups:
+            if isinstance(matrix, Future):                 # allocated on a reader thread
+                matrix = matrix.result()
             # Each query's sort and counts start as soon as its rows are read (a query batch at a time),
             # while the next batch is read: numpy's sorts and pyarrow's reads release the GIL.
             analysed = [(p, workers.submit(_query_analyses, matrix[p], split, ks, group[p] in answers))
