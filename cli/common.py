@@ -44,7 +44,17 @@ def choices(name: str, names) -> type[Enum]:
 OutputOption = Annotated[OutputFormat, typer.Option("--output", "-o", help="table for people, json or csv for "
                                                                             "tools.")]
 DType = choices("DType", values(ModelDType))
-DeviceOption = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
+def _device(value: str) -> str:
+    import re
+
+    from curator.constants import DEVICE_PATTERN
+
+    if not re.match(DEVICE_PATTERN, value):
+        raise typer.BadParameter(f"{value!r} is not a device curator runs on: cpu, cuda or cuda:N")
+    return value
+
+
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.", callback=_device)]
 DTypeOption = Annotated[DType, typer.Option(help="The model's dtype (statistics and scores are accumulated in "
                                                  "float32/64).")]
 FactorsOption = Annotated[str | None, typer.Option(help="Fit id (a unique prefix is enough; `curator factors` lists "

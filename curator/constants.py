@@ -20,6 +20,7 @@ QUERY_FAMILIES = ("paper", "terse", "prose", "code", "chat")
 Kind = Literal["code", "math", "web", "wiki", "qa", "trivia", "markdown", "arxiv", "stackexchange", "other"]
 InputFormat = Literal["auto", "jsonl", "parquet", "text", "hf"]
 ModelDType = Literal["float32", "bfloat16"]
+DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]+)?)$"      # the torch devices curator runs on: cpu, cuda or cuda:N
 Fisher = Literal["sampled", "empirical"]
 ChatTemplate = Literal["auto", "none"]
 ScoreMethod = Literal["exact", "sketch"]

@@ -131,3 +131,26 @@ def test_strict_aborts_on_the_first_bad_record_and_changes_nothing(ws, tmp_path,
     with pytest.raises(BadInputError, match=match):
         run_ingest(ws, paths, source="second", strict=True, chunk_docs=50)
     assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("device", ["", "gpu", "cuda:", "cuda:x", "cpu "])
+def test_a_device_curator_does_not_run_on_is_refused_where_it_is_given(device, ws):
+    """An empty or unknown device is refused by every settings model (the service answers 422) and by the
+    CLI, instead of failing deep inside torch as an internal error."""
+    from helpers import curator
+    from pydantic import ValidationError
+
+    from curator.evaluate.config import EvaluateConfig
+    from curator.influence.fit import FitConfig
+    from curator.influence.score import ScoreConfig
+    from curator.sketch.search import SearchRequest
+    from curator.sketch.store import SketchConfig
+
+    for make in (lambda: FitConfig(model="m", device=device), lambda: ScoreConfig(queries="q", device=device),
+                 lambda: SketchConfig(suite="q", device=device), lambda: SearchRequest(prompt="p", device=device),
+                 lambda: EvaluateConfig(mixtures=["m"], device=device)):
+        with pytest.raises(ValidationError, match="device"):
+            make()
+    out = curator("fit", "--device", device, "-w", ws.root, check=False)
+    assert out.returncode == 2 and "is not a device curator runs on" in out.stderr
+    assert FitConfig(model="m", device="cuda:1").device == "cuda:1" and SketchConfig(suite="q", device="cuda").device == "cuda"

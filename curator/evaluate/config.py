@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from curator.artifacts import NOT_IDENTITY, Settings
+from curator.constants import DEVICE_PATTERN
 
 Baseline = Literal["random", "source-matched", "bottom"]
 BASELINES: tuple[str, ...] = ("random", "source-matched", "bottom")
@@ -44,7 +45,8 @@ class EvaluateConfig(Settings):
     bootstrap: int = Field(2000, ge=100, description="resamples of the held-out queries behind each comparison's "
                                                     "paired bootstrap interval", json_schema_extra=NOT_IDENTITY)
     bootstrap_seed: int = Field(0, description="seed of the bootstrap's resamples", json_schema_extra=NOT_IDENTITY)
-    device: str = Field("cpu", json_schema_extra=NOT_IDENTITY)
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description="cpu, cuda or cuda:N",
+                        json_schema_extra=NOT_IDENTITY)
     keep_final: bool = Field(False, description="keep each arm's final weights (safetensors)",
                              json_schema_extra=NOT_IDENTITY)
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from curator.artifacts import NOT_IDENTITY, Settings, content_id
 from curator.catalog.database import Catalog
-from curator.constants import Fisher, ModelDType
+from curator.constants import DEVICE_PATTERN, Fisher, ModelDType
 from curator.catalog.documents import document_ids
 from curator.catalog.records import record_model, store_token_counts
 from curator.errors import CuratorError
@@ -55,7 +55,8 @@ class FitConfig(Settings):
     max_docs: int | None = Field(None, description="fit on a seeded sample of this many documents")
     max_seq_len: int = Field(512, ge=2, description="tokens per window")
     damping: float | None = Field(None, description="λ; None = 0.1 × mean(Λ) per layer")
-    device: str = Field("cpu", description="cpu, cuda or cuda:N", json_schema_extra=NOT_IDENTITY)
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description="cpu, cuda or cuda:N",
+                        json_schema_extra=NOT_IDENTITY)
     dtype: ModelDType = Field("float32", description="the model's dtype")
     batch_tokens: int = Field(4096, ge=2, description="tokens per forward+backward batch, padding included",
                               json_schema_extra=NOT_IDENTITY)

@@ -33,7 +33,7 @@ from curator.catalog.documents import document_ids
 from curator.catalog.queries import Query, select_queries
 from curator.catalog.records import record_model, store_token_counts
 from curator.catalog.workspace import Workspace
-from curator.constants import ChatTemplate, ModelDType, ScoreMethod
+from curator.constants import DEVICE_PATTERN, ChatTemplate, ModelDType, ScoreMethod
 from curator.errors import CuratorError
 from curator.influence.factors import get_factors, load_layer_factors, load_model_for
 from curator.influence.queries import check_compatible, prepare_queries
@@ -78,7 +78,8 @@ class ScoreConfig(Settings):
     batch_tokens: int = Field(4096, ge=2, json_schema_extra=NOT_IDENTITY)
     chunk_docs: int = Field(512, ge=1, description="documents per resumable output chunk",
                             json_schema_extra=NOT_IDENTITY)
-    device: str = Field("cpu", json_schema_extra=NOT_IDENTITY)
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description="cpu, cuda or cuda:N",
+                        json_schema_extra=NOT_IDENTITY)
     dtype: ModelDType = Field("float32", description="the model's dtype")
     seed: int = 0
 

@@ -15,7 +15,7 @@ from curator.catalog.documents import snippets
 from curator.catalog.records import score_files
 from curator.catalog.queries import Query, select_queries
 from curator.catalog.workspace import Workspace
-from curator.constants import ModelDType
+from curator.constants import DEVICE_PATTERN, ModelDType
 from curator.errors import CuratorError
 from curator.influence.factors import get_factors, load_model_for
 from curator.influence.score import ScoreConfig, score
@@ -56,7 +56,7 @@ class SearchRequest(BaseModel):
     bottom: int = Field(5, ge=0, description="most harmful documents to return")
     rerank: int = Field(0, ge=0, description="score the N best index candidates exactly and rank by that")
     index: str | None = Field(None, description="index name (or prefix); default: the latest")
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description="cpu, cuda or cuda:N")
     dtype: ModelDType = "float32"
 
 

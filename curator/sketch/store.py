@@ -28,7 +28,7 @@ from curator.artifacts import NOT_IDENTITY, Settings, content_id, reading, write
 from curator.catalog.database import Catalog
 from curator.catalog.records import find_record
 from curator.catalog.workspace import Workspace
-from curator.constants import ChatTemplate, ModelDType, SketchBudgetSplit, SketchMethod, SketchPrecision
+from curator.constants import DEVICE_PATTERN, ChatTemplate, ModelDType, SketchBudgetSplit, SketchMethod, SketchPrecision
 from curator.errors import ArtifactError, CuratorError
 
 # 2: float16 shards carry per-layer scales; `precision` replaced `dtype`.
@@ -57,7 +57,8 @@ class SketchConfig(Settings):
     max_docs: int | None = None
     batch_tokens: int = Field(4096, ge=2, json_schema_extra=NOT_IDENTITY)
     shard_docs: int = Field(4096, ge=1, description="documents per shard", json_schema_extra=NOT_IDENTITY)
-    device: str = Field("cpu", json_schema_extra=NOT_IDENTITY)
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description="cpu, cuda or cuda:N",
+                        json_schema_extra=NOT_IDENTITY)
     seed: int = 0
     document_share: float = Field(0.25, ge=0.0, le=1.0,
                                   description="mixed: share of each layer's directions (per side) that carry the "
