@@ -306,9 +306,13 @@ def top_order(row: np.ndarray, ascending: np.ndarray, n: int) -> np.ndarray:
 
 
 def top_order_above(row: np.ndarray, value: float, n: int) -> np.ndarray:
-    """`top_order` given its n-th largest score `value` (ascending[len(row) - n]), n ≤ len(row)."""
-    above = np.flatnonzero(row > value)
-    picks = np.concatenate([above, np.flatnonzero(row == value)[:n - len(above)]])
+    """`top_order` given its n-th largest score `value` (ascending[len(row) - n]), n ≤ len(row): one pass
+    over the row for the scores at or above it; only ties at `value` that straddle the n-th place are
+    cut, keeping the first in doc-id order."""
+    picks = np.flatnonzero(row >= value)
+    if len(picks) > n:
+        strictly = picks[row[picks] > value]
+        picks = np.concatenate([strictly, picks[row[picks] == value][:n - len(strictly)]])
     return picks[np.lexsort((picks, -row[picks]))]
 
 
