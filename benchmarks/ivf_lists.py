@@ -36,7 +36,8 @@ def main() -> None:
 
     from curator.catalog.workspace import Workspace
     from curator.indexes import faiss_index
-    from curator.sketch.index import LIST_SAMPLE, TRAIN_SAMPLE, StoreRows, training_sample
+    from curator.sketch.index import LIST_SAMPLE, TRAIN_SAMPLE, training_sample
+    from curator.sketch.rows import StoreRows
     from curator.sketch.store import load_store
 
     ws = Workspace(args.store / "ws")

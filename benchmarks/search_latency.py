@@ -203,7 +203,8 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 def measure(root: Path, n: int, args, eigenvalues: np.ndarray, layer_sizes: list[int]) -> dict:
     """One store size: write it, score exactly, build the index, search with each setting."""
     from curator.indexes import faiss_index
-    from curator.sketch.index import StoreRows, build_index, open_search
+    from curator.sketch.index import build_index, open_search
+    from curator.sketch.rows import StoreRows
 
     started = time.perf_counter()
     if (root / "done").is_file():           # --keep: the store a previous run wrote (same recipe and size)

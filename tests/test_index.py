@@ -8,8 +8,9 @@ import pytest
 from curator.catalog.database import create_workspace
 from curator.errors import ArtifactError, CuratorError
 from curator.indexes import faiss_index
-from curator.sketch.index import (StoreRows, auto_factory, build_index, default_nprobe, more_training, open_search,
-                                  top_and_bottom, training_sample)
+from curator.sketch.index import (auto_factory, build_index, default_nprobe, more_training, open_search, top_and_bottom,
+                                  training_sample)
+from curator.sketch.rows import StoreRows
 from curator.sketch.scoring import blocked_scores
 from curator.sketch.store import SketchStore, record_store, shard_name, store_dir, write_manifest, write_shard
 

@@ -19,7 +19,8 @@ FOLDERS = {"curator": "curator", "connectors": "curator.connectors", "indexes": 
            "cli": "curator.cli"}
 # Lowest first. A module may import its own package and any package of a lower layer.
 LAYERS = [
-    ("curator.errors", "curator.constants", "curator.artifacts", "curator.arrays", "curator.plots", "curator.indexes"),
+    ("curator.errors", "curator.constants", "curator.artifacts", "curator.arrays", "curator.plots", "curator.threads",
+     "curator.indexes"),
     ("curator.connectors",),
     ("curator.catalog",),       # workspace, DuckDB catalog, ingest, documents, queries, records
     ("curator.model",),         # loading, tokens, losses and layer hooks, the one document pass

@@ -41,7 +41,7 @@ from curator.catalog.workspace import Workspace
 from curator.curate.scores import arrow_batches, reading_scores, scores_view, summarised_parts
 from curator.errors import CuratorError
 from curator.influence.score_dataset import PartSummary
-from curator.sketch.index import one_blas_thread
+from curator.threads import one_blas_thread
 
 SECTIONS_NEEDING_SCORES = ["influence by source", "query correlations", "concentration", "answer occurrence"]
 GRAM_COLUMNS = 2**14           # documents per block of the correlations' sums of products

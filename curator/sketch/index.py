@@ -32,7 +32,6 @@ import json
 import math
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from curator.catalog.records import find_record
 from curator.catalog.workspace import Workspace
 from curator.errors import ArtifactError, CuratorError
 from curator.indexes import faiss_index
+from curator.sketch.rows import StoreRows, as_float32
 from curator.sketch.store import SketchStore, load_store, rebuild_command, store_dir
 
 INDEX_META_VERSION = 1
@@ -58,160 +58,6 @@ DEFAULT_NPROBE = 128              # IVF lists searched per query for 512 lists o
 HNSW_NEIGHBOURS = 32              # links per sketch in `auto`'s graph index (HNSW32 over the projected sketches)
 HNSW_EF_SEARCH = 256              # candidates a graph search keeps: recall@10 0.970 among 16 re-scored at 250,000
 GRAPH_MAX_BYTES = 2 * 2**30       # `auto` takes the graph while its vectors and links fit in this, else IVF-SQ8
-
-
-# -- the store's float16 shards, memory-mapped -------------------------------------------------
-
-def as_float32(values: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
-    """Stored sketch values as float32 (exact: every float16 is a float32), times `scale` (one per column:
-    a store's layer scales, powers of two, so nothing is rounded) when given. float16 is decoded by torch,
-    whose conversion uses the CPU's half-precision instructions: 3.5× numpy's `astype` on one thread
-    (128 rows of 23,807: 7 ms against 25 ms, medians), and decoding is most of re-scoring's time
-    (docs/results/search_scale.md); the scale multiplies the fresh rows in place, while they are in the
-    cache. See `one_torch_thread` for the thread count."""
-    if values.dtype != np.float16:
-        decoded = np.asarray(values, dtype=np.float32)
-        return decoded if scale is None else decoded * scale
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings():      # a read-only memory map: torch warns, and only reads it here
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        decoded = torch.from_numpy(np.ascontiguousarray(values)).float()
-    if scale is not None:
-        decoded.mul_(torch.from_numpy(scale))
-    return decoded.numpy()
-
-
-@contextmanager
-def one_blas_thread():
-    """numpy's OpenBLAS at one thread inside (and its own count restored after). On cores other
-    processes share, OpenBLAS's second thread spins waiting for a core, and its spinning slows the
-    rest of the process too: the audit's correlation products (100 × 65,536 blocks) took 0.59 s a
-    block on two threads against 0.06 s on one, re-scoring's products (128 rows × 16 queries) 18 ms
-    against 1.8 ms (medians; docs/results/out_of_core.md, search_scale.md). threadpoolctl does this for
-    any BLAS; curator does not depend on it, so this finds numpy's bundled OpenBLAS among the loaded
-    libraries (Linux) and does nothing where there is none."""
-    setter = getter = None
-    try:
-        import ctypes
-        import re
-
-        with open("/proc/self/maps") as maps:
-            libraries = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", maps.read())))
-        for library in libraries:
-            handle = ctypes.CDLL(library)
-            for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
-                if hasattr(handle, f"{prefix}_set_num_threads{suffix}"):
-                    setter = getattr(handle, f"{prefix}_set_num_threads{suffix}")
-                    getter = getattr(handle, f"{prefix}_get_num_threads{suffix}")
-                    break
-            if setter is not None:
-                break
-    except OSError:
-        setter = None
-    if setter is None:
-        yield
-        return
-    before = getter()
-    setter(1)
-    try:
-        yield
-    finally:
-        setter(before)
-
-
-@contextmanager
-def one_torch_thread():
-    """torch at one intra-op thread inside (restored after). Decoding 128 rows of float16 took 20 ms on
-    torch's default two threads and 7 ms on one, on cores other processes share (medians of 40): the
-    second thread waits for a core it does not get, and a block is too small to gain from it."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class StoreRows:
-    """Rows of a store by position (store order), read from memory-mapped shards, for exact re-scoring.
-
-    A float16 shard holds `values / scale` per layer, with scales powers of two, so a document's sketch
-    is `values × scale` exactly in float32: the rows a search re-scores are decoded and scaled, and the
-    store is never decoded as a whole.
-    """
-
-    def __init__(self, ws: Workspace, store: SketchStore, shards: list[dict] | None = None):
-        self.store = store
-        self.layer_sizes = store.layer_sizes()
-        directory = store_dir(ws, store.id)
-        self.values, self.scales, counts = [], [], []
-        for shard in store.shards if shards is None else shards:
-            with reading(directory / shard["file"], "sketch shard", rebuild_command(store)):
-                values = np.load(directory / shard["file"], mmap_mode="r")
-                scales = np.load(directory / shard["scales"])
-                if values.ndim != 2 or values.shape[1] != store.dim or scales.shape != (len(self.layer_sizes),):
-                    raise ValueError(f"shape {values.shape} with {scales.shape} scales, where the manifest "
-                                     f"says {store.dim} dimensions in {len(self.layer_sizes)} layers")
-            self.values.append(values)
-            self.scales.append(np.repeat(scales.astype(np.float32), self.layer_sizes))
-            counts.append(len(values))
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def block(self, shard: int) -> np.ndarray:
-        """One shard's sketches as float32 (decoded exactly)."""
-        return as_float32(self.values[shard], self.scales[shard])
-
-    def products(self, positions: np.ndarray, queries: np.ndarray) -> np.ndarray:
-        """positions × queries exact sketch scores, for sorted store positions: each shard's rows are read
-        once, decoded into float32 (exactly) and multiplied by its layer scales (powers of two, so nothing
-        is rounded), then by the queries. Measured on 1,000 queries × 16 candidates at 250,000 sketches
-        (docs/results/search_scale.md), each choice here took a part of re-scoring away:
-          - the queries go in once per call as one contiguous dim × queries block, where scaling and
-            transposing them for every shard was 45% of re-scoring;
-          - the rows are decoded into one buffer reused shard after shard: a fresh array per shard paid
-            its page faults again (a quarter of decoding);
-          - the product is torch's (MKL): 0.18 ms for 16 rows × 16 queries, against 0.33 ms for numpy's
-            OpenBLAS, and 0.97 ms for the transposed view OpenBLAS had before."""
-        import torch
-
-        out = np.empty((len(positions), len(queries)), dtype=np.float32)
-        columns = torch.from_numpy(np.ascontiguousarray(np.asarray(queries, dtype=np.float32).T))
-        bounds = np.searchsorted(positions, self.starts)
-        decoded = torch.empty((int(np.diff(bounds).max(initial=0)), self.store.dim), dtype=torch.float32)
-        for shard in range(len(self.values)):
-            lo, hi = bounds[shard], bounds[shard + 1]
-            if hi > lo:
-                block = decoded[:hi - lo]
-                # fancy indexing copies the rows out of the memory map: a fresh, writable array
-                block.copy_(torch.from_numpy(self.values[shard][positions[lo:hi] - self.starts[shard]]))
-                block.mul_(torch.from_numpy(self.scales[shard]))
-                out[lo:hi] = torch.mm(block, columns).numpy()
-        return out
-
-    def scores(self, query_vectors: np.ndarray, rows: np.ndarray, chunk: int = 16) -> np.ndarray:
-        """queries × k exact sketch scores of rows (queries × k store positions; -1 gives -inf).
-
-        Queries go in chunks: a chunk's candidates are read and decoded once however many of its queries
-        share them (decoding float16 costs more than the products), then scored by matrix products."""
-        rows = np.asarray(rows, dtype=np.int64)
-        queries = np.asarray(query_vectors, dtype=np.float32)
-        out = np.full(rows.shape, -np.inf, dtype=np.float32)
-        with one_torch_thread():
-            for start in range(0, len(rows), chunk):
-                part = rows[start:start + chunk]
-                valid = part >= 0
-                unique, inverse = np.unique(part[valid], return_inverse=True)     # sorted: shard by shard
-                products = self.products(unique, queries[start:start + chunk])
-                out[start:start + chunk][valid] = products[inverse, np.nonzero(valid)[0]]
-        return out
 
 
 # -- metadata beside the FAISS file --------------------------------------------------------------
