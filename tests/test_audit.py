@@ -207,23 +207,36 @@ def test_compare_equals_numpy_per_query(planted, tmp_path):
     assert report.read_text().startswith("<!doctype html>")
 
 
-def test_one_sort_per_query_equals_the_stable_argsorts_with_ties():
-    """The sorted-values shortcuts against the functions they replace, on rows full of ties."""
+def test_scores_sorted_per_source_give_what_the_stable_argsorts_give_with_ties():
+    """`RankedScores` against the functions it replaces, on rows full of ties, -0.0 beside 0.0, float32 and
+    float64, sources of every size (one empty)."""
     rng = np.random.default_rng(3)
-    codes = rng.integers(0, 3, 400)
-    split = analyses.SourceSplit(codes, 3)
-    for row in (rng.integers(-3, 4, 400).astype(np.float64), rng.normal(size=400), np.zeros(400)):
-        ascending = np.sort(row)
-        want = analyses.source_counts(row, codes, 3, [1, 7, 50, 399])
-        got = analyses.source_counts_sorted(row, ascending, split, [1, 7, 50, 399])
-        for side in ("top", "bottom"):
-            for k in (1, 7, 50, 399):
-                assert got[side][k].tolist() == want[side][k].tolist(), (side, k)
-        order = np.argsort(-row, kind="stable")
-        assert analyses.top_order(row, ascending, 37).tolist() == order[:37].tolist()
-        descending = ascending[::-1]
-        assert analyses.cumulative_positive_sorted(descending, analyses.PERCENTS) == \
-            analyses.cumulative_positive(row, analyses.PERCENTS)
-        assert analyses.power_law_sorted(descending) == analyses.power_law(row)
-        contains = rng.random(400) < 0.05
-        assert analyses.best_rank(row, np.flatnonzero(contains)) == analyses.query_answer(row, contains)["first_rank"]
+    for trial in range(40):
+        n, n_sources = int(rng.integers(1, 500)), int(rng.integers(1, 5))
+        codes = rng.integers(0, n_sources, n)
+        split = analyses.SourceSplit(codes, n_sources + (trial % 4 == 0))       # a source with no documents
+        zeros = np.where(rng.random(n) < 0.5, -0.0, 0.0).astype(np.float32)
+        for row in (rng.integers(-3, 4, n).astype(np.float64), rng.normal(size=n),
+                    rng.normal(size=n).astype(np.float32), zeros, -np.ones(n, dtype=np.float32)):
+            ranked = analyses.RankedScores(row, split)
+            assert ranked.kth(list(range(1, n + 1))).tolist() == np.sort(row)[::-1].tolist()
+            ks = [k for k in (1, 7, 50, 399) if k <= n] + [n]
+            want = analyses.source_counts(row, codes, split.n_sources, ks)
+            got = analyses.source_counts_ranked(ranked, ks)
+            for side in ("top", "bottom"):
+                for k in ks:
+                    assert got[side][k].tolist() == want[side][k].tolist(), (side, k)
+            order = np.argsort(-row, kind="stable")
+            assert analyses.top_order(ranked, 37).tolist() == order[:37].tolist()
+            assert analyses.cumulative_positive_ranked(ranked, analyses.PERCENTS) == pytest.approx(
+                analyses.cumulative_positive(row.astype(np.float64), analyses.PERCENTS), rel=1e-12)
+            assert analyses.power_law(ranked.top_values(500).astype(np.float64), presorted=True) == \
+                analyses.power_law(row.astype(np.float64))
+            contains = rng.random(n) < 0.05
+            assert analyses.best_rank(row, np.flatnonzero(contains)) == analyses.query_answer(row, contains)["first_rank"]
+
+
+def test_a_query_whose_scores_hold_nan_is_refused():
+    split = analyses.SourceSplit(np.array([0, 1, 0, 1]), 2)
+    with pytest.raises(analyses.ScoresNotANumber):
+        analyses.RankedScores(np.array([0.1, np.nan, 0.3, 0.2], dtype=np.float32), split)

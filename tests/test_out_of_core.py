@@ -428,9 +428,8 @@ def test_a_query_held_by_parts_of_two_batchings_comes_complete_once(planted, tmp
         monkeypatch.setattr(slices_module, "_read_into", late)
         handed = []
         with ThreadPoolExecutor(2) as readers:
-            allocated, complete = slices_module._fill_from_parts_by_batch(run, parts, rows, doc_ids, np.float32,
-                                                                          readers)
-            matrix = allocated.result()                    # the slice is taken on a reader thread
+            matrix, complete = slices_module._fill_from_parts_by_batch(run, parts, rows, doc_ids, np.float32,
+                                                                       readers)
             for positions in complete:
                 for row in positions:
                     handed.append(row)
@@ -439,8 +438,8 @@ def test_a_query_held_by_parts_of_two_batchings_comes_complete_once(planted, tmp
     assert_audit_equals_reference(audit(ws, "score-mixed"), reference_audit(ws, "score-mixed-plain"))
 
 
-def test_a_large_slice_is_mapped_with_its_pages_and_behaves_as_an_array(monkeypatch):
-    monkeypatch.setattr(slices_module, "POPULATE_BYTES", 1)
+def test_a_large_slice_is_a_mapping_of_small_pages_and_behaves_as_an_array(monkeypatch):
+    monkeypatch.setattr(slices_module, "LAZY_BYTES", 1)
     mapped = slices_module.empty_slice((3, 1000), np.float32)
     assert mapped.shape == (3, 1000) and mapped.dtype == np.float32 and mapped.flags.writeable
     mapped[:] = np.arange(3000, dtype=np.float32).reshape(3, 1000)
@@ -448,12 +447,13 @@ def test_a_large_slice_is_mapped_with_its_pages_and_behaves_as_an_array(monkeypa
     assert isinstance(slices_module.empty_slice((0, 5), np.float32), np.ndarray)   # empty: plain numpy
 
 
-def test_cumulative_shares_from_ascending_scores_equal_the_plain_sums():
+def test_cumulative_shares_from_scores_sorted_per_source_equal_the_plain_sums():
     rng = np.random.default_rng(5)
     for row in (rng.integers(-3, 4, 400).astype(np.float32), rng.normal(size=1001).astype(np.float32),
                 np.zeros(50, dtype=np.float32), -np.ones(30, dtype=np.float32), np.ones(7, dtype=np.float32)):
         want = analyses.cumulative_positive(row.astype(np.float64), analyses.PERCENTS)
-        assert analyses.cumulative_positive_ascending(np.sort(row), analyses.PERCENTS) == pytest.approx(want, rel=1e-12)
+        ranked = analyses.RankedScores(row, analyses.SourceSplit(np.arange(len(row)) % 3, 3))
+        assert analyses.cumulative_positive_ranked(ranked, analyses.PERCENTS) == pytest.approx(want, rel=1e-12)
 
 
 def test_an_audit_of_parts_missing_a_document_is_one_clear_error(planted, tmp_path):  # noqa: F811

@@ -24,11 +24,12 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
+import duckdb
 import numpy as np
 
 from curator import __version__
@@ -68,18 +69,23 @@ def audit(ws: Workspace, run_id: str | None = None) -> dict:
             "workspace": str(ws.root), "composition": None, "run": None, "missing": [],
         }
         if run is None:
-            report["composition"] = _composition(catalog, tokenizer)
+            report["composition"] = _composition(catalog, catalog.path, tokenizer)
             report["missing"] = SECTIONS_NEEDING_SCORES
             return report
         model = catalog.one("SELECT name FROM models WHERE id = ?", [run.model_id])
-        with one_blas_thread(), _threads(READ_THREADS) as readers:
+        with one_blas_thread(), _threads(READ_THREADS) as readers, _threads(1) as side:
             with reading_scores(run):
                 scores = _start_reading(catalog, run, readers)
-            # The catalog's own questions while the scores are read (the reads release the GIL), outside
-            # `reading_scores`, whose errors name the score files.
-            report["composition"] = _composition(catalog, tokenizer)
+            # The documents' sources while the scores are read (the reads release the GIL): the analyses
+            # need them for the first query batch read. The composition, which only the report needs, on
+            # its own connection beside the reads and the analyses; both outside `reading_scores`, whose
+            # errors name the score files.
+            documents = _documents_of(catalog, run, len(scores.query_ids), scores.dense)
+            composition = side.submit(_composition, catalog.con.cursor(), catalog.path, tokenizer)
             with reading_scores(run):
-                report.update(_run_analyses(catalog, run, model[0] if model else run.model_id, scores, readers))
+                report.update(_run_analyses(catalog, run, model[0] if model else run.model_id, scores, documents,
+                                            readers))
+            report["composition"] = composition.result()
     return report
 
 
@@ -96,10 +102,15 @@ def _threads(count: int):
     pool.shutdown(wait=True)
 
 
-def _composition(catalog: Catalog, tokenizer: str | None) -> dict:
+def _composition(catalog: Catalog | duckdb.DuckDBPyConnection, path: Path, tokenizer: str | None) -> dict:
+    """The composition section; `catalog` may be a cursor of the audit's connection (closed here), for a
+    thread of its own (a DuckDB connection serves one statement at a time)."""
     # Imported here: polars (a sixth of a second) then loads while the scores are read, not before.
     from curator.catalog.composition import composition
 
+    if not isinstance(catalog, Catalog):
+        with Catalog(catalog, path, write=False) as cursor:
+            return _composition(cursor, path, tokenizer)
     return {"tokenizer": tokenizer, "rows": composition(catalog, tokenizer).to_dicts()}
 
 
@@ -128,9 +139,10 @@ def _start_reading(catalog: Catalog, run: RunRecord, readers: ThreadPoolExecutor
     return _Reading(parts, query_ids, dense, groups)
 
 
-def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading, readers: ThreadPoolExecutor) -> dict:
+def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading,
+                  documents: tuple[np.ndarray, np.ndarray, list[str]], readers: ThreadPoolExecutor) -> dict:
     parts, query_ids = scores.parts, scores.query_ids
-    doc_ids, doc_codes, sources = _documents_of(catalog, run, len(query_ids), scores.dense)
+    doc_ids, doc_codes, sources = documents
     queries = catalog.frame("SELECT id, task, answer FROM queries WHERE id IN (SELECT unnest(?))", [query_ids])
     tasks = dict(zip(queries["id"], queries["task"], strict=True))
     unknown = [q for q in query_ids if q not in tasks]
@@ -145,8 +157,6 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading
     with _threads(1) as background, _threads(QUERY_THREADS) as workers:
         summed = None
         for group, matrix, complete in groups:
-            if isinstance(matrix, Future):                 # allocated on a reader thread
-                matrix = matrix.result()
             # Each query's sort and counts start as soon as its rows are read (a query batch at a time),
             # while the next batch is read: numpy's sorts and pyarrow's reads release the GIL.
             analysed = [(p, workers.submit(_query_analyses, matrix[p], split, ks, group[p] in answers))
@@ -161,7 +171,11 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading
             rows, tops, wider = dict(zip(group, matrix, strict=True)), {}, {}
             for number, (p, future) in enumerate(analysed, start=1):    # in the order they were started
                 query_id = group[p]
-                row_counts, row_concentration, top, tiers = future.result()
+                try:
+                    row_counts, row_concentration, top, tiers = future.result()
+                except analyses.ScoresNotANumber:
+                    raise CuratorError(f"the scores of run {run.id} hold NaN for query {query_id}: a score "
+                                       f"dataset written by `curator score` has none (it stops on them)") from None
                 counts[query_id], concentration[query_id] = row_counts, row_concentration
                 if query_id in answers:
                     tops[query_id], wider[query_id] = top, tiers
@@ -187,16 +201,17 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading
 
 def _query_analyses(row: np.ndarray, split: analyses.SourceSplit, ks: list[int], top: bool):
     """One query's source counts, concentration and, with `top`, its ANSWER_TOP best positions and its
-    k-th largest score for each k of ANSWER_WIDER, from one sort of its scores (numpy's sort and
-    comparisons release the GIL, so queries run on QUERY_THREADS threads)."""
-    ascending = np.sort(row)                          # the only sort of the row; the rest reads it
-    concentration = {"cumulative": analyses.cumulative_positive_ascending(ascending, analyses.PERCENTS),
-                     "power_law": analyses.power_law_sorted(ascending[::-1][:500].astype(np.float64))}
+    k-th largest score for each k of ANSWER_WIDER, from its scores sorted once per source (numpy's sorts
+    and searches release the GIL, so queries run on QUERY_THREADS threads)."""
+    ranked = analyses.RankedScores(row, split)
+    wider = [k for k in ANSWER_WIDER if k < len(row)] if top else []
+    ranked.kth(analyses.query_ranks(ranked, ks, analyses.PERCENTS, [ANSWER_TOP, *wider] if top else []))
+    concentration = {"cumulative": analyses.cumulative_positive_ranked(ranked, analyses.PERCENTS),
+                     "power_law": analyses.power_law(ranked.top_values(500).astype(np.float64), presorted=True)}
+    counts = analyses.source_counts_ranked(ranked, ks)
     if not top:
-        return analyses.source_counts_sorted(row, ascending, split, ks), concentration, None, None
-    return (analyses.source_counts_sorted(row, ascending, split, ks), concentration,
-            analyses.top_order(row, ascending, ANSWER_TOP),
-            [(k, ascending[len(row) - k]) for k in ANSWER_WIDER if k < len(row)])
+        return counts, concentration, None, None
+    return counts, concentration, analyses.top_order(ranked, ANSWER_TOP), list(zip(wider, ranked.kth(wider)))
 
 
 def _queries_of(catalog: Catalog, run: RunRecord,

@@ -24,7 +24,7 @@ from curator.errors import CuratorError
 from curator.influence.score_dataset import PartSummary
 
 SLICE_BYTES = 2**30            # scores held at once: 1 GiB (float32: 2M documents × 134 queries)
-POPULATE_BYTES = 2**26         # slices from this size are mapped with their pages faulted in at once
+LAZY_BYTES = 2**26             # slices from this size are mapped with small pages, faulted in as filled
 
 
 def not_full(run: RunRecord, doc_id: int, n: int, n_queries: int) -> CuratorError:
@@ -87,20 +87,18 @@ def _fill_from_parts(run: RunRecord, parts: list[PartSummary], rows: dict[str, i
 def _fill_from_parts_by_batch(run: RunRecord, parts: list[PartSummary], rows: dict[str, int],
                               doc_ids: np.ndarray, dtype, readers: Executor):
     """`_fill_from_parts` over all documents, its parts read on `readers`, one task per set of parts that
-    hold the same queries (a query batch of `curator score`): the slice (a Future: it is allocated on a
-    reader thread), and an iterator of the row
+    hold the same queries (a query batch of `curator score`): the slice, and an iterator of the row
     positions that are complete, as the reads end, so that the caller analyses the first queries while
     the next are read (the cells' coverage is checked while the first reads run, before any row is handed
     out). A row is complete when every task holding its query has ended: a run scored again
     with less query memory holds a query in parts of different batches (all four queries over the first
     documents, two and two over the later ones)."""
     placed = _place(run, parts, doc_ids, 0, len(doc_ids))
-    # The slice's memory is taken (and faulted in) on a reader thread, while the caller goes on.
-    matrix = readers.submit(empty_slice, (len(rows), len(doc_ids)), dtype)
+    matrix = empty_slice((len(rows), len(doc_ids)), dtype)
     batches: dict[tuple[str, ...], list] = {}
     for item in placed:
         batches.setdefault(tuple(q for q in item[0].queries if q in rows), []).append(item)
-    reads = {readers.submit(lambda items=items: _read_into(matrix.result(), items, rows)): [rows[q] for q in queries]
+    reads = {readers.submit(_read_into, matrix, items, rows): [rows[q] for q in queries]
              for queries, items in batches.items() if queries}
     # Checked while the reads run (they only fill the fresh slice): nothing is analysed before it passes.
     _check_covered(run, placed, rows, len(doc_ids), doc_ids)
@@ -121,15 +119,18 @@ def _fill_from_parts_by_batch(run: RunRecord, parts: list[PartSummary], rows: di
 
 
 def empty_slice(shape: tuple[int, int], dtype) -> np.ndarray:
-    """`np.empty(shape, dtype)`; a large one (POPULATE_BYTES or more, where the OS has MAP_POPULATE) is
-    mapped with every page faulted in by one call. numpy's own large arrays ask for transparent huge pages,
-    whose first touch cost 0.8–1.4 s of system time for the audit's 800 MB slice on this machine's VM,
-    against 0.4–0.5 s populated at once (the reads alone: 0.93–0.96 s against 1.05–1.42 s, same hour)."""
+    """`np.empty(shape, dtype)`; a large one (LAZY_BYTES or more) is an anonymous mapping of small pages
+    that the readers fault in as they copy into it, two threads at once. Fresh memory is the audit's most
+    variable cost on a virtual machine: numpy's large arrays ask for transparent huge pages, whose first
+    touch took 0.8–2.2 s of system time for the 800 MB slice when the kernel had to compact memory for
+    them; the whole mapping faulted in by one call (MAP_POPULATE) took 0.17–0.9 s on one thread while the
+    readers waited for it; small pages faulted by the copies took 0.2 s of the readers' time."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    populate = getattr(mmap, "MAP_POPULATE", None)
-    if populate is None or nbytes < POPULATE_BYTES:
+    no_huge = getattr(mmap, "MADV_NOHUGEPAGE", None)
+    if no_huge is None or nbytes < LAZY_BYTES:
         return np.empty(shape, dtype=dtype)
-    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(no_huge)
     return np.frombuffer(region, dtype=dtype).reshape(shape)       # the array keeps the mapping alive
 
 
@@ -243,8 +244,8 @@ def query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids
     """(query ids, their scores × all documents in doc-id order, the positions of the rows that are
     complete: an iterator of lists), a group of queries at a time: all of them at once when they fit in
     SLICE_BYTES. With `readers` (parts with summaries) a group's parts are read on those threads, the
-    slice is a Future (its memory is taken on a reader thread) and its rows come complete a query batch
-    at a time; otherwise the slice is an array, whole when it is yielded."""
+    slice fills as they run and its rows come complete a query batch
+    at a time; otherwise the slice is whole when it is yielded."""
     dtype = _score_dtype(catalog)
     size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(doc_ids)))
     for start in range(0, len(query_ids), size):
