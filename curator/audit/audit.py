@@ -10,7 +10,7 @@ the run's dataset is read into numpy slices (parts with a summary, as `curator
 score` writes them: only their score column; other files through DuckDB),
   queries    groups of queries with all their documents: each query's
              concentration, top and bottom documents per source and answer
-             ranks, from one sort of its scores;
+             ranks, from its scores sorted once per source;
   documents  blocks of documents with every query's scores: the query-by-query
              correlations (sums of products, `analyses.Gram`), read only when
              the queries do not all fit in one group (then the group is used);
