@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +263,40 @@ def summarised_run(ws: Workspace, tmp_path, scores: pl.DataFrame, run_id: str, r
     return dataset.root
 
 
+def test_an_audit_of_parts_holding_nan_names_the_query(planted, tmp_path):  # noqa: F811
+    """`curator score` stops on NaN; parts another writer left with one are refused by name, not ranked."""
+    from curator.errors import CuratorError
+
+    ws, scores = planted
+    poisoned = scores.with_columns(pl.when((pl.col("query_id") == "fact-1") & (pl.col("doc_id") == 321))
+                                   .then(float("nan")).otherwise(pl.col("score")).alias("score"))
+    summarised_run(ws, tmp_path, poisoned, "score-nan")
+    with pytest.raises(CuratorError, match="score-nan hold NaN for query fact-1"):
+        audit(ws, "score-nan")
+
+
+def test_scores_that_fail_while_the_documents_are_counted_name_the_score_files(planted, tmp_path, monkeypatch):  # noqa: F811
+    """Without a range of ids the documents are counted from the scores through DuckDB: a score file gone
+    by then is the error that names it, not DuckDB's."""
+    from helpers import plant_run
+
+    from curator.errors import CuratorError
+
+    ws, scores = planted
+    sparse = scores.filter(pl.col("doc_id") != 500)
+    path = plant_run(ws, tmp_path, sparse, {q: 1.0 for q in sparse["query_id"].unique()}, run_id="score-gap")
+    start_reading = audit_module._start_reading
+
+    def then_gone(*args):
+        reading = start_reading(*args)
+        path.unlink()
+        return reading
+
+    monkeypatch.setattr(audit_module, "_start_reading", then_gone)
+    with pytest.raises(CuratorError, match="score-gap"):
+        audit(ws, "score-gap")
+
+
 def test_part_summaries_equal_the_rows_they_summarise(planted, tmp_path):  # noqa: F811
     from curator.influence.score_dataset import part_summaries
 
@@ -441,6 +476,7 @@ def test_a_query_held_by_parts_of_two_batchings_comes_complete_once(planted, tmp
 def test_a_large_slice_is_a_mapping_of_small_pages_and_behaves_as_an_array(monkeypatch):
     monkeypatch.setattr(slices_module, "LAZY_BYTES", 1)
     mapped = slices_module.empty_slice((3, 1000), np.float32)
+    assert isinstance(mapped.base.base.obj, mmap.mmap)          # array ← frombuffer's array ← memoryview ← mmap
     assert mapped.shape == (3, 1000) and mapped.dtype == np.float32 and mapped.flags.writeable
     mapped[:] = np.arange(3000, dtype=np.float32).reshape(3, 1000)
     assert mapped[2, 999] == 2999 and np.sort(mapped[1])[0] == 1000

@@ -272,8 +272,9 @@ def _order_keys(dtype):
 class RankedScores:
     """One query's scores (`row`, in doc-id order, float32 or float64) sorted within each source of `split`.
 
-    kth(ranks)           the k-th largest score for each k (1 = the largest; `np.sort(row)[n - k]`),
-                         found together by bisection over the scores' bits and kept for later calls;
+    kth(ranks)           the k-th largest score for each k (1 = the largest; `np.sort(row)[n - k]`, but
+                         0.0 where that is -0.0, which compares equal), found together by bisection over
+                         the scores' bits and kept for later calls;
     at_least / above     each source's number of scores ≥ (>) each value: sources × values;
     positives()          the number of scores above 0;
     top_values(n)        the n largest scores, largest first."""
@@ -391,7 +392,7 @@ def top_order(ranked: RankedScores, n: int) -> np.ndarray:
 
 
 def top_order_above(row: np.ndarray, value: float, n: int) -> np.ndarray:
-    """`top_order` given its n-th largest score `value` (ascending[len(row) - n]), n ≤ len(row): one pass
+    """`top_order` given its n-th largest score `value` (`np.sort(row)[len(row) - n]`), n ≤ len(row): one pass
     over the row for the scores at or above it; only ties at `value` that straddle the n-th place are
     cut, keeping the first in doc-id order."""
     picks = np.flatnonzero(row >= value)

@@ -76,11 +76,12 @@ def audit(ws: Workspace, run_id: str | None = None) -> dict:
         with one_blas_thread(), _threads(READ_THREADS) as readers, _threads(1) as side:
             with reading_scores(run):
                 scores = _start_reading(catalog, run, readers)
-            # The documents' sources while the scores are read (the reads release the GIL): the analyses
-            # need them for the first query batch read. The composition, which only the report needs, on
-            # its own connection beside the reads and the analyses; both outside `reading_scores`, whose
-            # errors name the score files.
-            documents = _documents_of(catalog, run, len(scores.query_ids), scores.dense)
+                # The documents' sources while the scores are read (the reads release the GIL): the first
+                # query batch read is analysed with them. Inside `reading_scores`: without a range of ids
+                # they are found by reading the scores through DuckDB.
+                documents = _documents_of(catalog, run, len(scores.query_ids), scores.dense)
+            # The composition, which only the report needs, on its own connection beside the reads and the
+            # analyses, outside `reading_scores`, whose errors name the score files.
             composition = side.submit(_composition, catalog.con.cursor(), catalog.path, tokenizer)
             with reading_scores(run):
                 report.update(_run_analyses(catalog, run, model[0] if model else run.model_id, scores, documents,
@@ -205,7 +206,8 @@ def _query_analyses(row: np.ndarray, split: analyses.SourceSplit, ks: list[int],
     and searches release the GIL, so queries run on QUERY_THREADS threads)."""
     ranked = analyses.RankedScores(row, split)
     wider = [k for k in ANSWER_WIDER if k < len(row)] if top else []
-    ranked.kth(analyses.query_ranks(ranked, ks, analyses.PERCENTS, [ANSWER_TOP, *wider] if top else []))
+    more = [min(ANSWER_TOP, len(row)), *wider] if top else []         # the k `top_order` reads, too
+    ranked.kth(analyses.query_ranks(ranked, ks, analyses.PERCENTS, more))
     concentration = {"cumulative": analyses.cumulative_positive_ranked(ranked, analyses.PERCENTS),
                      "power_law": analyses.power_law(ranked.top_values(500).astype(np.float64), presorted=True)}
     counts = analyses.source_counts_ranked(ranked, ks)

@@ -130,7 +130,10 @@ def empty_slice(shape: tuple[int, int], dtype) -> np.ndarray:
     if no_huge is None or nbytes < LAZY_BYTES:
         return np.empty(shape, dtype=dtype)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(no_huge)
+    try:
+        region.madvise(no_huge)
+    except OSError:              # a kernel without transparent huge pages: small pages already
+        pass
     return np.frombuffer(region, dtype=dtype).reshape(shape)       # the array keeps the mapping alive
 
 
