@@ -214,6 +214,8 @@ def test_scores_sorted_per_source_give_what_the_stable_argsorts_give_with_ties()
     for trial in range(40):
         n, n_sources = int(rng.integers(1, 500)), int(rng.integers(1, 5))
         codes = rng.integers(0, n_sources, n)
+        if trial % 2:                                   # sources in runs of consecutive documents
+            codes = np.sort(codes)
         split = analyses.SourceSplit(codes, n_sources + (trial % 4 == 0))       # a source with no documents
         zeros = np.where(rng.random(n) < 0.5, -0.0, 0.0).astype(np.float32)
         for row in (rng.integers(-3, 4, n).astype(np.float64), rng.normal(size=n),
@@ -240,3 +242,21 @@ def test_a_query_whose_scores_hold_nan_is_refused():
     split = analyses.SourceSplit(np.array([0, 1, 0, 1]), 2)
     with pytest.raises(analyses.ScoresNotANumber):
         analyses.RankedScores(np.array([0.1, np.nan, 0.3, 0.2], dtype=np.float32), split)
+
+
+def test_a_sources_scores_are_the_same_gathered_or_copied_run_by_run(monkeypatch):
+    rng = np.random.default_rng(8)
+    row = rng.normal(size=3000).astype(np.float32)
+    layouts = {"runs": np.repeat([2, 0, 1, 0, 2], 600), "alternating": np.arange(3000) % 3,
+               "shuffled": rng.integers(0, 3, 3000)}
+    monkeypatch.setattr(analyses, "SOURCE_RUNS", 4)
+    for name, codes in layouts.items():
+        split = analyses.SourceSplit(codes, 4)                       # source 3 has no documents
+        assert (split.runs[0] is None) == (name != "runs") and split.runs[3] == []
+        for source in range(4):
+            got = split.scores(row, source)
+            assert got.tolist() == row[codes == source].tolist()
+            got[:] = 7                                               # a copy, never a view of the row
+        assert not (row == 7).any()
+    four, five = np.repeat([0, 1] * 4, 5), np.repeat([0, 1] * 5, 5)               # source 0 in four, five runs
+    assert len(analyses.SourceSplit(four, 2).runs[0]) == 4 and analyses.SourceSplit(five, 2).runs[0] is None

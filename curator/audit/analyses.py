@@ -239,12 +239,38 @@ def answer_occurrence(per_query: dict[str, dict], tasks: dict[str, str], top: in
 # 7 ms; sorted per source: 8.4 ms for both).
 
 
+SOURCE_RUNS = 64       # a source in at most this many runs of consecutive documents is copied run by run
+
+
 class SourceSplit:
-    """The documents (positions in doc-id order) of each source code, to sort a query's scores per source."""
+    """The documents (positions in doc-id order) of each source code, to sort a query's scores per source.
+    A source ingested as a few batches holds a few runs of consecutive ids: its scores are copied a run at
+    a time (a copy of memory) instead of gathered position by position (2.3 ms for 2M scores in four
+    sources that alternate, against 0.3 ms in four runs)."""
 
     def __init__(self, doc_codes: np.ndarray, n_sources: int):
         self.codes, self.n_sources = doc_codes, n_sources
         self.members = [np.flatnonzero(doc_codes == c) for c in range(n_sources)]
+        self.runs = [_runs(members) for members in self.members]
+
+    def scores(self, row: np.ndarray, source: int) -> np.ndarray:
+        """A new array of `row`'s values at the documents of `source`, in doc-id order."""
+        runs = self.runs[source]
+        if runs is None:
+            return row[self.members[source]]
+        return np.concatenate([row[run] for run in runs]) if runs else row[:0].copy()
+
+
+def _runs(members: np.ndarray) -> list[slice] | None:
+    """`members` (ascending positions) as slices of consecutive positions; None past SOURCE_RUNS of them."""
+    if not len(members):
+        return []
+    ends = np.flatnonzero(np.diff(members) != 1)
+    if len(ends) >= SOURCE_RUNS:
+        return None
+    starts = np.concatenate([[0], ends + 1])
+    stops = np.concatenate([ends + 1, [len(members)]])
+    return [slice(int(members[a]), int(members[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
 class ScoresNotANumber(ValueError):
@@ -281,7 +307,9 @@ class RankedScores:
 
     def __init__(self, row: np.ndarray, split: SourceSplit):
         self.row, self.split, self.n = row, split, len(row)
-        self.parts = [np.sort(row[members]) for members in split.members]
+        self.parts = [split.scores(row, source) for source in range(split.n_sources)]
+        for part in self.parts:
+            part.sort()                                   # in place: the copy above is the only one
         if any(len(part) and np.isnan(part[-1]) for part in self.parts):       # NaN sorts last
             raise ScoresNotANumber("the scores hold NaN")
         self.sizes = np.array([len(part) for part in self.parts])
