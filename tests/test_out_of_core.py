@@ -406,6 +406,23 @@ def test_parts_written_with_nullable_columns_read_as_the_required_ones(planted, 
     np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-9, atol=1e-12)
 
 
+def test_a_run_larger_than_a_slice_is_read_into_the_same_memory_group_after_group(planted, tmp_path,  # noqa: F811
+                                                                               monkeypatch):
+    """Query groups and then document blocks are lent one piece of memory in turn: each used to be fresh,
+    with the one before still held (4 × SLICE_BYTES at the peak). Parts and the DuckDB path alike."""
+    ws, scores = planted
+    summarised_run(ws, tmp_path, scores, "score-sum")
+    want = reference_audit(ws, "score-sum-plain")
+    taken = []
+    empty_slice = slices_module.empty_slice
+    monkeypatch.setattr(slices_module, "empty_slice", lambda *args: taken.append(args) or empty_slice(*args))
+    monkeypatch.setattr(slices_module, "SLICE_BYTES", 4 * 2 * 1000)           # two queries a group
+    for run_id in ("score-sum", "score-sum-plain"):
+        taken.clear()
+        assert_audit_equals_reference(audit(ws, run_id), want)
+        assert taken == [((4 * 2 * 1000,), np.uint8)], run_id                # several groups, then blocks
+
+
 def test_compacting_a_run_joins_its_small_parts_and_changes_no_score(planted, tmp_path, monkeypatch):  # noqa: F811
     """Each query batch's parts are joined in document order into parts of at most 700 documents (the
     250 + 350 of the first step, the 200 + 200 of the second); the folder holds exactly the listed parts,

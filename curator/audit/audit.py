@@ -35,7 +35,7 @@ import numpy as np
 from curator import __version__
 from curator.arrays import numpy_of
 from curator.audit import analyses
-from curator.audit.slices import document_blocks, not_full, query_groups
+from curator.audit.slices import SliceMemory, document_blocks, not_full, query_groups
 from curator.catalog.database import Catalog
 from curator.catalog.records import RunRecord, get_run, score_files, sql_files
 from curator.catalog.workspace import Workspace
@@ -117,12 +117,13 @@ def _composition(catalog: Catalog | duckdb.DuckDBPyConnection, path: Path, token
 
 class _Reading(NamedTuple):
     """A run's scores as the audit reads them: its parts (None: read through DuckDB), its queries, its
-    doc-id range when dense, and the slices (`query_groups`), the first one's reads already started
-    when the ids are a range."""
+    doc-id range when dense, the slices (`query_groups`), the first one's reads already started when the
+    ids are a range, and the memory every slice is read into in turn."""
     parts: list[PartSummary] | None
     query_ids: list[str]
     dense: tuple[int, int] | None
     groups: Iterator | None
+    memory: SliceMemory
 
 
 def _start_reading(catalog: Catalog, run: RunRecord, readers: ThreadPoolExecutor) -> _Reading:
@@ -132,12 +133,12 @@ def _start_reading(catalog: Catalog, run: RunRecord, readers: ThreadPoolExecutor
     scores_view(catalog, run)
     parts = summarised_parts(run)
     query_ids, dense = _queries_of(catalog, run, parts)
-    groups = None
+    groups, memory = None, SliceMemory()
     if parts is not None and dense:
         doc_ids = np.arange(dense[0], dense[1] + 1, dtype=np.int64)
-        groups = query_groups(catalog, run, query_ids, doc_ids, parts, readers)
+        groups = query_groups(catalog, run, query_ids, doc_ids, parts, readers, memory)
         groups = itertools.chain([next(groups)], groups)
-    return _Reading(parts, query_ids, dense, groups)
+    return _Reading(parts, query_ids, dense, groups, memory)
 
 
 def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading,
@@ -154,7 +155,7 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading
     split = analyses.SourceSplit(doc_codes, len(sources))
     gram = analyses.Gram(len(query_ids))
     counts, concentration, occurrence = {}, {}, {}
-    groups = scores.groups or query_groups(catalog, run, query_ids, doc_ids, parts, readers)
+    groups = scores.groups or query_groups(catalog, run, query_ids, doc_ids, parts, readers, scores.memory)
     with _threads(1) as background, _threads(QUERY_THREADS) as workers:
         summed = None
         for group, matrix, complete in groups:
@@ -185,9 +186,11 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading
                     tops, wider = {}, {}
         if summed is not None:
             summed.result()
+    matrix = rows = None        # the last group's slice: its memory is lent to the document blocks now
     if gram.n == 0:
-        for block in document_blocks(catalog, run, query_ids, doc_ids, parts):
-            gram.add(block)
+        for block in document_blocks(catalog, run, query_ids, doc_ids, parts, scores.memory, readers):
+            for start in range(0, block.shape[1], GRAM_COLUMNS):
+                gram.add(block[:, start:start + GRAM_COLUMNS])
     return {
         "run": _run_summary(run, model, len(query_ids), len(doc_ids), tasks),
         "influence_by_source": {

@@ -24,7 +24,25 @@ from curator.errors import CuratorError
 from curator.influence.score_dataset import PartSummary
 
 SLICE_BYTES = 2**30            # scores held at once: 1 GiB (float32: 2M documents × 134 queries)
+READ_SHARES = 2               # reads of one document block, run side by side on the readers
 LAZY_BYTES = 2**26             # slices from this size are mapped with small pages, faulted in as filled
+
+
+class SliceMemory:
+    """The memory of the audit's slices, taken once and lent to each slice in turn (the query groups, then
+    the document blocks): a run larger than SLICE_BYTES is read as several slices, each of which used to
+    be fresh memory, with the previous one still held while the next filled (4 × SLICE_BYTES at the peak).
+    A slice lent is valid until the next is taken."""
+
+    def __init__(self):
+        self._region: np.ndarray | None = None
+
+    def take(self, shape: tuple[int, int], dtype) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if self._region is None or len(self._region) < nbytes:
+            self._region = None                     # the old memory goes before the new is taken
+            self._region = empty_slice((nbytes,), np.uint8).reshape(-1)
+        return self._region[:nbytes].view(dtype).reshape(shape)
 
 
 def not_full(run: RunRecord, doc_id: int, n: int, n_queries: int) -> CuratorError:
@@ -45,10 +63,12 @@ def _positions(doc_ids: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
 
 
 def _fill(catalog: Catalog, run: RunRecord, query: str, params: list, shape: tuple[int, int], dtype,
-          row_offset: int, doc_ids: np.ndarray, column_offset: int = 0) -> np.ndarray:
-    """A queries × documents slice from the rows (i, doc_id, score) of `query`. Cells start as NaN, so a
-    pair scored twice, which leaves another pair without a score, is found as a NaN left over."""
-    matrix = np.full(shape, np.nan, dtype=dtype)
+          row_offset: int, doc_ids: np.ndarray, column_offset: int = 0, memory: SliceMemory | None = None) -> np.ndarray:
+    """A queries × documents slice from the rows (i, doc_id, score) of `query`, in `memory` when given.
+    Cells start as NaN, so a pair scored twice, which leaves another pair without a score, is found as a
+    NaN left over."""
+    matrix = (memory or SliceMemory()).take(shape, dtype)
+    matrix.fill(np.nan)
     for batch in arrow_batches(catalog, query, params, rows=1_000_000):
         at = _positions(doc_ids, numpy_of(batch.column("doc_id")))
         if at is None:
@@ -69,7 +89,8 @@ def _score_dtype(catalog: Catalog):
 
 
 def _fill_from_parts(run: RunRecord, parts: list[PartSummary], rows: dict[str, int], doc_ids: np.ndarray,
-                     start: int, stop: int, dtype) -> np.ndarray:
+                     start: int, stop: int, dtype, memory: SliceMemory | None = None,
+                     readers: Executor | None = None) -> np.ndarray:
     """What `_fill` gives for the queries `rows` (id → row) × documents doc_ids[start:stop], read from parts
     with a summary: only the score column of the row groups holding those queries, each query's values
     put in place as one row (a part holds every one of its documents for each of its queries).
@@ -79,13 +100,19 @@ def _fill_from_parts(run: RunRecord, parts: list[PartSummary], rows: dict[str, i
     slice needs no NaN fill and no pass to look for NaNs afterwards."""
     placed = _place(run, parts, doc_ids, start, stop)
     _check_covered(run, placed, rows, stop - start, doc_ids[start:stop])
-    matrix = np.empty((len(rows), stop - start), dtype=dtype)
-    _read_into(matrix, placed, rows)
+    matrix = (memory or SliceMemory()).take((len(rows), stop - start), dtype)
+    if readers is None or len(placed) < 2:
+        _read_into(matrix, placed, rows)
+        return matrix
+    # Parts hold disjoint cells: a share of them per reader (pyarrow's decoding releases the GIL).
+    shares = [placed[i::READ_SHARES] for i in range(READ_SHARES)]
+    for read in [readers.submit(_read_into, matrix, share, rows) for share in shares if share]:
+        read.result()
     return matrix
 
 
 def _fill_from_parts_by_batch(run: RunRecord, parts: list[PartSummary], rows: dict[str, int],
-                              doc_ids: np.ndarray, dtype, readers: Executor):
+                              doc_ids: np.ndarray, dtype, readers: Executor, memory: SliceMemory | None = None):
     """`_fill_from_parts` over all documents, its parts read on `readers`, one task per set of parts that
     hold the same queries (a query batch of `curator score`): the slice, and an iterator of the row
     positions that are complete, as the reads end, so that the caller analyses the first queries while
@@ -94,7 +121,7 @@ def _fill_from_parts_by_batch(run: RunRecord, parts: list[PartSummary], rows: di
     with less query memory holds a query in parts of different batches (all four queries over the first
     documents, two and two over the later ones)."""
     placed = _place(run, parts, doc_ids, 0, len(doc_ids))
-    matrix = empty_slice((len(rows), len(doc_ids)), dtype)
+    matrix = (memory or SliceMemory()).take((len(rows), len(doc_ids)), dtype)
     batches: dict[tuple[str, ...], list] = {}
     for item in placed:
         batches.setdefault(tuple(q for q in item[0].queries if q in rows), []).append(item)
@@ -223,12 +250,15 @@ def _tiles(columns: list, width: int) -> bool:
 
 
 def document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray,
-                     parts: list[PartSummary] | None = None):
+                    parts: list[PartSummary] | None = None, memory: SliceMemory | None = None,
+                    readers: Executor | None = None):
     """Queries × documents blocks, every query's scores of the same consecutive documents, for the
-    correlations when the queries do not fit in one slice. A block is a doc-id range, which Parquet
-    row-group statistics let DuckDB find without reading the rest when the parts are written by
-    document chunk (as `curator score` writes them)."""
+    correlations when the queries do not fit in one slice, each in `memory` (valid until the next is asked
+    for), read on `readers` when given. A block is a doc-id range, which Parquet row-group statistics let
+    DuckDB find without reading the rest when the parts are written by document chunk (as `curator
+    score` writes them)."""
     dtype = _score_dtype(catalog)
+    memory = memory or SliceMemory()
     size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(query_ids)))
     query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
              "WHERE s.doc_id BETWEEN ? AND ?")
@@ -236,20 +266,22 @@ def document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_
     for start in range(0, len(doc_ids), size):
         ids = doc_ids[start:start + size]
         if parts is not None:
-            yield _fill_from_parts(run, parts, rows, doc_ids, start, start + len(ids), dtype)
+            yield _fill_from_parts(run, parts, rows, doc_ids, start, start + len(ids), dtype, memory, readers)
             continue
         yield _fill(catalog, run, query, [int(ids[0]), int(ids[-1])], (len(query_ids), len(ids)), dtype, 0,
-                    doc_ids, start)
+                    doc_ids, start, memory)
 
 
 def query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray,
-                 parts: list[PartSummary] | None = None, readers: Executor | None = None):
+                 parts: list[PartSummary] | None = None, readers: Executor | None = None,
+                 memory: SliceMemory | None = None):
     """(query ids, their scores × all documents in doc-id order, the positions of the rows that are
     complete: an iterator of lists), a group of queries at a time: all of them at once when they fit in
-    SLICE_BYTES. With `readers` (parts with summaries) a group's parts are read on those threads, the
-    slice fills as they run and its rows come complete a query batch
-    at a time; otherwise the slice is whole when it is yielded."""
+    SLICE_BYTES; each group in `memory`, valid until the next is asked for. With `readers` (parts with
+    summaries) a group's parts are read on those threads, the slice fills as they run and its rows come
+    complete a query batch at a time; otherwise the slice is whole when it is yielded."""
     dtype = _score_dtype(catalog)
+    memory = memory or SliceMemory()
     size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(doc_ids)))
     for start in range(0, len(query_ids), size):
         group = query_ids[start:start + size]
@@ -257,9 +289,9 @@ def query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids
         if parts is not None:
             rows = {q: i for i, q in enumerate(group)}
             if readers is not None:
-                yield group, *_fill_from_parts_by_batch(run, parts, rows, doc_ids, dtype, readers)
+                yield group, *_fill_from_parts_by_batch(run, parts, rows, doc_ids, dtype, readers, memory)
                 continue
-            yield group, _fill_from_parts(run, parts, rows, doc_ids, 0, len(doc_ids), dtype), iter(whole)
+            yield group, _fill_from_parts(run, parts, rows, doc_ids, 0, len(doc_ids), dtype, memory), iter(whole)
             continue
         if len(group) == len(query_ids):
             query, params = "SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id)", []
@@ -267,4 +299,5 @@ def query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids
             query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
                      "WHERE q.i BETWEEN ? AND ?")
             params = [start, start + len(group) - 1]
-        yield group, _fill(catalog, run, query, params, (len(group), len(doc_ids)), dtype, start, doc_ids), iter(whole)
+        yield group, _fill(catalog, run, query, params, (len(group), len(doc_ids)), dtype, start, doc_ids,
+                           memory=memory), iter(whole)
