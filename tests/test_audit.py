@@ -145,6 +145,15 @@ def test_float32_scores_correlate_within_their_own_precision(drift):
     np.testing.assert_allclose(gram.correlation(), np.corrcoef(exact), atol=2e-7)
     np.testing.assert_allclose(gram.means(), exact.mean(axis=1), rtol=1e-9)
     assert gram.products.dtype == np.float64
+    # The blocks dealt alternately to two sums and merged (as the audit's document blocks are): the same.
+    halves = [analyses.Gram(12), analyses.Gram(12)]
+    for number, start in enumerate(range(0, n, 16_384)):
+        halves[number % 2].add(values[:, start:start + 16_384])
+    halves[0].merge(halves[1])
+    halves[0].merge(analyses.Gram(12))                                       # an empty one changes nothing
+    np.testing.assert_allclose(halves[0].correlation(), np.corrcoef(exact), atol=2e-7)
+    np.testing.assert_allclose(halves[0].means(), exact.mean(axis=1), rtol=1e-9)
+    assert halves[0].n == n
 
 
 def test_json_numbers_equal_direct_recomputation_from_the_parquet(planted, tmp_path):

@@ -92,6 +92,16 @@ class Gram:
         self.mean += delta * (width / total)
         self.n = total
 
+    def merge(self, other: Gram) -> None:
+        """Add the co-moments `other` summed over other documents (the same merge as `add`'s)."""
+        total = self.n + other.n
+        if other.n == 0:
+            return
+        delta = other.mean - self.mean
+        self.products += other.products + np.outer(delta, delta) * (self.n * other.n / total)
+        self.mean += delta * (other.n / total)
+        self.n = total
+
     def means(self) -> np.ndarray:
         return self.mean
 

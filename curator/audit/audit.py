@@ -35,7 +35,7 @@ import numpy as np
 from curator import __version__
 from curator.arrays import numpy_of
 from curator.audit import analyses
-from curator.audit.slices import SliceMemory, document_blocks, not_full, query_groups
+from curator.audit.slices import SliceMemory, document_blocks, not_full, query_groups, slice_reserve
 from curator.catalog.database import Catalog
 from curator.catalog.records import RunRecord, get_run, score_files, sql_files
 from curator.catalog.workspace import Workspace
@@ -136,6 +136,7 @@ def _start_reading(catalog: Catalog, run: RunRecord, readers: ThreadPoolExecutor
     groups, memory = None, SliceMemory()
     if parts is not None and dense:
         doc_ids = np.arange(dense[0], dense[1] + 1, dtype=np.int64)
+        memory.reserve = slice_reserve(len(query_ids), len(doc_ids))
         groups = query_groups(catalog, run, query_ids, doc_ids, parts, readers, memory)
         groups = itertools.chain([next(groups)], groups)
     return _Reading(parts, query_ids, dense, groups, memory)
@@ -155,6 +156,8 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading
     split = analyses.SourceSplit(doc_codes, len(sources))
     gram = analyses.Gram(len(query_ids))
     counts, concentration, occurrence = {}, {}, {}
+    if scores.groups is None:
+        scores.memory.reserve = slice_reserve(len(query_ids), len(doc_ids))
     groups = scores.groups or query_groups(catalog, run, query_ids, doc_ids, parts, readers, scores.memory)
     with _threads(1) as background, _threads(QUERY_THREADS) as workers:
         summed = None
@@ -188,9 +191,7 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading
             summed.result()
     matrix = rows = None        # the last group's slice: its memory is lent to the document blocks now
     if gram.n == 0:
-        for block in document_blocks(catalog, run, query_ids, doc_ids, parts, scores.memory, readers):
-            for start in range(0, block.shape[1], GRAM_COLUMNS):
-                gram.add(block[:, start:start + GRAM_COLUMNS])
+        _gram_of_blocks(gram, document_blocks(catalog, run, query_ids, doc_ids, parts, scores.memory, readers))
     return {
         "run": _run_summary(run, model, len(query_ids), len(doc_ids), tasks),
         "influence_by_source": {
@@ -201,6 +202,22 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading
         "answer_occurrence": analyses.answer_occurrence(
             {q: occurrence[q] for q in query_ids if q in occurrence}, tasks),
     }
+
+
+def _gram_of_blocks(gram: analyses.Gram, blocks) -> None:
+    """The sums of products of the document blocks, GRAM_COLUMNS documents at a time, alternately into
+    `gram` and a second one on two threads (nothing else runs then: one left a core idle), merged at the
+    end. Every run cuts and deals the columns the same way, so the sums come out the same. A block is
+    finished with before the next is asked for (its memory is read into again)."""
+    second = analyses.Gram(len(gram.mean))
+    with _threads(1) as one, _threads(1) as other:
+        for block in blocks:
+            starts = range(0, block.shape[1], GRAM_COLUMNS)
+            adds = [(one, gram) if i % 2 == 0 else (other, second) for i in range(len(starts))]
+            for added in [pool.submit(into.add, block[:, start:start + GRAM_COLUMNS])
+                          for (pool, into), start in zip(adds, starts)]:
+                added.result()
+    gram.merge(second)
 
 
 def _query_analyses(row: np.ndarray, split: analyses.SourceSplit, ks: list[int], top: bool):

@@ -34,15 +34,24 @@ class SliceMemory:
     be fresh memory, with the previous one still held while the next filled (4 × SLICE_BYTES at the peak).
     A slice lent is valid until the next is taken."""
 
-    def __init__(self):
+    def __init__(self, reserve: int = 0):
+        """`reserve`: bytes to map at the first take (a large region is mapped lazily: what no slice
+        touches costs nothing), so that slices of different shapes up to it share one mapping."""
         self._region: np.ndarray | None = None
+        self.reserve = reserve
 
-    def take(self, shape: tuple[int, int], dtype) -> np.ndarray:
+    def take(self, shape: tuple[int, int], dtype, offset: int = 0) -> np.ndarray:
+        """A slice of `shape` at byte `offset` of the memory (grown, the old memory dropped, if short)."""
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if self._region is None or len(self._region) < nbytes:
+        if self._region is None or len(self._region) < offset + nbytes:
             self._region = None                     # the old memory goes before the new is taken
-            self._region = empty_slice((nbytes,), np.uint8).reshape(-1)
-        return self._region[:nbytes].view(dtype).reshape(shape)
+            self._region = empty_slice((max(offset + nbytes, self.reserve),), np.uint8).reshape(-1)
+        return self._region[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def slice_reserve(n_queries: int, n_docs: int) -> int:
+    """What `SliceMemory` should map for a run's slices: all its scores (float64 at most) up to SLICE_BYTES."""
+    return min(SLICE_BYTES, n_queries * n_docs * 8)
 
 
 def not_full(run: RunRecord, doc_id: int, n: int, n_queries: int) -> CuratorError:
@@ -259,10 +268,13 @@ def document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_
     score` writes them)."""
     dtype = _score_dtype(catalog)
     memory = memory or SliceMemory()
-    size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(query_ids)))
+    rows = {q: i for i, q in enumerate(query_ids)}
+    size = _block_size(len(query_ids), dtype)
+    if parts is not None and readers is not None:
+        yield from _document_blocks_read_ahead(run, parts, rows, doc_ids, dtype, memory, readers, size)
+        return
     query = ("SELECT q.i, s.doc_id, s.score FROM scores s JOIN audit_queries q USING (query_id) "
              "WHERE s.doc_id BETWEEN ? AND ?")
-    rows = {q: i for i, q in enumerate(query_ids)}
     for start in range(0, len(doc_ids), size):
         ids = doc_ids[start:start + size]
         if parts is not None:
@@ -270,6 +282,43 @@ def document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_
             continue
         yield _fill(catalog, run, query, [int(ids[0]), int(ids[-1])], (len(query_ids), len(ids)), dtype, 0,
                     doc_ids, start, memory)
+
+
+def _block_size(n_queries: int, dtype) -> int:
+    """Documents per document block: half a slice, so that one is read while the one before is used (and
+    every way of reading a run cuts it into the same blocks: the correlations' sums come out the same)."""
+    return max(1, SLICE_BYTES // 2 // (np.dtype(dtype).itemsize * n_queries))
+
+
+def _document_blocks_read_ahead(run: RunRecord, parts: list[PartSummary], rows: dict[str, int],
+                                doc_ids: np.ndarray, dtype, memory: SliceMemory, readers: Executor, size: int):
+    """`document_blocks` from parts with summaries, each block (of `size` documents) read on `readers`
+    while the caller works on the one before (the correlations' products, on one thread, left the second
+    core idle), the two in the two halves of `memory`."""
+    half = size * len(rows) * np.dtype(dtype).itemsize
+
+    def start_block(number: int):
+        start, stop = number * size, min(len(doc_ids), (number + 1) * size)
+        placed = _place(run, parts, doc_ids, start, stop)
+        _check_covered(run, placed, rows, stop - start, doc_ids[start:stop])
+        matrix = memory.take((len(rows), stop - start), dtype, offset=(number % 2) * half)
+        shares = [placed[i::READ_SHARES] for i in range(READ_SHARES)]
+        return matrix, [readers.submit(_read_into, matrix, share, rows) for share in shares if share]
+
+    blocks = -(-len(doc_ids) // size)
+    pending = start_block(0) if blocks else None
+    for number in range(blocks):
+        matrix, reads = pending
+        try:
+            for read in reads:
+                read.result()
+        except BaseException:
+            for read in reads:
+                read.cancel()
+            raise
+        # The next block goes into the other half, which the caller finished with when it asked for this one.
+        pending = start_block(number + 1) if number + 1 < blocks else None
+        yield matrix
 
 
 def query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray,
