@@ -422,3 +422,17 @@ def test_the_batched_fill_takes_what_one_row_at_a_time_takes(seed):
     assert state.total == sum(int(tokens[doc == d][0]) for d in want)
     if state.total != budget:
         assert state.left_smallest == smallest
+
+
+def test_membership_of_taken_ids_by_table_and_by_search_equals_isin(monkeypatch):
+    from curator.curate import mix as mix_module
+
+    rng = np.random.default_rng(2)
+    for taken, ids in ((np.unique(rng.integers(1, 5000, 800)), rng.integers(0, 5200, 3000)),
+                       (np.array([7]), np.array([6, 7, 8])), (np.zeros(0, dtype=np.int64), np.array([1, 2])),
+                       (np.array([3, 9]), np.zeros(0, dtype=np.int64))):
+        want = np.isin(ids, taken)
+        assert mix_module._member(ids, taken).tolist() == want.tolist()                 # by table
+        monkeypatch.setattr(mix_module, "TABLE_SPAN", 1)
+        assert mix_module._member(ids, taken).tolist() == want.tolist()                 # by search
+        monkeypatch.undo()
