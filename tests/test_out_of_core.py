@@ -423,6 +423,44 @@ def test_a_run_larger_than_a_slice_is_read_into_the_same_memory_group_after_grou
         assert len(taken) == 1 and taken[0][0][0] <= 4 * 2 * 1000 * 2, (run_id, taken)  # groups, then blocks
 
 
+def test_document_blocks_read_ahead_and_leave_no_read_running_when_left_early(planted, tmp_path,  # noqa: F811
+                                                                              monkeypatch):
+    """Each block is read while the one before is used, into the other half of the memory: the blocks
+    join into the whole table; a caller that stops after one block leaves no read writing into it."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from curator.catalog.records import get_run
+    from curator.curate.scores import scores_view, summarised_parts
+
+    ws, scores = planted
+    summarised_run(ws, tmp_path, scores, "score-sum")
+    wide = scores.pivot(on="doc_id", index="query_id", values="score").sort("query_id")
+    query_ids = wide["query_id"].to_list()
+    doc_ids = np.array(sorted(int(c) for c in wide.columns[1:]))
+    want = wide.select([str(d) for d in doc_ids]).to_numpy().astype(np.float32)
+    monkeypatch.setattr(slices_module, "SLICE_BYTES", 4 * 5 * 300)            # blocks of 150 documents
+    read_into = slices_module._read_into
+    monkeypatch.setattr(slices_module, "_read_into", lambda *args: time.sleep(0.05) or read_into(*args))
+    with Catalog.open(ws) as catalog, ThreadPoolExecutor(2) as readers:
+        run = get_run(catalog, "score-sum")
+        scores_view(catalog, run)
+        parts = summarised_parts(run)
+        blocks = [block.copy() for block in slices_module.document_blocks(
+            catalog, run, query_ids, doc_ids, parts, slices_module.SliceMemory(), readers)]
+        assert [b.shape[1] for b in blocks] == [150] * 6 + [100]
+        np.testing.assert_array_equal(np.concatenate(blocks, axis=1), want)
+        submitted = []
+        submit = readers.submit
+        monkeypatch.setattr(readers, "submit", lambda *a: submitted.append(submit(*a)) or submitted[-1])
+        generator = slices_module.document_blocks(catalog, run, query_ids, doc_ids, parts,
+                                                  slices_module.SliceMemory(), readers)
+        next(generator)                       # the second block's reads are under way now
+        assert not all(read.done() for read in submitted)
+        generator.close()
+        assert all(read.done() for read in submitted)
+
+
 def test_compacting_a_run_joins_its_small_parts_and_changes_no_score(planted, tmp_path, monkeypatch):  # noqa: F811
     """Each query batch's parts are joined in document order into parts of at most 700 documents (the
     250 + 350 of the first step, the 200 + 200 of the second); the folder holds exactly the listed parts,

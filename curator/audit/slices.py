@@ -44,7 +44,7 @@ class SliceMemory:
         """A slice of `shape` at byte `offset` of the memory (grown, the old memory dropped, if short)."""
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if self._region is None or len(self._region) < offset + nbytes:
-            self._region = None                     # the old memory goes before the new is taken
+            self._region = None     # the old memory goes before the new is taken, unless a slice still holds it
             self._region = empty_slice((max(offset + nbytes, self.reserve),), np.uint8).reshape(-1)
         return self._region[offset:offset + nbytes].view(dtype).reshape(shape)
 
@@ -98,8 +98,7 @@ def _score_dtype(catalog: Catalog):
 
 
 def _fill_from_parts(run: RunRecord, parts: list[PartSummary], rows: dict[str, int], doc_ids: np.ndarray,
-                     start: int, stop: int, dtype, memory: SliceMemory | None = None,
-                     readers: Executor | None = None) -> np.ndarray:
+                     start: int, stop: int, dtype, memory: SliceMemory | None = None) -> np.ndarray:
     """What `_fill` gives for the queries `rows` (id → row) × documents doc_ids[start:stop], read from parts
     with a summary: only the score column of the row groups holding those queries, each query's values
     put in place as one row (a part holds every one of its documents for each of its queries).
@@ -110,13 +109,7 @@ def _fill_from_parts(run: RunRecord, parts: list[PartSummary], rows: dict[str, i
     placed = _place(run, parts, doc_ids, start, stop)
     _check_covered(run, placed, rows, stop - start, doc_ids[start:stop])
     matrix = (memory or SliceMemory()).take((len(rows), stop - start), dtype)
-    if readers is None or len(placed) < 2:
-        _read_into(matrix, placed, rows)
-        return matrix
-    # Parts hold disjoint cells: a share of them per reader (pyarrow's decoding releases the GIL).
-    shares = [placed[i::READ_SHARES] for i in range(READ_SHARES)]
-    for read in [readers.submit(_read_into, matrix, share, rows) for share in shares if share]:
-        read.result()
+    _read_into(matrix, placed, rows)
     return matrix
 
 
@@ -278,7 +271,7 @@ def document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_
     for start in range(0, len(doc_ids), size):
         ids = doc_ids[start:start + size]
         if parts is not None:
-            yield _fill_from_parts(run, parts, rows, doc_ids, start, start + len(ids), dtype, memory, readers)
+            yield _fill_from_parts(run, parts, rows, doc_ids, start, start + len(ids), dtype, memory)
             continue
         yield _fill(catalog, run, query, [int(ids[0]), int(ids[-1])], (len(query_ids), len(ids)), dtype, 0,
                     doc_ids, start, memory)
@@ -302,23 +295,35 @@ def _document_blocks_read_ahead(run: RunRecord, parts: list[PartSummary], rows: 
         placed = _place(run, parts, doc_ids, start, stop)
         _check_covered(run, placed, rows, stop - start, doc_ids[start:stop])
         matrix = memory.take((len(rows), stop - start), dtype, offset=(number % 2) * half)
-        shares = [placed[i::READ_SHARES] for i in range(READ_SHARES)]
+        shares = [placed[i::READ_SHARES] for i in range(READ_SHARES)]      # parts hold disjoint cells
         return matrix, [readers.submit(_read_into, matrix, share, rows) for share in shares if share]
 
     blocks = -(-len(doc_ids) // size)
     pending = start_block(0) if blocks else None
-    for number in range(blocks):
-        matrix, reads = pending
-        try:
-            for read in reads:
-                read.result()
-        except BaseException:
-            for read in reads:
-                read.cancel()
-            raise
-        # The next block goes into the other half, which the caller finished with when it asked for this one.
-        pending = start_block(number + 1) if number + 1 < blocks else None
-        yield matrix
+    try:
+        for number in range(blocks):
+            matrix, reads = pending
+            pending = None
+            try:
+                for read in reads:
+                    read.result()
+            finally:
+                _settle(reads)
+            # The next block goes into the other half, which the caller finished with when it asked for this one.
+            pending = start_block(number + 1) if number + 1 < blocks else None
+            yield matrix
+    finally:        # a caller that stops early (an error, a closed generator): no read left writing
+        if pending is not None:
+            _settle(pending[1])
+
+
+def _settle(reads: list) -> None:
+    """Cancel the reads not started and wait for the others to end, whatever their outcome."""
+    for read in reads:
+        read.cancel()
+    for read in reads:
+        if not read.cancelled():
+            read.exception()
 
 
 def query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids: np.ndarray,
