@@ -269,3 +269,16 @@ def test_a_sources_scores_are_the_same_gathered_or_copied_run_by_run(monkeypatch
         assert not (row == 7).any()
     four, five = np.repeat([0, 1] * 4, 5), np.repeat([0, 1] * 5, 5)               # source 0 in four, five runs
     assert len(analyses.SourceSplit(four, 2).runs[0]) == 4 and analyses.SourceSplit(five, 2).runs[0] is None
+
+
+def test_average_ranks_equal_polars_average_ranks_with_ties_and_signed_zeros():
+    rng = np.random.default_rng(6)
+    for values in (rng.integers(-3, 4, 2000).astype(np.float32), rng.normal(size=2000).astype(np.float32),
+                   rng.integers(-3, 4, 2000).astype(np.float64), np.where(rng.random(50) < 0.5, -0.0, 0.0),
+                   np.array([-np.inf, 2.5, np.inf, -1e-45, 1e-45, 2.5], dtype=np.float32), np.zeros(1, np.float32),
+                   np.zeros(0, np.float32)):
+        want = pl.Series(values.astype(np.float64) + 0.0).rank("average").to_numpy()
+        got = analyses.average_ranks(values)
+        assert got.dtype == np.float64 and got.tolist() == want.tolist(), values[:8]
+    assert analyses.pearson(np.arange(5.0), np.arange(5.0) * 2 + 1) == pytest.approx(1.0)
+    assert np.isnan(analyses.pearson(np.ones(4), np.arange(4.0)))

@@ -195,6 +195,31 @@ def test_compare_spearman_equals_numpy_with_ties(planted, tmp_path):  # noqa: F8
         assert values["pearson"] == pytest.approx(np.corrcoef(a.to_numpy(), b.to_numpy())[0, 1], rel=1e-9)
 
 
+def test_compare_of_two_full_tables_reads_their_parts_and_equals_the_duckdb_join(planted, tmp_path,  # noqa: F811
+                                                                                monkeypatch):
+    """Two runs over the same documents, written as `curator score` writes them, are compared from their
+    parts (two query groups here), with the DuckDB join's numbers: ties and -0.0 beside 0.0 included."""
+    ws, scores = planted
+    rounded = scores.with_columns(((pl.col("score") * 3).round(0) * pl.when(pl.col("doc_id") % 2 == 0)
+                                   .then(1.0).otherwise(-1.0)).alias("score"))            # ties, -0.0 and 0.0
+    summarised_run(ws, tmp_path, scores, "score-a")
+    summarised_run(ws, tmp_path, rounded, "score-b")
+    taken = []
+    from_parts = audit_module._compare_from_parts
+    monkeypatch.setattr(audit_module, "_compare_from_parts", lambda *a: taken.append(from_parts(*a)) or taken[-1])
+    monkeypatch.setattr(audit_module, "SLICE_BYTES", 2 * 8 * 1000 * 3)                  # three queries a group
+    got = compare(ws, "score-a", "score-b")
+    want = compare(ws, "score-a-plain", "score-b-plain")
+    assert taken[0] is not None and taken[1] is None                      # parts, then the DuckDB join
+    assert got["per_query"].keys() == want["per_query"].keys() and len(want["per_query"]) == 5
+    for query_id, values in want["per_query"].items():
+        assert got["per_query"][query_id] == pytest.approx(values, rel=1e-9), query_id
+        a = scores.filter(pl.col("query_id") == query_id).sort("doc_id")["score"].cast(pl.Float32)
+        b = rounded.filter(pl.col("query_id") == query_id).sort("doc_id")["score"].cast(pl.Float32)
+        spearman = np.corrcoef(a.rank().to_numpy(), (b + 0.0).rank().to_numpy())[0, 1]
+        assert got["per_query"][query_id]["spearman"] == pytest.approx(spearman, rel=1e-9)
+
+
 def test_a_partial_score_table_is_one_clear_error(planted, tmp_path):  # noqa: F811
     from helpers import plant_run
 

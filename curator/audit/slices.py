@@ -91,9 +91,9 @@ def _fill(catalog: Catalog, run: RunRecord, query: str, params: list, shape: tup
     return matrix
 
 
-def _score_dtype(catalog: Catalog):
+def score_dtype(catalog: Catalog, view: str = "scores"):
     """Scores keep the dataset's precision (float32 as `curator score` writes them; float64 in older files)."""
-    kind = dict((row[0], row[1]) for row in catalog.sql("DESCRIBE scores"))["score"]
+    kind = dict((row[0], row[1]) for row in catalog.sql(f"DESCRIBE {view}"))["score"]
     return np.float32 if kind in ("FLOAT", "REAL") else np.float64
 
 
@@ -111,6 +111,14 @@ def _fill_from_parts(run: RunRecord, parts: list[PartSummary], rows: dict[str, i
     matrix = (memory or SliceMemory()).take((len(rows), stop - start), dtype)
     _read_into(matrix, placed, rows)
     return matrix
+
+
+def rows_of(run: RunRecord, parts: list[PartSummary], query_ids: list[str], doc_ids: np.ndarray, dtype,
+            memory: SliceMemory | None = None) -> np.ndarray:
+    """The scores of `query_ids` × all of `doc_ids` (a full table's), from parts with summaries, in
+    `memory` when given (valid until it lends the next slice)."""
+    rows = {q: i for i, q in enumerate(query_ids)}
+    return _fill_from_parts(run, parts, rows, doc_ids, 0, len(doc_ids), dtype, memory)
 
 
 def _fill_from_parts_by_batch(run: RunRecord, parts: list[PartSummary], rows: dict[str, int],
@@ -259,7 +267,7 @@ def document_blocks(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_
     for), read on `readers` when given. A block is a doc-id range, which Parquet row-group statistics let
     DuckDB find without reading the rest when the parts are written by document chunk (as `curator
     score` writes them)."""
-    dtype = _score_dtype(catalog)
+    dtype = score_dtype(catalog)
     memory = memory or SliceMemory()
     rows = {q: i for i, q in enumerate(query_ids)}
     size = _block_size(len(query_ids), dtype)
@@ -334,7 +342,7 @@ def query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids
     SLICE_BYTES; each group in `memory`, valid until the next is asked for. With `readers` (parts with
     summaries) a group's parts are read on those threads, the slice fills as they run and its rows come
     complete a query batch at a time; otherwise the slice is whole when it is yielded."""
-    dtype = _score_dtype(catalog)
+    dtype = score_dtype(catalog)
     memory = memory or SliceMemory()
     size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(doc_ids)))
     for start in range(0, len(query_ids), size):
