@@ -282,3 +282,4 @@ def test_average_ranks_equal_polars_average_ranks_with_ties_and_signed_zeros():
         assert got.dtype == np.float64 and got.tolist() == want.tolist(), values[:8]
     assert analyses.pearson(np.arange(5.0), np.arange(5.0) * 2 + 1) == pytest.approx(1.0)
     assert np.isnan(analyses.pearson(np.ones(4), np.arange(4.0)))
+    assert np.isnan(analyses.pearson(np.full(1001, 0.1), np.arange(1001.0)))    # its mean is not 0.1 exactly

@@ -220,6 +220,46 @@ def test_compare_of_two_full_tables_reads_their_parts_and_equals_the_duckdb_join
         assert got["per_query"][query_id]["spearman"] == pytest.approx(spearman, rel=1e-9)
 
 
+def test_compare_from_parts_with_an_empty_part_and_with_nan(planted, tmp_path):  # noqa: F811
+    """A run with an empty part has no doc-id statistics in it, so its id range is counted from its own
+    view (`compare` names the runs' views run_a and run_b), and its documents are none (the audit read
+    them from the file: a StopIteration); a NaN score is an error naming the query."""
+    from helpers import plant_run
+
+    from curator.errors import CuratorError
+    from curator.influence.score_dataset import ScoreDataset, write_part
+
+    ws, scores = planted
+    summarised_run(ws, tmp_path, scores, "score-a")
+    wide = scores.pivot(on="query_id", index="doc_id", values="score").sort("doc_id")
+    query_ids = sorted(scores["query_id"].unique())
+    doc_ids = wide["doc_id"].to_numpy()
+    values = wide.select(query_ids).to_numpy().T.astype(np.float32)
+
+    def record(run_id: str, matrix: np.ndarray) -> None:
+        dataset = ScoreDataset(tmp_path / run_id)
+        manifest = dataset.open(run_id, [query_ids])
+        dataset.pending.mkdir(exist_ok=True)
+        write_part(dataset.pending / "all.parquet", query_ids, doc_ids, matrix, matrix / 2)
+        write_part(dataset.pending / "none.parquet", query_ids, doc_ids[:0], matrix[:, :0], matrix[:, :0])
+        dataset.publish(manifest, ["all.parquet", "none.parquet"], doc_ids, {q: 1.0 for q in query_ids})
+        plant_run(ws, tmp_path, scores, {q: 1.0 for q in query_ids}, run_id=f"{run_id}-plain")
+        with Catalog.open(ws, write=True) as catalog:
+            catalog.sql("UPDATE runs SET id = ?, out_path = ? WHERE id = ?",
+                        [run_id, str(dataset.root), f"{run_id}-plain"])
+
+    record("score-empty", values)
+    result = compare(ws, "score-a", "score-empty")
+    assert all(v["pearson"] == pytest.approx(1.0) and v["spearman"] == pytest.approx(1.0)
+               for v in result["per_query"].values()) and len(result["per_query"]) == 5
+    assert_audit_equals_reference(audit(ws, "score-empty"), reference_audit(ws, "score-a-plain"))
+    poisoned = values.copy()
+    poisoned[query_ids.index("fact-1"), 10] = np.nan
+    record("score-nan", poisoned)
+    with pytest.raises(CuratorError, match="score-nan hold NaN for query fact-1"):
+        compare(ws, "score-a", "score-nan")
+
+
 def test_a_partial_score_table_is_one_clear_error(planted, tmp_path):  # noqa: F811
     from helpers import plant_run
 

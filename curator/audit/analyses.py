@@ -149,9 +149,11 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     constant, as DuckDB's `corr`)."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    x = x - x.mean()
-    y = y - y.mean()
-    with np.errstate(divide="ignore", invalid="ignore"):
+    if not len(x) or x.min() == x.max() or y.min() == y.max():    # a mean may miss a constant by a rounding
+        return float("nan")
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        x = x - x.mean()
+        y = y - y.mean()
         return float(np.dot(x, y) / np.sqrt(np.dot(x, x) * np.dot(y, y)))
 
 

@@ -237,12 +237,12 @@ def _query_analyses(row: np.ndarray, split: analyses.SourceSplit, ks: list[int],
     return counts, concentration, analyses.top_order(ranked, ANSWER_TOP), list(zip(wider, ranked.kth(wider)))
 
 
-def _queries_of(catalog: Catalog, run: RunRecord,
-                parts: list[PartSummary] | None) -> tuple[list[str], tuple[int, int] | None]:
+def _queries_of(catalog: Catalog, run: RunRecord, parts: list[PartSummary] | None,
+                view: str = "scores") -> tuple[list[str], tuple[int, int] | None]:
     """The run's queries in id order (also as the temporary table audit_queries: query_id, i), from the
-    parts' summaries or else one counting scan, and the doc-id range (low, high) when every query has one
-    score per id of it (as `curator score` writes a catalog's consecutive ids; a pair scored twice is
-    caught when the slices are filled); None otherwise."""
+    parts' summaries or else one counting scan of `view` (its scores), and the doc-id range (low, high)
+    when every query has one score per id of it (as `curator score` writes a catalog's consecutive ids;
+    a pair scored twice is caught when the slices are filled); None otherwise."""
     if parts is not None:
         counted: dict[str, int] = {}
         for part in parts:
@@ -250,19 +250,19 @@ def _queries_of(catalog: Catalog, run: RunRecord,
                 counted[query_id] = counted.get(query_id, 0) + part.documents
         rows = sorted(counted.items())
     else:
-        rows = catalog.sql("SELECT query_id, count(*) FROM scores GROUP BY query_id ORDER BY query_id")
+        rows = catalog.sql(f"SELECT query_id, count(*) FROM {view} GROUP BY query_id ORDER BY query_id")
     if not rows:
         raise CuratorError(f"the scores of run {run.id} ({run.out_path}) are empty")
     query_ids = [r[0] for r in rows]
     catalog.sql("CREATE OR REPLACE TEMP TABLE audit_queries AS "
                 "SELECT query_id, (row_number() OVER (ORDER BY query_id) - 1)::INTEGER AS i "
                 "FROM (SELECT unnest(?::VARCHAR[]) AS query_id)", [query_ids])
-    low, high = _doc_id_bounds(catalog, run)
+    low, high = _doc_id_bounds(catalog, run, view)
     dense = all(r[1] == high - low + 1 for r in rows)
     return query_ids, (low, high) if dense else None
 
 
-def _doc_id_bounds(catalog: Catalog, run: RunRecord) -> tuple[int, int]:
+def _doc_id_bounds(catalog: Catalog, run: RunRecord, view: str = "scores") -> tuple[int, int]:
     """The smallest and largest doc id, from the Parquet row groups' statistics (no scan) where every row
     group has them."""
     low, high, missing = catalog.one(
@@ -270,7 +270,7 @@ def _doc_id_bounds(catalog: Catalog, run: RunRecord) -> tuple[int, int]:
         "count(*) FILTER (WHERE stats_min_value IS NULL OR stats_max_value IS NULL) "
         f"FROM parquet_metadata({sql_files(score_files(run.out_path))}) WHERE path_in_schema = 'doc_id'")
     if missing or low is None:
-        low, high = catalog.one("SELECT min(doc_id), max(doc_id) FROM scores")
+        low, high = catalog.one(f"SELECT min(doc_id), max(doc_id) FROM {view}")
     return int(low), int(high)
 
 
@@ -402,13 +402,14 @@ ORDER BY query_id
 """
 
 
-def _full_table(catalog: Catalog, run: RunRecord) -> tuple[list[PartSummary], list[str], tuple[int, int]] | None:
+def _full_table(catalog: Catalog, run: RunRecord,
+                view: str) -> tuple[list[PartSummary], list[str], tuple[int, int]] | None:
     """A run's parts, queries and doc-id range when it is a full table over a range of ids with summaries
-    (as `curator score` writes it over a catalog); None otherwise."""
+    (as `curator score` writes it over a catalog); None otherwise. `view`: its scores in the catalog."""
     parts = summarised_parts(run)
     if parts is None:
         return None
-    query_ids, dense = _queries_of(catalog, run, parts)
+    query_ids, dense = _queries_of(catalog, run, parts, view)
     return (parts, query_ids, dense) if dense else None
 
 
@@ -418,7 +419,7 @@ def _compare_from_parts(catalog: Catalog, a: RunRecord, b: RunRecord) -> dict | 
     scores and of their average ranks (`analyses.average_ranks`), a query per thread. None when the runs
     are not such tables: DuckDB joins them then. The join ranked 2M documents × 100 queries in 314 s
     (2.3 GB, spilling); this reads them as the audit does."""
-    tables = [_full_table(catalog, run) for run in (a, b)]
+    tables = [_full_table(catalog, run, view) for run, view in ((a, "run_a"), (b, "run_b"))]
     if None in tables or tables[0][2] != tables[1][2]:
         return None
     (parts_a, queries_a, (low, high)), (parts_b, queries_b, _) = tables
@@ -430,7 +431,10 @@ def _compare_from_parts(catalog: Catalog, a: RunRecord, b: RunRecord) -> dict | 
     group = max(1, SLICE_BYTES // 2 // (itemsize * len(doc_ids)))
     memories = (SliceMemory(), SliceMemory())
 
-    def correlate(x: np.ndarray, y: np.ndarray) -> dict:
+    def correlate(query_id: str, x: np.ndarray, y: np.ndarray) -> dict:
+        for run, row in ((a, x), (b, y)):
+            if np.isnan(row).any():            # NaN has no rank; `curator score` stops on it
+                raise CuratorError(f"the scores of run {run.id} hold NaN for query {query_id}")
         return {"pearson": analyses.pearson(x, y),
                 "spearman": analyses.pearson(analyses.average_ranks(x), analyses.average_ranks(y)),
                 "documents": int(len(x))}
@@ -443,7 +447,7 @@ def _compare_from_parts(catalog: Catalog, a: RunRecord, b: RunRecord) -> dict | 
             slices = list(workers.map(lambda run, parts, dtype, memory: rows_of(run, parts, queries, doc_ids, dtype,
                                                                                 memory),
                                       (a, b), (parts_a, parts_b), dtypes, memories))
-            results = workers.map(lambda i: correlate(slices[0][i], slices[1][i]), range(len(queries)))
+            results = workers.map(lambda i: correlate(queries[i], slices[0][i], slices[1][i]), range(len(queries)))
             per_query.update(zip(queries, results))
     return per_query
 

@@ -287,6 +287,8 @@ class PartSummary:
         """The part's documents in row order (the same for each of its queries)."""
         if self.first_doc is not None:
             return np.arange(self.first_doc, self.first_doc + self.documents, dtype=np.int64)
+        if self.documents == 0:        # an empty part has no batch to read
+            return np.zeros(0, dtype=np.int64)
         import pyarrow.parquet as pq
 
         with reading(self.path, "score dataset part", "curator score ... --force"):
