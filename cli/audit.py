@@ -43,7 +43,14 @@ def compare(
     workspace: WorkspaceOption = None,
 ) -> None:
     """Per-query correlation of two runs' scores over their common documents: two models, two settings,
-    or sketch against exact."""
+    or sketch against exact.
+
+    Pearson's r of the scores and Spearman's rho (Pearson of their ranks; tied scores share the mean of
+    their ranks), with the means over queries, and an SVG plot. Two `curator score` runs over the same
+    catalog are read from their parts a group of queries at a time (2M documents x 100 queries: ~11 s);
+    other pairs are joined in DuckDB (within CURATOR_DUCKDB_MEMORY, spilling the rest).
+
+    Example: curator compare score-3f2a score-91bc --output json"""
     import polars as pl
 
     from curator.audit.audit import compare as run_compare
