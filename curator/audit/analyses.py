@@ -116,17 +116,16 @@ class Gram:
 def average_ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1..n of `values` (float64), tied values sharing the mean of their ranks, as DuckDB's
     `rank() + (count(*) - 1) / 2` over the ties and polars' and scipy's "average" ranks give them. For
-    float32 scores under 2³¹ of them the order comes from one sort of 64-bit keys (the score's bits above,
+    float32 scores under 2³² of them the order comes from one sort of 64-bit keys (the score's bits above,
     its position below: 2M scores ranked in ~60 ms against ~210 ms from a stable argsort)."""
     values = np.asarray(values) + 0.0                       # -0.0 ties with 0.0, as it compares
     n = len(values)
-    if values.dtype == np.float32 and n < 2**31:
-        bits = values.view(np.int32)
-        ordered_bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)    # negative floats' other bits flipped: int order
-        keys = (ordered_bits.astype(np.int64) << 32) | np.arange(n, dtype=np.int64)
+    if values.dtype == np.float32 and n < 2**32:
+        to_key, _ = order_keys(np.float32)
+        keys = (to_key(values).astype(np.uint64) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
         keys.sort()
-        order = keys & 0xFFFFFFFF
-        ordered = keys >> 32                                # the values' order, as integers
+        order = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        ordered = keys >> np.uint64(32)                     # the values' order, as integers
     else:
         order = np.argsort(values, kind="stable")
         ordered = values[order]
@@ -331,20 +330,25 @@ class ScoresNotANumber(ValueError):
     """A query's scores hold NaN, which has no place in an order."""
 
 
-def _order_keys(dtype):
-    """(to key, to value): the scores of `dtype` as unsigned integers in the same order (the sign bit set
-    for positive numbers, every bit flipped for negative ones), and back. -0.0 and 0.0 get two keys and
-    compare equal, which bisection over the values allows."""
+def order_keys(dtype):
+    """(to key, to value): scores of `dtype` (float32, float64) as unsigned integers in the same order, and
+    back: a negative number's bits below the sign flipped (then the integers order as the numbers do,
+    signed), and the sign bit flipped (then they order unsigned). -0.0 and 0.0 get two keys and compare
+    equal, which bisection over the values allows."""
     dtype = np.dtype(dtype)
-    key_type = {4: np.uint32, 8: np.uint64}[dtype.itemsize]
-    sign = key_type(1) << key_type(8 * dtype.itemsize - 1)
+    signed, key_type = {4: (np.int32, np.uint32), 8: (np.int64, np.uint64)}[dtype.itemsize]
+    width = 8 * dtype.itemsize - 1
+    low_bits = signed(np.iinfo(signed).max)
+    sign = key_type(1) << key_type(width)
+
+    def flip_negatives(bits):                 # its own inverse: the sign bit is kept
+        return bits ^ ((bits >> width) & low_bits)
 
     def to_key(values):
-        bits = np.asarray(values, dtype=dtype).view(key_type)
-        return np.where(bits & sign, ~bits, bits | sign).astype(key_type)
+        return flip_negatives(np.asarray(values, dtype=dtype).view(signed)).view(key_type) ^ sign
 
     def to_value(keys):
-        return np.where(keys & sign, keys & ~sign, ~keys).astype(key_type).view(dtype)
+        return flip_negatives((np.asarray(keys, dtype=key_type) ^ sign).view(signed)).view(dtype)
 
     return to_key, to_value
 
@@ -386,7 +390,7 @@ class RankedScores:
         if missing:
             if missing[0] < 1 or missing[-1] > self.n:
                 raise ValueError(f"ranks run from 1 to {self.n}: {missing[0]}, {missing[-1]}")
-            to_key, to_value = _order_keys(self.row.dtype)
+            to_key, to_value = order_keys(self.row.dtype)
             wanted = np.array(missing)
             filled = [p for p in self.parts if len(p)]
             low = np.full(len(wanted), to_key(min(p[0] for p in filled)))
