@@ -36,7 +36,7 @@ from curator import __version__
 from curator.arrays import numpy_of
 from curator.audit import analyses
 from curator.audit.slices import (SLICE_BYTES, SliceMemory, document_blocks, not_full, query_groups, rows_of,
-                                  score_dtype, slice_reserve)
+                                  score_dtype)
 from curator.catalog.database import Catalog
 from curator.catalog.records import RunRecord, get_run, score_files, sql_files
 from curator.catalog.workspace import Workspace
@@ -137,7 +137,6 @@ def _start_reading(catalog: Catalog, run: RunRecord, readers: ThreadPoolExecutor
     groups, memory = None, SliceMemory()
     if parts is not None and dense:
         doc_ids = np.arange(dense[0], dense[1] + 1, dtype=np.int64)
-        memory.reserve = slice_reserve(len(query_ids), len(doc_ids))
         groups = query_groups(catalog, run, query_ids, doc_ids, parts, readers, memory)
         groups = itertools.chain([next(groups)], groups)
     return _Reading(parts, query_ids, dense, groups, memory)
@@ -157,8 +156,6 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading
     split = analyses.SourceSplit(doc_codes, len(sources))
     gram = analyses.Gram(len(query_ids))
     counts, concentration, occurrence = {}, {}, {}
-    if scores.groups is None:
-        scores.memory.reserve = slice_reserve(len(query_ids), len(doc_ids))
     groups = scores.groups or query_groups(catalog, run, query_ids, doc_ids, parts, readers, scores.memory)
     with _threads(1) as background, _threads(QUERY_THREADS) as workers:
         summed = None

@@ -49,11 +49,6 @@ class SliceMemory:
         return self._region[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def slice_reserve(n_queries: int, n_docs: int) -> int:
-    """What `SliceMemory` should map for a run's slices: all its scores (float64 at most) up to SLICE_BYTES."""
-    return min(SLICE_BYTES, n_queries * n_docs * 8)
-
-
 def not_full(run: RunRecord, doc_id: int, n: int, n_queries: int) -> CuratorError:
     return CuratorError(f"the scores of run {run.id} are not a full query × document table: document "
                         f"{doc_id} has {n} scores for {n_queries} queries")
@@ -344,6 +339,9 @@ def query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids
     complete a query batch at a time; otherwise the slice is whole when it is yielded."""
     dtype = score_dtype(catalog)
     memory = memory or SliceMemory()
+    # Mapped at once for every slice of the run to come (the document blocks too): all its scores, up to
+    # SLICE_BYTES; a lazy mapping, so what no slice touches costs nothing.
+    memory.reserve = max(memory.reserve, min(SLICE_BYTES, len(query_ids) * len(doc_ids) * np.dtype(dtype).itemsize))
     size = max(1, SLICE_BYTES // (np.dtype(dtype).itemsize * len(doc_ids)))
     for start in range(0, len(query_ids), size):
         group = query_ids[start:start + size]
