@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-import duckdb
 import numpy as np
 
 from curator import __version__
@@ -70,7 +69,7 @@ def audit(ws: Workspace, run_id: str | None = None) -> dict:
             "workspace": str(ws.root), "composition": None, "run": None, "missing": [],
         }
         if run is None:
-            report["composition"] = _composition(catalog, catalog.path, tokenizer)
+            report["composition"] = _composition(catalog, tokenizer)
             report["missing"] = SECTIONS_NEEDING_SCORES
             return report
         model = catalog.one("SELECT name FROM models WHERE id = ?", [run.model_id])
@@ -83,7 +82,7 @@ def audit(ws: Workspace, run_id: str | None = None) -> dict:
                 documents = _documents_of(catalog, run, len(scores.query_ids), scores.dense)
             # The composition, which only the report needs, on its own connection beside the reads and the
             # analyses, outside `reading_scores`, whose errors name the score files.
-            composition = side.submit(_composition, catalog.con.cursor(), catalog.path, tokenizer)
+            composition = side.submit(_composition_apart, catalog.cursor(), tokenizer)
             with reading_scores(run):
                 report.update(_run_analyses(catalog, run, model[0] if model else run.model_id, scores, documents,
                                             readers))
@@ -104,16 +103,17 @@ def _threads(count: int):
     pool.shutdown(wait=True)
 
 
-def _composition(catalog: Catalog | duckdb.DuckDBPyConnection, path: Path, tokenizer: str | None) -> dict:
-    """The composition section; `catalog` may be a cursor of the audit's connection (closed here), for a
-    thread of its own (a DuckDB connection serves one statement at a time)."""
+def _composition(catalog: Catalog, tokenizer: str | None) -> dict:
     # Imported here: polars (a sixth of a second) then loads while the scores are read, not before.
     from curator.catalog.composition import composition
 
-    if not isinstance(catalog, Catalog):
-        with Catalog(catalog, path, write=False) as cursor:
-            return _composition(cursor, path, tokenizer)
     return {"tokenizer": tokenizer, "rows": composition(catalog, tokenizer).to_dicts()}
+
+
+def _composition_apart(cursor: Catalog, tokenizer: str | None) -> dict:
+    """`_composition` on a cursor of its own (`Catalog.cursor`), on a thread of its own; closes it."""
+    with cursor:
+        return _composition(cursor, tokenizer)
 
 
 class _Reading(NamedTuple):

@@ -191,6 +191,11 @@ class Catalog:
         finally:
             self.con.unregister("arrow_rows")
 
+    def cursor(self) -> Catalog:
+        """A read-only catalog on a new connection to the same database, for another thread (a DuckDB
+        connection runs one statement at a time). Close it (or use it as a context manager)."""
+        return Catalog(self.con.cursor(), self.path, write=False)
+
     def close(self) -> None:
         self.con.close()
 
