@@ -53,7 +53,7 @@ def compare(
     Example: curator compare score-3f2a score-91bc --output json"""
     import polars as pl
 
-    from curator.audit.audit import compare as run_compare
+    from curator.audit.compare import compare as run_compare
 
     result = run_compare(workspace_from(workspace), run_a, run_b, plot=plot)
     frame = pl.DataFrame([{"query": q, **v} for q, v in result["per_query"].items()])

@@ -1,4 +1,5 @@
-"""The numeric libraries' thread counts, held at one inside a block.
+"""The numeric libraries' thread counts, held at one inside a block, and the pools of curator's own
+threads.
 
 curator runs its own threads where work splits (queries sorted beside reads, correlations beside
 sorts); a library's extra threads on top of those only wait for cores the process already uses.
@@ -6,6 +7,7 @@ sorts); a library's extra threads on top of those only wait for cores the proces
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 
@@ -60,3 +62,16 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def thread_pool(count: int):
+    """A thread pool whose queued tasks are dropped when the block fails: an error is not held up by
+    reads or sorts nobody will use (those already running finish first)."""
+    pool = ThreadPoolExecutor(count)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)

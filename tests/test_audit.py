@@ -10,7 +10,8 @@ import pytest
 from helpers import curator, plant_run, run_ingest, write_jsonl
 
 from curator.audit import analyses
-from curator.audit.audit import audit, compare
+from curator.audit.audit import audit
+from curator.audit.compare import average_ranks, compare, pearson
 from curator.catalog.database import Catalog
 from curator.catalog.records import score_files
 from curator.catalog.queries import Query, store_queries
@@ -278,8 +279,8 @@ def test_average_ranks_equal_polars_average_ranks_with_ties_and_signed_zeros():
                    np.array([-np.inf, 2.5, np.inf, -1e-45, 1e-45, 2.5], dtype=np.float32), np.zeros(1, np.float32),
                    np.zeros(0, np.float32)):
         want = pl.Series(values.astype(np.float64) + 0.0).rank("average").to_numpy()
-        got = analyses.average_ranks(values)
+        got = average_ranks(values)
         assert got.dtype == np.float64 and got.tolist() == want.tolist(), values[:8]
-    assert analyses.pearson(np.arange(5.0), np.arange(5.0) * 2 + 1) == pytest.approx(1.0)
-    assert np.isnan(analyses.pearson(np.ones(4), np.arange(4.0)))
-    assert np.isnan(analyses.pearson(np.full(1001, 0.1), np.arange(1001.0)))    # its mean is not 0.1 exactly
+    assert pearson(np.arange(5.0), np.arange(5.0) * 2 + 1) == pytest.approx(1.0)
+    assert np.isnan(pearson(np.ones(4), np.arange(4.0)))
+    assert np.isnan(pearson(np.full(1001, 0.1), np.arange(1001.0)))    # its mean is not 0.1 exactly

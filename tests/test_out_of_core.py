@@ -23,7 +23,9 @@ from tinylm import TRAINING_TEXT, save_tiny
 from curator.audit import analyses
 from curator.audit import audit as audit_module
 from curator.audit import slices as slices_module
-from curator.audit.audit import audit, compare
+from curator.audit import compare as compare_module
+from curator.audit.audit import audit
+from curator.audit.compare import compare
 from curator.catalog.database import Catalog
 from curator.catalog.records import score_files
 from curator.catalog.workspace import Workspace
@@ -205,9 +207,9 @@ def test_compare_of_two_full_tables_reads_their_parts_and_equals_the_duckdb_join
     summarised_run(ws, tmp_path, scores, "score-a")
     summarised_run(ws, tmp_path, rounded, "score-b")
     taken = []
-    from_parts = audit_module._compare_from_parts
-    monkeypatch.setattr(audit_module, "_compare_from_parts", lambda *a: taken.append(from_parts(*a)) or taken[-1])
-    monkeypatch.setattr(audit_module, "SLICE_BYTES", 2 * 8 * 1000 * 3)                  # three queries a group
+    from_parts = compare_module._compare_from_parts
+    monkeypatch.setattr(compare_module, "_compare_from_parts", lambda *a: taken.append(from_parts(*a)) or taken[-1])
+    monkeypatch.setattr(compare_module, "SLICE_BYTES", 2 * 8 * 1000 * 3)                  # three queries a group
     got = compare(ws, "score-a", "score-b")
     want = compare(ws, "score-a-plain", "score-b-plain")
     assert taken[0] is not None and taken[1] is None                      # parts, then the DuckDB join

@@ -113,49 +113,6 @@ class Gram:
             return np.clip(self.products / np.outer(scale, scale), -1, 1)
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of `values` (float64), tied values sharing the mean of their ranks, as DuckDB's
-    `rank() + (count(*) - 1) / 2` over the ties and polars' and scipy's "average" ranks give them. For
-    float32 scores under 2³² of them the order comes from one sort of 64-bit keys (the score's bits above,
-    its position below: 2M scores ranked in ~60 ms against ~210 ms from a stable argsort)."""
-    values = np.asarray(values) + 0.0                       # -0.0 ties with 0.0, as it compares
-    n = len(values)
-    if values.dtype == np.float32 and n < 2**32:
-        to_key, _ = order_keys(np.float32)
-        keys = (to_key(values).astype(np.uint64) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
-        keys.sort()
-        order = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        ordered = keys >> np.uint64(32)                     # the values' order, as integers
-    else:
-        order = np.argsort(values, kind="stable")
-        ordered = values[order]
-    first = np.empty(n, dtype=bool)                         # the first of its value in sorted order
-    first[:1] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-    if first.all():                                         # no ties: the ranks are the positions
-        sorted_ranks = np.arange(1, n + 1, dtype=np.float64)
-    else:
-        starts = np.flatnonzero(first)
-        ends = np.append(starts[1:], n)
-        sorted_ranks = ((starts + ends + 1) / 2)[np.cumsum(first) - 1]
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = sorted_ranks
-    return ranks
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson's correlation of two equally long arrays, in float64 about their means (NaN when one is
-    constant, as DuckDB's `corr`)."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if not len(x) or x.min() == x.max() or y.min() == y.max():    # a mean may miss a constant by a rounding
-        return float("nan")
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        x = x - x.mean()
-        y = y - y.mean()
-        return float(np.dot(x, y) / np.sqrt(np.dot(x, x) * np.dot(y, y)))
-
-
 def correlations(corr: np.ndarray, query_ids: list[str], tasks: dict[str, str]) -> dict:
     """Query-by-query Pearson correlation over documents (from `Gram`), with means within and across tasks."""
     names = [tasks[q] for q in query_ids]

@@ -1,4 +1,4 @@
-"""`curator audit` and `curator compare`: the numbers behind the report.
+"""`curator audit`: the numbers behind the report (`curator compare` is curator/audit/compare.py).
 
 The audit gathers the corpus composition from the catalog and, when a scored
 run exists, the paper's analyses (curator/audit/analyses.py) on its scores. The
@@ -25,8 +25,6 @@ import itertools
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -34,15 +32,14 @@ import numpy as np
 from curator import __version__
 from curator.arrays import numpy_of
 from curator.audit import analyses
-from curator.audit.slices import (SLICE_BYTES, SliceMemory, document_blocks, not_full, query_groups, rows_of,
-                                  score_dtype)
+from curator.audit.slices import SliceMemory, document_blocks, not_full, queries_of, query_groups
 from curator.catalog.database import Catalog
-from curator.catalog.records import RunRecord, get_run, score_files, sql_files
+from curator.catalog.records import RunRecord, get_run
 from curator.catalog.workspace import Workspace
 from curator.curate.scores import arrow_batches, reading_scores, scores_view, summarised_parts
 from curator.errors import CuratorError
 from curator.influence.score_dataset import PartSummary
-from curator.threads import one_blas_thread
+from curator.threads import one_blas_thread, thread_pool
 
 SECTIONS_NEEDING_SCORES = ["influence by source", "query correlations", "concentration", "answer occurrence"]
 GRAM_COLUMNS = 2**14           # documents per block of the correlations' sums of products
@@ -73,7 +70,7 @@ def audit(ws: Workspace, run_id: str | None = None) -> dict:
             report["missing"] = SECTIONS_NEEDING_SCORES
             return report
         model = catalog.one("SELECT name FROM models WHERE id = ?", [run.model_id])
-        with one_blas_thread(), _threads(READ_THREADS) as readers, _threads(1) as side:
+        with one_blas_thread(), thread_pool(READ_THREADS) as readers, thread_pool(1) as side:
             with reading_scores(run):
                 scores = _start_reading(catalog, run, readers)
                 # The documents' sources while the scores are read (the reads release the GIL): the first
@@ -88,19 +85,6 @@ def audit(ws: Workspace, run_id: str | None = None) -> dict:
                                             readers))
             report["composition"] = composition.result()
     return report
-
-
-@contextmanager
-def _threads(count: int):
-    """A thread pool whose queued tasks are dropped when the block fails: an error is not held up by
-    reads or sorts nobody will use (those already running finish first)."""
-    pool = ThreadPoolExecutor(count)
-    try:
-        yield pool
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
 
 
 def _composition(catalog: Catalog, tokenizer: str | None) -> dict:
@@ -133,7 +117,7 @@ def _start_reading(catalog: Catalog, run: RunRecord, readers: ThreadPoolExecutor
     `readers` now, while the catalog answers the composition and the documents' sources."""
     scores_view(catalog, run)
     parts = summarised_parts(run)
-    query_ids, dense = _queries_of(catalog, run, parts)
+    query_ids, dense = queries_of(catalog, run, parts)
     groups, memory = None, SliceMemory()
     if parts is not None and dense:
         doc_ids = np.arange(dense[0], dense[1] + 1, dtype=np.int64)
@@ -157,7 +141,7 @@ def _run_analyses(catalog: Catalog, run: RunRecord, model: str, scores: _Reading
     gram = analyses.Gram(len(query_ids))
     counts, concentration, occurrence = {}, {}, {}
     groups = scores.groups or query_groups(catalog, run, query_ids, doc_ids, parts, readers, scores.memory)
-    with _threads(1) as background, _threads(QUERY_THREADS) as workers:
+    with thread_pool(1) as background, thread_pool(QUERY_THREADS) as workers:
         summed = None
         for group, matrix, complete in groups:
             # Each query's sort and counts start as soon as its rows are read (a query batch at a time),
@@ -208,7 +192,7 @@ def _gram_of_blocks(gram: analyses.Gram, blocks) -> None:
     end. Every run cuts and deals the columns the same way, so the sums come out the same. A block is
     finished with before the next is asked for (its memory is read into again)."""
     second = analyses.Gram(len(gram.mean))
-    with _threads(1) as one, _threads(1) as other:
+    with thread_pool(1) as one, thread_pool(1) as other:
         for block in blocks:
             starts = range(0, block.shape[1], GRAM_COLUMNS)
             adds = [(one, gram) if i % 2 == 0 else (other, second) for i in range(len(starts))]
@@ -232,43 +216,6 @@ def _query_analyses(row: np.ndarray, split: analyses.SourceSplit, ks: list[int],
     if not top:
         return counts, concentration, None, None
     return counts, concentration, analyses.top_order(ranked, ANSWER_TOP), list(zip(wider, ranked.kth(wider)))
-
-
-def _queries_of(catalog: Catalog, run: RunRecord, parts: list[PartSummary] | None,
-                view: str = "scores") -> tuple[list[str], tuple[int, int] | None]:
-    """The run's queries in id order (also as the temporary table audit_queries: query_id, i), from the
-    parts' summaries or else one counting scan of `view` (its scores), and the doc-id range (low, high)
-    when every query has one score per id of it (as `curator score` writes a catalog's consecutive ids;
-    a pair scored twice is caught when the slices are filled); None otherwise."""
-    if parts is not None:
-        counted: dict[str, int] = {}
-        for part in parts:
-            for query_id in part.queries:
-                counted[query_id] = counted.get(query_id, 0) + part.documents
-        rows = sorted(counted.items())
-    else:
-        rows = catalog.sql(f"SELECT query_id, count(*) FROM {view} GROUP BY query_id ORDER BY query_id")
-    if not rows:
-        raise CuratorError(f"the scores of run {run.id} ({run.out_path}) are empty")
-    query_ids = [r[0] for r in rows]
-    catalog.sql("CREATE OR REPLACE TEMP TABLE audit_queries AS "
-                "SELECT query_id, (row_number() OVER (ORDER BY query_id) - 1)::INTEGER AS i "
-                "FROM (SELECT unnest(?::VARCHAR[]) AS query_id)", [query_ids])
-    low, high = _doc_id_bounds(catalog, run, view)
-    dense = all(r[1] == high - low + 1 for r in rows)
-    return query_ids, (low, high) if dense else None
-
-
-def _doc_id_bounds(catalog: Catalog, run: RunRecord, view: str = "scores") -> tuple[int, int]:
-    """The smallest and largest doc id, from the Parquet row groups' statistics (no scan) where every row
-    group has them."""
-    low, high, missing = catalog.one(
-        "SELECT min(stats_min_value::BIGINT), max(stats_max_value::BIGINT), "
-        "count(*) FILTER (WHERE stats_min_value IS NULL OR stats_max_value IS NULL) "
-        f"FROM parquet_metadata({sql_files(score_files(run.out_path))}) WHERE path_in_schema = 'doc_id'")
-    if missing or low is None:
-        low, high = catalog.one(f"SELECT min(doc_id), max(doc_id) FROM {view}")
-    return int(low), int(high)
 
 
 def _documents_of(catalog: Catalog, run: RunRecord, n_queries: int,
@@ -382,96 +329,3 @@ def _run_summary(run: RunRecord, model: str, n_queries: int, n_docs: int, tasks:
         per_task[task] = per_task.get(task, 0) + 1
     return {"id": run.id, "method": run.method, "model": model, "factors": run.factors_id, "queries": n_queries,
             "documents": n_docs, "queries_per_task": dict(sorted(per_task.items()))}
-
-
-# Spearman is Pearson of the ranks; ties share the average of their ranks (as polars' and scipy's do).
-_COMPARE = """
-WITH joined AS (
-    SELECT a.query_id, a.score::DOUBLE AS x, b.score::DOUBLE AS y
-    FROM run_a a JOIN run_b b ON a.query_id = b.query_id AND a.doc_id = b.doc_id),
-ranked AS (
-    SELECT query_id, x, y,
-           rank() OVER (PARTITION BY query_id ORDER BY x) + (count(*) OVER (PARTITION BY query_id, x) - 1) / 2 AS rx,
-           rank() OVER (PARTITION BY query_id ORDER BY y) + (count(*) OVER (PARTITION BY query_id, y) - 1) / 2 AS ry
-    FROM joined)
-SELECT query_id, corr(x, y), corr(rx, ry), count(*) FROM ranked GROUP BY query_id HAVING count(*) >= 2
-ORDER BY query_id
-"""
-
-
-def _full_table(catalog: Catalog, run: RunRecord,
-                view: str) -> tuple[list[PartSummary], list[str], tuple[int, int]] | None:
-    """A run's parts, queries and doc-id range when it is a full table over a range of ids with summaries
-    (as `curator score` writes it over a catalog); None otherwise. `view`: its scores in the catalog."""
-    parts = summarised_parts(run)
-    if parts is None:
-        return None
-    query_ids, dense = _queries_of(catalog, run, parts, view)
-    return (parts, query_ids, dense) if dense else None
-
-
-def _compare_from_parts(catalog: Catalog, a: RunRecord, b: RunRecord) -> dict | None:
-    """`compare`'s numbers when both runs are full tables over the same documents (two runs of one
-    catalog): each common query's two rows read from the parts into slices, Pearson's correlation of the
-    scores and of their average ranks (`analyses.average_ranks`), a query per thread. None when the runs
-    are not such tables: DuckDB joins them then. The join ranked 2M documents × 100 queries in 314 s
-    (2.3 GB, spilling); this reads them as the audit does."""
-    tables = [_full_table(catalog, run, view) for run, view in ((a, "run_a"), (b, "run_b"))]
-    if None in tables or tables[0][2] != tables[1][2]:
-        return None
-    (parts_a, queries_a, (low, high)), (parts_b, queries_b, _) = tables
-    common = sorted(set(queries_a) & set(queries_b))
-    doc_ids = np.arange(low, high + 1, dtype=np.int64)
-    if len(doc_ids) < 2:
-        return {}
-    itemsize = 8                                            # float64 at most; the slices hold both runs
-    group = max(1, SLICE_BYTES // 2 // (itemsize * len(doc_ids)))
-    memories = (SliceMemory(), SliceMemory())
-
-    def correlate(query_id: str, x: np.ndarray, y: np.ndarray) -> dict:
-        for run, row in ((a, x), (b, y)):
-            if np.isnan(row).any():            # NaN has no rank; `curator score` stops on it
-                raise CuratorError(f"the scores of run {run.id} hold NaN for query {query_id}")
-        return {"pearson": analyses.pearson(x, y),
-                "spearman": analyses.pearson(analyses.average_ranks(x), analyses.average_ranks(y)),
-                "documents": int(len(x))}
-
-    dtypes = (score_dtype(catalog, "run_a"), score_dtype(catalog, "run_b"))
-    per_query = {}
-    with one_blas_thread(), _threads(2) as workers:
-        for start in range(0, len(common), group):
-            queries = common[start:start + group]
-            slices = list(workers.map(lambda run, parts, dtype, memory: rows_of(run, parts, queries, doc_ids, dtype,
-                                                                                memory),
-                                      (a, b), (parts_a, parts_b), dtypes, memories))
-            results = workers.map(lambda i: correlate(queries[i], slices[0][i], slices[1][i]), range(len(queries)))
-            per_query.update(zip(queries, results))
-    return per_query
-
-
-def compare(ws: Workspace, run_a: str, run_b: str, plot: Path | None = None) -> dict:
-    """Per-query correlation of two runs over their common documents; writes the SVG plot to `plot`
-    (default: reports/compare-A-B.svg in the workspace) and names it in the result. DuckDB joins the two
-    score datasets and ranks them, spilling what does not fit."""
-    from curator.audit.report import write_compare_plot
-
-    with Catalog.open(ws) as catalog:
-        a, b = get_run(catalog, run_a), get_run(catalog, run_b)
-        scores_view(catalog, a, "run_a")
-        scores_view(catalog, b, "run_b")
-        with reading_scores(a), reading_scores(b):
-            per_query = _compare_from_parts(catalog, a, b)
-            if per_query is None:
-                rows = catalog.sql(_COMPARE)
-                per_query = {q: {"pearson": float(p), "spearman": float(s), "documents": int(n)}
-                             for q, p, s, n in rows}
-    if not per_query:
-        raise CuratorError(f"runs {a.id} and {b.id} share no (query, document) pairs to compare")
-    values = list(per_query.values())
-    result = {"run_a": a.id, "run_b": b.id, "per_query": per_query,
-              "mean_pearson": sum(v["pearson"] for v in values) / len(values),
-              "mean_spearman": sum(v["spearman"] for v in values) / len(values)}
-    plot = Path(plot) if plot else ws.artifact_dir("reports") / f"compare-{a.id}-{b.id}.svg"
-    write_compare_plot(result, plot)
-    result["plot"] = str(plot)
-    return result

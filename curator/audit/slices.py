@@ -3,7 +3,9 @@ SLICE_BYTES, in doc-id order, filled from the parts' score columns when every pa
 (as `curator score` writes them) and through DuckDB otherwise.
 
   query_groups     groups of queries, each with all its documents;
-  document_blocks  blocks of documents, each with every query's scores.
+  document_blocks  blocks of documents, each with every query's scores;
+  queries_of       a run's queries and, for a full table, its range of doc ids (the DuckDB reads join
+                   the temporary table audit_queries it makes).
 
 Either way a slice must be a full table: a document scored by some queries only, or twice by one,
 is an error naming it.
@@ -18,7 +20,7 @@ import numpy as np
 
 from curator.arrays import numpy_of
 from curator.catalog.database import Catalog
-from curator.catalog.records import RunRecord
+from curator.catalog.records import RunRecord, score_files, sql_files
 from curator.curate.scores import arrow_batches, query_rows
 from curator.errors import CuratorError
 from curator.influence.score_dataset import PartSummary
@@ -361,3 +363,40 @@ def query_groups(catalog: Catalog, run: RunRecord, query_ids: list[str], doc_ids
             params = [start, start + len(group) - 1]
         yield group, _fill(catalog, run, query, params, (len(group), len(doc_ids)), dtype, start, doc_ids,
                            memory=memory), iter(whole)
+
+
+def queries_of(catalog: Catalog, run: RunRecord, parts: list[PartSummary] | None,
+                view: str = "scores") -> tuple[list[str], tuple[int, int] | None]:
+    """The run's queries in id order (also as the temporary table audit_queries: query_id, i), from the
+    parts' summaries or else one counting scan of `view` (its scores), and the doc-id range (low, high)
+    when every query has one score per id of it (as `curator score` writes a catalog's consecutive ids;
+    a pair scored twice is caught when the slices are filled); None otherwise."""
+    if parts is not None:
+        counted: dict[str, int] = {}
+        for part in parts:
+            for query_id in part.queries:
+                counted[query_id] = counted.get(query_id, 0) + part.documents
+        rows = sorted(counted.items())
+    else:
+        rows = catalog.sql(f"SELECT query_id, count(*) FROM {view} GROUP BY query_id ORDER BY query_id")
+    if not rows:
+        raise CuratorError(f"the scores of run {run.id} ({run.out_path}) are empty")
+    query_ids = [r[0] for r in rows]
+    catalog.sql("CREATE OR REPLACE TEMP TABLE audit_queries AS "
+                "SELECT query_id, (row_number() OVER (ORDER BY query_id) - 1)::INTEGER AS i "
+                "FROM (SELECT unnest(?::VARCHAR[]) AS query_id)", [query_ids])
+    low, high = doc_id_bounds(catalog, run, view)
+    dense = all(r[1] == high - low + 1 for r in rows)
+    return query_ids, (low, high) if dense else None
+
+
+def doc_id_bounds(catalog: Catalog, run: RunRecord, view: str = "scores") -> tuple[int, int]:
+    """The smallest and largest doc id, from the Parquet row groups' statistics (no scan) where every row
+    group has them."""
+    low, high, missing = catalog.one(
+        "SELECT min(stats_min_value::BIGINT), max(stats_max_value::BIGINT), "
+        "count(*) FILTER (WHERE stats_min_value IS NULL OR stats_max_value IS NULL) "
+        f"FROM parquet_metadata({sql_files(score_files(run.out_path))}) WHERE path_in_schema = 'doc_id'")
+    if missing or low is None:
+        low, high = catalog.one(f"SELECT min(doc_id), max(doc_id) FROM {view}")
+    return int(low), int(high)
